@@ -1,0 +1,1 @@
+//! The single place where errors become `tonic::Status`.

@@ -1,0 +1,307 @@
+//! The one layer every call passes through: it authenticates the caller from the
+//! connection's certificate, enforces which role may use which service, gives the
+//! handler a typed [`Caller`], and writes one structured log line per call.
+//!
+//! It fails closed: a request without a verified peer, from a revoked certificate, an
+//! unregistered identity or the wrong role never reaches a handler.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response};
+use http_body::Frame;
+use tonic::body::Body;
+use tonic::{Code, Status};
+use tower::{Layer, Service};
+
+use crate::config::Config;
+use crate::domain::Role;
+use crate::identity::{identify, Caller};
+use crate::tls::{PeerInfo, Revocations};
+
+/// The metadata key that carries a request id in and out.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// A request's correlation id: the caller's `x-request-id` when it sent a sane one,
+/// otherwise one the gateway made. Returned in the response's `x-request-id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(pub Arc<str>);
+
+/// Which role may call a gRPC service, by its full name. `None`: any registered
+/// caller (health and reflection).
+pub fn role_for_service(service: &str) -> Option<Role> {
+    match service {
+        "safeguard.v1.ConcernService" | "safeguard.v1.ConsentService" | "safeguard.v1.RecordService" => {
+            Some(Role::Agency)
+        }
+        "safeguard.v1.AuditService" => Some(Role::Auditor),
+        "safeguard.v1.OperationsService" => Some(Role::Operator),
+        _ => None,
+    }
+}
+
+/// Shared state of the layer.
+#[derive(Debug)]
+pub struct AuthContext {
+    config: Arc<Config>,
+    revocations: Arc<Revocations>,
+    ids: RequestIds,
+}
+
+impl AuthContext {
+    /// Builds the context from the registry and the live revocation set.
+    pub fn new(config: Arc<Config>, revocations: Arc<Revocations>) -> Self {
+        AuthContext {
+            config,
+            revocations,
+            ids: RequestIds::new(),
+        }
+    }
+
+    /// Decides whether the peer may call `path`, and who it is.
+    pub fn authorise(&self, peer: Option<&PeerInfo>, path: &str) -> Result<Caller, Status> {
+        let Some(PeerInfo(peer)) = peer else {
+            return Err(Status::unauthenticated("a client certificate is required"));
+        };
+        if self.revocations.is_revoked(&peer.serial_hex) {
+            return Err(Status::unauthenticated(format!(
+                "client certificate serial {} has been revoked",
+                peer.serial_hex
+            )));
+        }
+        let caller = identify(peer, &self.config).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let service = path.trim_start_matches('/').split('/').next().unwrap_or_default();
+        if let Some(required) = role_for_service(service) {
+            if caller.role != required {
+                return Err(Status::permission_denied(format!(
+                    "{} {:?} may not call {service}; it is for the {required} role",
+                    caller.role, caller.id.as_str()
+                )));
+            }
+        }
+        Ok(caller)
+    }
+}
+
+/// Makes request ids: a per-process random prefix and a counter, so they are unique
+/// without a syscall per call.
+#[derive(Debug)]
+struct RequestIds {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let mut bytes = [0u8; 4];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+        RequestIds {
+            prefix: crate::tls::hex(&bytes),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    fn make(&self) -> Arc<str> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n:x}", self.prefix).into()
+    }
+}
+
+/// A caller's request id is kept when it is short and printable.
+fn caller_request_id(req: &Request<Body>) -> Option<Arc<str>> {
+    let v = req.headers().get(REQUEST_ID_HEADER)?.to_str().ok()?;
+    let ok = !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic());
+    ok.then(|| v.into())
+}
+
+/// The tower layer.
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    ctx: Arc<AuthContext>,
+}
+
+impl AuthLayer {
+    /// Wraps a context.
+    pub fn new(ctx: Arc<AuthContext>) -> Self {
+        AuthLayer { ctx }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Auth<S> {
+        Auth {
+            inner,
+            ctx: self.ctx.clone(),
+        }
+    }
+}
+
+/// The service the layer produces.
+#[derive(Debug, Clone)]
+pub struct Auth<S> {
+    inner: S,
+    ctx: Arc<AuthContext>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> Service<Request<Body>> for Auth<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let started = Instant::now();
+        let request_id = caller_request_id(&req).unwrap_or_else(|| self.ctx.ids.make());
+        let method: Arc<str> = req.uri().path().into();
+        let decision = self.ctx.authorise(req.extensions().get::<PeerInfo>(), &method);
+        let caller_id: Arc<str> = match &decision {
+            Ok(caller) => caller.id.as_str().into(),
+            Err(_) => "-".into(),
+        };
+        let log = CallLog {
+            method,
+            caller_id,
+            request_id: request_id.clone(),
+            started,
+        };
+        let header = HeaderValue::from_str(&request_id).ok();
+        match decision {
+            Err(status) => {
+                let mut resp = status.into_http::<Body>();
+                if let Some(h) = header {
+                    resp.headers_mut().insert(REQUEST_ID_HEADER, h);
+                }
+                log.finish(status_code(resp.headers()).unwrap_or(Code::Unknown));
+                Box::pin(async move { Ok(resp) })
+            }
+            Ok(caller) => {
+                req.extensions_mut().insert(caller);
+                req.extensions_mut().insert(RequestId(request_id));
+                // The clone is ready-polled by the next poll_ready; take the ready one.
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                Box::pin(async move {
+                    let mut resp = inner.call(req).await?;
+                    if let Some(h) = header {
+                        resp.headers_mut().insert(REQUEST_ID_HEADER, h);
+                    }
+                    if let Some(code) = status_code(resp.headers()) {
+                        // Trailers-only response: the call is over.
+                        log.finish(code);
+                        return Ok(resp);
+                    }
+                    Ok(resp.map(|body| Body::new(LoggedBody { inner: body, log: Some(log) })))
+                })
+            }
+        }
+    }
+}
+
+fn status_code(headers: &http::HeaderMap) -> Option<Code> {
+    let v = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    Some(Code::from_i32(v))
+}
+
+/// What the per-call log line needs: never content, narratives or NHS numbers.
+#[derive(Debug)]
+struct CallLog {
+    method: Arc<str>,
+    caller_id: Arc<str>,
+    request_id: Arc<str>,
+    started: Instant,
+}
+
+impl CallLog {
+    fn finish(self, code: Code) {
+        let latency_us = self.started.elapsed().as_micros() as u64;
+        tracing::info!(
+            target: "sgw::call",
+            method = %self.method,
+            caller = %self.caller_id,
+            code = ?code,
+            latency_us,
+            request_id = %self.request_id,
+            "call"
+        );
+    }
+}
+
+/// A response body that logs the call when its trailers pass (or when the client
+/// goes away first), so streams are logged with their real outcome and duration.
+struct LoggedBody {
+    inner: Body,
+    log: Option<CallLog>,
+}
+
+impl http_body::Body for LoggedBody {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    if let Some(log) = self.log.take() {
+                        log.finish(status_code(trailers).unwrap_or(Code::Ok));
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(log) = self.log.take() {
+                    log.finish(Code::Internal);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(log) = self.log.take() {
+                    log.finish(Code::Ok);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some(log) = self.log.take() {
+            log.finish(Code::Cancelled);
+        }
+    }
+}
+
+/// The caller of a request that passed the auth layer. The layer guarantees it is
+/// there; its absence means the service was mounted without the layer, which is a
+/// server bug, so the call fails closed.
+pub fn caller<T>(req: &tonic::Request<T>) -> Result<&Caller, Status> {
+    req.extensions()
+        .get::<Caller>()
+        .ok_or_else(|| Status::internal("request reached a handler without authentication"))
+}

@@ -1,0 +1,40 @@
+//! The command line: one file per subcommand. `anyhow` is used here and only here.
+
+pub mod certs;
+pub mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::logging::LogFormat;
+
+/// Safeguarding information-sharing gateway.
+#[derive(Debug, Parser)]
+#[command(name = "sgw", version, about, long_about = None)]
+pub struct Cli {
+    /// Log line format.
+    #[arg(long, value_enum, global = true)]
+    pub log_format: Option<LogFormat>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve(serve::ServeArgs),
+    /// Make development certificates.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => serve::run(args, cli.log_format),
+        Command::Certs(cmd) => certs::run(cmd),
+    }
+}

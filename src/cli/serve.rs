@@ -1,0 +1,254 @@
+//! `sgw serve`: run the gateway from a config file, or from the development set-up.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+
+use crate::config::Config;
+use crate::domain::Role;
+use crate::logging::{self, LogFormat};
+use crate::server;
+
+/// Arguments of `sgw serve`.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "dev"])))]
+pub struct ServeArgs {
+    /// The config file (TOML).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Create, where absent, a development PKI in certs/dev/ and sgw.dev.toml in the
+    /// current folder, then serve that on 127.0.0.1:50051.
+    #[arg(long)]
+    pub dev: bool,
+    /// Listen on this address instead of the config's `listen` (port 0: any free port).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// The trust domain of the development set-up.
+pub const DEV_TRUST_DOMAIN: &str = "safeguarding.example";
+/// Where `--dev` keeps its PKI, relative to the current folder.
+pub const DEV_PKI_DIR: &str = "certs/dev";
+/// The development config file, in the current folder.
+pub const DEV_CONFIG: &str = "sgw.dev.toml";
+
+/// The sample identities of the development PKI: one agency per sector, an auditor
+/// and an operator.
+pub const DEV_IDENTITIES: &[(Role, &str)] = &[
+    (Role::Agency, "nhs-guys"),
+    (Role::Agency, "police-met"),
+    (Role::Agency, "school-oakfield"),
+    (Role::Agency, "csc-southwark"),
+    (Role::Agency, "probation-london"),
+    (Role::Agency, "housing-southwark"),
+    (Role::Agency, "charity-nspcc"),
+    (Role::Auditor, "dpo"),
+    (Role::Operator, "ops"),
+];
+
+/// The development config, written once and then left for the developer to edit.
+pub const DEV_CONFIG_TOML: &str = r#"# Development configuration written by `sgw serve --dev`. Edit freely: it is only
+# written when absent. Relative paths are resolved against this file's folder.
+listen = "127.0.0.1:50051"
+data_dir = "data/dev"
+trust_domain = "safeguarding.example"
+front_door = "csc-southwark"
+
+[tls]
+cert = "certs/dev/server.pem"
+key = "certs/dev/server.key"
+client_ca = "certs/dev/ca.pem"
+crl = ["certs/dev/crl.pem"]
+
+[[agency]]
+id = "nhs-guys"
+sector = "HEALTH"
+name = "Guy's and St Thomas' NHS Foundation Trust"
+
+[[agency]]
+id = "police-met"
+sector = "POLICE"
+name = "Metropolitan Police"
+
+[[agency]]
+id = "school-oakfield"
+sector = "EDUCATION"
+name = "Oakfield Primary School"
+
+[[agency]]
+id = "csc-southwark"
+sector = "CHILDRENS_SOCIAL_CARE"
+name = "Southwark Children's Social Care (MASH)"
+
+[[agency]]
+id = "probation-london"
+sector = "PROBATION"
+name = "Probation Service, London"
+
+[[agency]]
+id = "housing-southwark"
+sector = "HOUSING"
+name = "Southwark Housing"
+
+[[agency]]
+id = "charity-nspcc"
+sector = "OTHER"
+name = "NSPCC"
+
+[[auditor]]
+id = "dpo"
+
+[[operator]]
+id = "ops"
+
+# Operation Encompass: police tell the school about domestic abuse before the next
+# school day. No consent needed: a public task for the safeguarding of children.
+[[agreement]]
+from = "POLICE"
+to = "EDUCATION"
+categories = ["POLICE_INCIDENT"]
+purposes = ["SAFEGUARDING"]
+lawful_basis = "UK GDPR Art 6(1)(e) public task; DPA 2018 Sch 1 para 18 safeguarding of children"
+consent_required = false
+override_allowed = false
+
+# Everything reaches the front door for safeguarding.
+[[agreement]]
+from = "HEALTH"
+to = "CHILDRENS_SOCIAL_CARE"
+categories = ["UNSCHEDULED_CARE_ATTENDANCE", "EARLY_HELP_ASSESSMENT", "OTHER"]
+purposes = ["SAFEGUARDING", "EARLY_HELP"]
+lawful_basis = "UK GDPR Art 6(1)(e) public task; Art 9(2)(g) substantial public interest; DPA 2018 Sch 1 para 18"
+consent_required = false
+override_allowed = false
+
+[[agreement]]
+from = "POLICE"
+to = "CHILDRENS_SOCIAL_CARE"
+categories = ["POLICE_INCIDENT"]
+purposes = ["SAFEGUARDING"]
+lawful_basis = "UK GDPR Art 6(1)(e) public task; DPA 2018 Sch 1 para 18 safeguarding of children"
+consent_required = false
+override_allowed = false
+
+[[agreement]]
+from = "EDUCATION"
+to = "CHILDRENS_SOCIAL_CARE"
+categories = ["SCHOOL_ATTENDANCE", "EARLY_HELP_ASSESSMENT"]
+purposes = ["SAFEGUARDING", "EARLY_HELP"]
+lawful_basis = "UK GDPR Art 6(1)(e) public task; DPA 2018 Sch 1 para 18 safeguarding of children"
+consent_required = false
+override_allowed = false
+
+# A school may see A&E attendances with the family's consent, or without it when a
+# child is at risk of significant harm (a recorded safeguarding override).
+[[agreement]]
+from = "HEALTH"
+to = "EDUCATION"
+categories = ["UNSCHEDULED_CARE_ATTENDANCE"]
+purposes = ["SAFEGUARDING", "EDUCATION_SUPPORT"]
+lawful_basis = "UK GDPR Art 6(1)(a) consent, or Art 6(1)(e) with DPA 2018 Sch 1 para 18 when overridden"
+consent_required = true
+override_allowed = true
+
+# Early help runs on consent, without override.
+[[agreement]]
+from = "EDUCATION"
+to = "HEALTH"
+categories = ["SCHOOL_ATTENDANCE", "EARLY_HELP_ASSESSMENT"]
+purposes = ["EARLY_HELP", "HEALTH_CARE"]
+lawful_basis = "UK GDPR Art 6(1)(a) consent"
+consent_required = true
+override_allowed = false
+
+# The front door shares plans and status with the agencies around the child.
+[[agreement]]
+from = "CHILDRENS_SOCIAL_CARE"
+to = "HEALTH"
+categories = ["CHILD_PROTECTION_PLAN", "LOOKED_AFTER_STATUS"]
+purposes = ["SAFEGUARDING", "HEALTH_CARE"]
+lawful_basis = "UK GDPR Art 6(1)(e) public task; Children Act 1989 s.47; DPA 2018 Sch 1 para 18"
+consent_required = false
+override_allowed = false
+
+[[agreement]]
+from = "CHILDRENS_SOCIAL_CARE"
+to = "EDUCATION"
+categories = ["CHILD_PROTECTION_PLAN", "LOOKED_AFTER_STATUS"]
+purposes = ["SAFEGUARDING", "EDUCATION_SUPPORT"]
+lawful_basis = "UK GDPR Art 6(1)(e) public task; Children Act 1989 s.47; DPA 2018 Sch 1 para 18"
+consent_required = false
+override_allowed = false
+
+[[agreement]]
+from = "CHILDRENS_SOCIAL_CARE"
+to = "POLICE"
+categories = ["CHILD_PROTECTION_PLAN"]
+purposes = ["SAFEGUARDING", "CRIME_PREVENTION"]
+lawful_basis = "UK GDPR Art 6(1)(e) public task; DPA 2018 s.35 law enforcement and Sch 1 para 18"
+consent_required = false
+override_allowed = false
+
+[deadlines]
+immediate_risk = "1h"
+urgent = "4h"
+routine_working_days = 1
+bank_holidays = ["2026-12-25", "2026-12-28", "2027-01-01", "2027-03-26", "2027-03-29", "2027-05-03", "2027-05-31", "2027-08-30", "2027-12-27", "2027-12-28"]
+"#;
+
+/// Runs `sgw serve`.
+pub fn run(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<ExitCode> {
+    let config_path = if args.dev {
+        prepare_dev(Path::new("."))?
+    } else {
+        args.config.context("--config FILE or --dev is required")?
+    };
+    let mut config = Config::load(&config_path)?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    logging::init(log_format.unwrap_or(config.logging.format), &config.logging.level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let bound = server::bind(config).await?;
+        let addr = bound.local_addr();
+        // A plain line on stderr whatever the log format: scripts and tests wait for it.
+        eprintln!("sgw: listening on {addr} (mutual TLS)");
+        if args.dev {
+            print_dev_help(addr);
+        }
+        bound.serve(server::shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Creates the development PKI and config under `root` where absent; returns the
+/// config's path.
+pub fn prepare_dev(root: &Path) -> anyhow::Result<PathBuf> {
+    let pki_dir = root.join(DEV_PKI_DIR);
+    crate::pki::init_dev_pki(&pki_dir, DEV_TRUST_DOMAIN, DEV_IDENTITIES, false)
+        .with_context(|| format!("cannot create the development PKI in {}", pki_dir.display()))?;
+    let config_path = root.join(DEV_CONFIG);
+    if !config_path.exists() {
+        std::fs::write(&config_path, DEV_CONFIG_TOML)
+            .with_context(|| format!("cannot write {}", config_path.display()))?;
+    }
+    Ok(config_path)
+}
+
+fn print_dev_help(addr: std::net::SocketAddr) {
+    let d = DEV_PKI_DIR;
+    eprintln!(
+        "\nsgw development gateway on {addr} (mutual TLS)\n\
+         client certificates: {d}/<role>-<id>.pem and .key, CA {d}/ca.pem\n\
+         agencies: nhs-guys, police-met, school-oakfield, csc-southwark (front door), \
+         probation-london, housing-southwark, charity-nspcc; auditor: dpo; operator: ops\n\
+         try:\n  grpcurl -cacert {d}/ca.pem -cert {d}/agency-school-oakfield.pem \
+         -key {d}/agency-school-oakfield.key {addr} grpc.health.v1.Health/Check\n"
+    );
+}

@@ -1,0 +1,134 @@
+//! Plain-Rust domain: no gRPC, no sled. Types here are parsed once and then trusted
+//! ("parse, don't validate"): an [`NhsNumber`] or an [`AgencyId`] that exists is valid.
+
+pub mod ids;
+pub mod subject;
+
+pub use ids::{AgencyId, IdError, PrincipalId};
+pub use subject::{NhsNumber, NhsNumberError};
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Declares a closed domain enum with its canonical upper-snake-case names, which are
+/// the names used in the config file, in API.md (without the protobuf prefix) and in
+/// log lines.
+macro_rules! named_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name { $(#[doc = $text] $variant),+ }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The canonical name, e.g. `CHILDRENS_SOCIAL_CARE`.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownName;
+            fn from_str(s: &str) -> Result<Self, UnknownName> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(UnknownName {
+                        kind: stringify!($name),
+                        value: s.to_owned(),
+                        expected: &[$($text),+],
+                    }),
+                }
+            }
+        }
+    };
+}
+
+/// A name that is not one of an enum's values; the message lists the allowed ones.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {kind} {value:?}; expected one of {}", expected.join(", "))]
+pub struct UnknownName {
+    /// The enum's name, e.g. `Sector`.
+    pub kind: &'static str,
+    /// What was given.
+    pub value: String,
+    /// The accepted names.
+    pub expected: &'static [&'static str],
+}
+
+named_enum!(
+    /// The kind of organisation an agency is.
+    Sector {
+        Health => "HEALTH",
+        Police => "POLICE",
+        Education => "EDUCATION",
+        ChildrensSocialCare => "CHILDRENS_SOCIAL_CARE",
+        Probation => "PROBATION",
+        Housing => "HOUSING",
+        Other => "OTHER",
+    }
+);
+
+named_enum!(
+    /// Why information is being asked for.
+    Purpose {
+        Safeguarding => "SAFEGUARDING",
+        EarlyHelp => "EARLY_HELP",
+        HealthCare => "HEALTH_CARE",
+        EducationSupport => "EDUCATION_SUPPORT",
+        CrimePrevention => "CRIME_PREVENTION",
+    }
+);
+
+named_enum!(
+    /// What a shared record is.
+    RecordCategory {
+        ChildProtectionPlan => "CHILD_PROTECTION_PLAN",
+        LookedAfterStatus => "LOOKED_AFTER_STATUS",
+        SchoolAttendance => "SCHOOL_ATTENDANCE",
+        UnscheduledCareAttendance => "UNSCHEDULED_CARE_ATTENDANCE",
+        PoliceIncident => "POLICE_INCIDENT",
+        EarlyHelpAssessment => "EARLY_HELP_ASSESSMENT",
+        Other => "OTHER",
+    }
+);
+
+named_enum!(
+    /// What a concern is about.
+    ConcernCategory {
+        Neglect => "NEGLECT",
+        PhysicalAbuse => "PHYSICAL_ABUSE",
+        SexualAbuse => "SEXUAL_ABUSE",
+        EmotionalAbuse => "EMOTIONAL_ABUSE",
+        DomesticAbuse => "DOMESTIC_ABUSE",
+        Exploitation => "EXPLOITATION",
+        MissingFromEducation => "MISSING_FROM_EDUCATION",
+        OnlineHarm => "ONLINE_HARM",
+        Other => "OTHER",
+    }
+);
+
+named_enum!(
+    /// How quickly a concern must be acknowledged.
+    Urgency {
+        ImmediateRisk => "IMMEDIATE_RISK",
+        Urgent => "URGENT",
+        Routine => "ROUTINE",
+    }
+);
+
+named_enum!(
+    /// What a caller is, from the path of its certificate's SPIFFE id.
+    Role {
+        Agency => "agency",
+        Auditor => "auditor",
+        Operator => "operator",
+    }
+);

@@ -1,0 +1,163 @@
+//! Assembles the gateway: TLS acceptor, the authentication layer, the gRPC services,
+//! health and reflection; runs it until a shutdown signal, then drains.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use crate::api;
+use crate::auth::{AuthContext, AuthLayer};
+use crate::config::Config;
+use crate::tls::{Acceptor, AcceptorLimits, Revocations, TlsError, TlsPaths, TlsState};
+
+/// Why the gateway could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The application state could not be opened (data dir, keys, store).
+    #[error(transparent)]
+    App(#[from] api::AppError),
+    /// The HTTP/2 server failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A gateway bound to its address, not yet serving.
+pub struct Bound {
+    acceptor: Acceptor,
+    addr: SocketAddr,
+    config: Arc<Config>,
+    app: api::App,
+    auth: Arc<AuthContext>,
+}
+
+/// Binds the listen address and loads everything the gateway needs. Errors here are
+/// start-up errors: nothing has been served yet.
+pub async fn bind(config: Config) -> Result<Bound, ServeError> {
+    let config = Arc::new(config);
+    let app = api::App::open(config.clone()).await?;
+    let revocations: Arc<Revocations> = app.revocations();
+    let tls = Arc::new(TlsState::load(
+        TlsPaths {
+            cert: config.tls.cert.clone(),
+            key: config.tls.key.clone(),
+            client_ca: config.tls.client_ca.clone(),
+            crl: config.tls.crl.clone(),
+        },
+        revocations.clone(),
+    )?);
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+    let limits = AcceptorLimits {
+        max_connections: config.limits.max_connections,
+        handshake_timeout: config.limits.handshake_timeout,
+    };
+    let acceptor = Acceptor::new(listener, tls.clone(), limits);
+    let auth = Arc::new(AuthContext::new(config.clone(), revocations));
+    let app = app.with_tls(tls);
+    Ok(Bound { acceptor, addr, config, app, auth })
+}
+
+impl Bound {
+    /// The address actually bound (the configured one, or the port the OS chose for
+    /// port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight calls
+    /// finish for up to `[shutdown] grace`, and returns.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
+        let Bound { acceptor, config, app, auth, .. } = self;
+        let limits = &config.limits;
+        let stop = CancellationToken::new();
+        let incoming = acceptor.incoming(stop.clone());
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(api::AppError::reflection)?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(api::AppError::reflection)?;
+
+        let mut builder = Server::builder()
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            .timeout(limits.request_timeout)
+            .layer(AuthLayer::new(auth));
+        let router = app
+            .add_services(&mut builder, health_reporter.clone(), stop.clone())
+            .await
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+
+        let grace = config.shutdown.grace;
+        let draining = stop.clone();
+        let serving = router.serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: draining");
+            draining.cancel();
+        });
+        tokio::pin!(serving);
+        let bounded = async {
+            stop.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            result = &mut serving => result?,
+            _ = bounded => tracing::warn!(grace_ms = grace.as_millis() as u64, "grace period over: closing remaining connections"),
+        }
+        app.close().await;
+        tracing::info!("sgw stopped");
+        Ok(())
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C (SIGINT).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

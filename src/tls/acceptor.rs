@@ -1,0 +1,183 @@
+//! Accepts TCP connections, runs each TLS handshake in its own task (so a slow or
+//! silent client cannot hold up anyone else), and hands finished connections to tonic
+//! with the peer's certificate attached.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+use super::{PeerCert, PeerInfo, TlsState};
+
+/// Transport limits applied before any request is read.
+#[derive(Debug, Clone, Copy)]
+pub struct AcceptorLimits {
+    /// Connections open at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// How long a client has to complete its TLS handshake.
+    pub handshake_timeout: Duration,
+}
+
+/// A listening socket that yields authenticated TLS connections.
+pub struct Acceptor {
+    listener: TcpListener,
+    tls: Arc<TlsState>,
+    limits: AcceptorLimits,
+}
+
+impl Acceptor {
+    /// Wraps a bound listener.
+    pub fn new(listener: TcpListener, tls: Arc<TlsState>, limits: AcceptorLimits) -> Self {
+        Acceptor {
+            listener,
+            tls,
+            limits,
+        }
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Starts accepting. The stream ends when `stop` is cancelled.
+    pub fn incoming(self, stop: CancellationToken) -> ReceiverStream<Result<TlsConn, io::Error>> {
+        let (tx, rx) = mpsc::channel(64);
+        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        tokio::spawn(async move {
+            loop {
+                let permit = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    permit = slots.clone().acquire_owned() => match permit {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                };
+                let (tcp, remote) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    accepted = self.listener.accept() => match accepted {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let acceptor = TlsAcceptor::from(self.tls.current().server_config.clone());
+                let timeout = self.limits.handshake_timeout;
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    if let Some(conn) = handshake(acceptor, tcp, remote, timeout, permit).await {
+                        let _ = tx.send(Ok(conn)).await;
+                    }
+                });
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    timeout: Duration,
+    permit: OwnedSemaphorePermit,
+) -> Option<TlsConn> {
+    // gRPC is many small frames: Nagle's delay would dominate latency.
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(%remote, error = %e, "cannot set TCP_NODELAY");
+    }
+    let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::info!(%remote, error = %e, "TLS handshake refused");
+            return None;
+        }
+        Err(_) => {
+            tracing::info!(%remote, "TLS handshake timed out");
+            return None;
+        }
+    };
+    let (_, session) = stream.get_ref();
+    let leaf = session.peer_certificates().and_then(|c| c.first())?;
+    match PeerCert::parse(remote, leaf) {
+        Ok(peer) => Some(TlsConn {
+            inner: stream,
+            peer: PeerInfo(Arc::new(peer)),
+            _permit: permit,
+        }),
+        Err(e) => {
+            tracing::info!(%remote, error = %e, "client certificate unusable");
+            None
+        }
+    }
+}
+
+/// One established mutual-TLS connection.
+pub struct TlsConn {
+    inner: TlsStream<TcpStream>,
+    peer: PeerInfo,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

@@ -1,0 +1,370 @@
+//! Mutual TLS: the server's certificate, the trusted client CAs and the revocation
+//! lists, loaded from files into a [`TlsMaterial`] that can be replaced while the
+//! gateway runs (new handshakes use the new material; open connections carry on).
+//!
+//! Identity is not decided here: this module proves that the peer holds a
+//! certificate, issued by a trusted CA, valid now, for client authentication, not
+//! revoked. What the certificate *names* is [`crate::identity`]'s business.
+
+mod acceptor;
+mod peer;
+mod verifier;
+
+pub use acceptor::{Acceptor, AcceptorLimits, TlsConn};
+pub use peer::{serial_hex, PeerCert, PeerInfo};
+pub use verifier::ClientVerifier;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use ring::digest::{digest, SHA256};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+
+/// Where the TLS material comes from (the `[tls]` section of the config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPaths {
+    /// PEM chain, leaf first.
+    pub cert: PathBuf,
+    /// PKCS#8 (or SEC1/PKCS#1) PEM private key of the leaf.
+    pub key: PathBuf,
+    /// PEM bundle of one or more trusted client CAs.
+    pub client_ca: PathBuf,
+    /// PEM CRL files.
+    pub crl: Vec<PathBuf>,
+}
+
+/// Why TLS material could not be loaded. Each variant names the file, so an operator
+/// knows which one to fix; the running configuration is untouched when this happens.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file was read but its contents are not what they should be.
+    #[error("{}: {problem}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, in words.
+        problem: String,
+    },
+}
+
+impl TlsError {
+    fn invalid(path: &Path, problem: impl Into<String>) -> Self {
+        TlsError::Invalid {
+            path: path.to_owned(),
+            problem: problem.into(),
+        }
+    }
+
+    /// The file this error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            TlsError::Read { path, .. } | TlsError::Invalid { path, .. } => path,
+        }
+    }
+}
+
+/// A certificate's public facts, for status reports and audit entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSummary {
+    /// Lower-case hex of the serial number, without leading zero bytes.
+    pub serial_hex: String,
+    /// Lower-case hex SHA-256 of the DER certificate.
+    pub sha256_hex: String,
+    /// The subject, as text.
+    pub subject: String,
+    /// End of validity, unix seconds.
+    pub not_after: i64,
+}
+
+/// One complete, validated set of TLS material, ready to serve handshakes.
+#[derive(Debug)]
+pub struct TlsMaterial {
+    /// The rustls configuration new handshakes use.
+    pub server_config: Arc<ServerConfig>,
+    /// The server's leaf certificate.
+    pub server_cert: CertSummary,
+    /// Every trusted client CA.
+    pub client_cas: Vec<CertSummary>,
+    /// Serials revoked by the configured CRL files.
+    pub crl_serials: HashSet<String>,
+    /// SHA-256 of every input file's bytes, to notice a file replaced on disk.
+    pub file_digests: Vec<(PathBuf, [u8; 32])>,
+}
+
+/// The live TLS state shared by the acceptor, the authentication layer and the
+/// operations service.
+#[derive(Debug)]
+pub struct TlsState {
+    paths: TlsPaths,
+    material: ArcSwap<TlsMaterial>,
+    revocations: Arc<Revocations>,
+}
+
+impl TlsState {
+    /// Loads the material for the first time.
+    pub fn load(paths: TlsPaths, revocations: Arc<Revocations>) -> Result<Self, TlsError> {
+        let material = TlsMaterial::load(&paths, &revocations, now())?;
+        revocations.set_crl(material.crl_serials.clone());
+        Ok(TlsState {
+            paths,
+            material: ArcSwap::from_pointee(material),
+            revocations,
+        })
+    }
+
+    /// The material in force now.
+    pub fn current(&self) -> Arc<TlsMaterial> {
+        self.material.load_full()
+    }
+
+    /// Re-reads every file. On success the new material serves every later handshake
+    /// and the previous one is returned; on failure nothing changes.
+    pub fn reload(&self) -> Result<(Arc<TlsMaterial>, Arc<TlsMaterial>), TlsError> {
+        let fresh = Arc::new(TlsMaterial::load(&self.paths, &self.revocations, now())?);
+        self.revocations.set_crl(fresh.crl_serials.clone());
+        let old = self.material.swap(fresh.clone());
+        Ok((old, fresh))
+    }
+
+    /// The shared revocation set.
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
+    }
+
+    /// The configured file paths.
+    pub fn paths(&self) -> &TlsPaths {
+        &self.paths
+    }
+}
+
+/// Serials that must be refused: those revoked by an operator (persisted by the
+/// caller) and those listed in the configured CRLs. Checked at every handshake and on
+/// every call, so a revocation reaches connections that are already open.
+#[derive(Debug, Default)]
+pub struct Revocations {
+    operator: ArcSwap<HashSet<String>>,
+    crl: ArcSwap<HashSet<String>>,
+}
+
+impl Revocations {
+    /// Starts with the operator revocations persisted so far.
+    pub fn new(operator: HashSet<String>) -> Self {
+        Revocations {
+            operator: ArcSwap::from_pointee(operator),
+            crl: ArcSwap::default(),
+        }
+    }
+
+    /// Whether a serial (normalised lower-case hex) is revoked.
+    pub fn is_revoked(&self, serial_hex: &str) -> bool {
+        self.operator.load().contains(serial_hex) || self.crl.load().contains(serial_hex)
+    }
+
+    /// Adds an operator revocation; it applies from the next handshake and call on.
+    pub fn revoke(&self, serial_hex: &str) {
+        self.operator.rcu(|set| {
+            let mut set = HashSet::clone(set);
+            set.insert(serial_hex.to_owned());
+            set
+        });
+    }
+
+    /// Every revoked serial, sorted.
+    pub fn all(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.operator.load().iter().cloned().collect();
+        all.extend(self.crl.load().iter().cloned());
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    fn set_crl(&self, serials: HashSet<String>) {
+        self.crl.store(Arc::new(serials));
+    }
+}
+
+/// Normalises an operator-supplied serial: hex digits with optional `:` separators,
+/// any case, leading zero bytes ignored. `None` when it is not hex.
+pub fn normalise_serial(input: &str) -> Option<String> {
+    let hex: String = input.chars().filter(|c| *c != ':').collect();
+    if hex.is_empty() || hex.len() > 80 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let hex = hex.to_ascii_lowercase();
+    let hex = if hex.len() % 2 == 1 {
+        format!("0{hex}")
+    } else {
+        hex
+    };
+    let trimmed = hex.trim_start_matches("00");
+    Some(if trimmed.is_empty() {
+        "00".to_owned()
+    } else {
+        trimmed.to_owned()
+    })
+}
+
+fn now() -> UnixTime {
+    UnixTime::now()
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl TlsMaterial {
+    /// Reads and validates every file: the chain parses, the key matches the leaf,
+    /// the leaf is valid now, every CA and CRL parses.
+    pub fn load(
+        paths: &TlsPaths,
+        revocations: &Arc<Revocations>,
+        now: UnixTime,
+    ) -> Result<Self, TlsError> {
+        let mut file_digests = Vec::new();
+        let mut remember = |path: &Path, bytes: &[u8]| {
+            let mut d = [0u8; 32];
+            d.copy_from_slice(digest(&SHA256, bytes).as_ref());
+            file_digests.push((path.to_owned(), d));
+        };
+
+        let cert_bytes = read(&paths.cert)?;
+        remember(&paths.cert, &cert_bytes);
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_bytes)
+            .collect::<Result<_, _>>()
+            .map_err(|e| TlsError::invalid(&paths.cert, format!("not a PEM certificate chain: {e}")))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| TlsError::invalid(&paths.cert, "contains no certificate"))?;
+        let server_cert = summarise(leaf).map_err(|p| TlsError::invalid(&paths.cert, p))?;
+        if server_cert.not_after <= now.as_secs() as i64 {
+            return Err(TlsError::invalid(&paths.cert, "the server certificate has expired"));
+        }
+
+        let key_bytes = read(&paths.key)?;
+        remember(&paths.key, &key_bytes);
+        let key = PrivateKeyDer::from_pem_slice(&key_bytes)
+            .map_err(|e| TlsError::invalid(&paths.key, format!("not a PEM private key: {e}")))?;
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let signing_key = provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| TlsError::invalid(&paths.key, format!("unusable private key: {e}")))?;
+        let certified = CertifiedKey::new(chain.clone(), signing_key);
+        // Checked here, before rustls sees them, so the error can name the key file.
+        certified.keys_match().map_err(|_| {
+            TlsError::invalid(&paths.key, format!("does not match the certificate in {}", paths.cert.display()))
+        })?;
+
+        let ca_bytes = read(&paths.client_ca)?;
+        remember(&paths.client_ca, &ca_bytes);
+        let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&ca_bytes)
+            .collect::<Result<_, _>>()
+            .map_err(|e| TlsError::invalid(&paths.client_ca, format!("not a PEM CA bundle: {e}")))?;
+        if cas.is_empty() {
+            return Err(TlsError::invalid(&paths.client_ca, "contains no CA certificate"));
+        }
+        let mut roots = RootCertStore::empty();
+        let mut client_cas = Vec::with_capacity(cas.len());
+        for ca in &cas {
+            roots
+                .add(ca.clone())
+                .map_err(|e| TlsError::invalid(&paths.client_ca, format!("unusable CA certificate: {e}")))?;
+            client_cas.push(summarise(ca).map_err(|p| TlsError::invalid(&paths.client_ca, p))?);
+        }
+
+        let mut crls = Vec::new();
+        let mut crl_serials = HashSet::new();
+        for path in &paths.crl {
+            let bytes = read(path)?;
+            remember(path, &bytes);
+            for crl in CertificateRevocationListDer::pem_slice_iter(&bytes) {
+                let crl = crl.map_err(|e| TlsError::invalid(path, format!("not a PEM CRL: {e}")))?;
+                let (_, parsed) = <x509_parser::revocation_list::CertificateRevocationList as x509_parser::prelude::FromDer<_>>::from_der(&crl)
+                    .map_err(|e| TlsError::invalid(path, format!("not a valid CRL: {e}")))?;
+                for revoked in parsed.iter_revoked_certificates() {
+                    crl_serials.insert(serial_hex(revoked.raw_serial()));
+                }
+                crls.push(crl);
+            }
+        }
+
+        let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status()
+            .build()
+            .map_err(|e| TlsError::invalid(&paths.client_ca, format!("cannot build a client verifier: {e}")))?;
+        let verifier = Arc::new(ClientVerifier::new(webpki, revocations.clone()));
+
+        // TLS 1.3 first; TLS 1.2 only with the provider's suites, all of which are
+        // ECDHE (forward secret): ring's provider has no static-RSA key exchange.
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError::invalid(&paths.cert, format!("TLS versions: {e}")))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| TlsError::invalid(&paths.key, format!("unusable certificate and key: {e}")))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+
+        Ok(TlsMaterial {
+            server_config: Arc::new(config),
+            server_cert,
+            client_cas,
+            crl_serials,
+            file_digests,
+        })
+    }
+}
+
+/// Reads the facts of a DER certificate, or says why it cannot.
+pub fn summarise(der: &CertificateDer<'_>) -> Result<CertSummary, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("not a valid X.509 certificate: {e}"))?;
+    Ok(CertSummary {
+        serial_hex: serial_hex(cert.raw_serial()),
+        sha256_hex: hex(digest(&SHA256, der).as_ref()),
+        subject: cert.subject().to_string(),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_are_normalised() {
+        assert_eq!(normalise_serial("00:AB:cd").as_deref(), Some("abcd"));
+        assert_eq!(normalise_serial("abc").as_deref(), Some("0abc"));
+        assert_eq!(normalise_serial("0000").as_deref(), Some("00"));
+        assert_eq!(normalise_serial("xyz"), None);
+        assert_eq!(normalise_serial(""), None);
+    }
+}

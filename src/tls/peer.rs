@@ -1,0 +1,68 @@
+//! What the server learns about the peer once the handshake is done. Parsed once per
+//! connection, then shared by every call on it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ring::digest::{digest, SHA256};
+use x509_parser::extensions::GeneralName;
+
+/// The verified client certificate of one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert {
+    /// The peer's address.
+    pub remote: SocketAddr,
+    /// SHA-256 of the DER leaf certificate.
+    pub cert_sha256: [u8; 32],
+    /// Normalised lower-case hex serial (see [`serial_hex`]).
+    pub serial_hex: String,
+    /// Every URI subject alternative name, in order.
+    pub uri_sans: Vec<String>,
+}
+
+/// Connection info that tonic copies into every request's extensions.
+#[derive(Debug, Clone)]
+pub struct PeerInfo(pub Arc<PeerCert>);
+
+impl PeerCert {
+    /// Reads the facts identity needs from the (already verified) DER leaf.
+    pub fn parse(remote: SocketAddr, der: &[u8]) -> Result<Self, String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| format!("client certificate does not parse: {e}"))?;
+        let mut uri_sans = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                if let GeneralName::URI(uri) = name {
+                    uri_sans.push((*uri).to_owned());
+                }
+            }
+        }
+        let mut cert_sha256 = [0u8; 32];
+        cert_sha256.copy_from_slice(digest(&SHA256, der).as_ref());
+        Ok(PeerCert {
+            remote,
+            cert_sha256,
+            serial_hex: serial_hex(cert.raw_serial()),
+            uri_sans,
+        })
+    }
+}
+
+/// Lower-case hex of a DER serial's content octets without leading zero bytes, the
+/// one form every comparison of serials uses.
+pub fn serial_hex(raw: &[u8]) -> String {
+    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len().saturating_sub(1));
+    super::hex(&raw[start.min(raw.len())..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_hex_drops_sign_padding() {
+        assert_eq!(serial_hex(&[0x00, 0x8f, 0x01]), "8f01");
+        assert_eq!(serial_hex(&[0x01]), "01");
+        assert_eq!(serial_hex(&[0x00]), "00");
+    }
+}

@@ -1,0 +1,211 @@
+//! Shared test harness: a development PKI generated in a temporary folder by the
+//! tool itself, a real gateway on a loopback port, and real mTLS clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sgw::domain::Role;
+use sgw::pki::{Ca, CertSpec, Issued};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// The trust domain of the development set-up, which tests reuse.
+pub const TD: &str = sgw::cli::serve::DEV_TRUST_DOMAIN;
+
+/// A test environment: the dev PKI and config in a temporary folder.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    /// Makes the dev PKI and config (the same code `sgw serve --dev` runs) in a fresh
+    /// temporary folder, with the listen port set to 0.
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = sgw::cli::serve::prepare_dev(dir.path()).expect("dev set-up");
+        let text = std::fs::read_to_string(&config).expect("read config");
+        let text = text.replace("listen = \"127.0.0.1:50051\"", "listen = \"127.0.0.1:0\"");
+        std::fs::write(&config, text).expect("write config");
+        Env { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path().join(sgw::cli::serve::DEV_CONFIG)
+    }
+
+    pub fn pki_dir(&self) -> PathBuf {
+        self.path().join(sgw::cli::serve::DEV_PKI_DIR)
+    }
+
+    /// Appends TOML to the config (e.g. a `[limits]` section).
+    pub fn append_config(&self, extra: &str) {
+        let mut text = std::fs::read_to_string(self.config_path()).expect("read config");
+        text.push('\n');
+        text.push_str(extra);
+        std::fs::write(self.config_path(), text).expect("write config");
+    }
+
+    /// The development CA, to issue any certificate a test needs.
+    pub fn ca(&self) -> Ca {
+        Ca::load_from_dir(&self.pki_dir()).expect("load dev CA")
+    }
+
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.pki_dir().join("ca.pem")).expect("ca.pem")
+    }
+
+    /// The PEM certificate and key of a sample dev identity, e.g. `("agency", "police-met")`.
+    pub fn identity(&self, role: Role, id: &str) -> (String, String) {
+        let stem = format!("{}-{id}", role.as_str());
+        let cert = std::fs::read_to_string(self.pki_dir().join(format!("{stem}.pem"))).expect("cert");
+        let key = std::fs::read_to_string(self.pki_dir().join(format!("{stem}.key"))).expect("key");
+        (cert, key)
+    }
+
+    /// Issues a fresh client certificate from the dev CA.
+    pub fn issue(&self, spec: &CertSpec) -> Issued {
+        self.ca().issue(spec).expect("issue")
+    }
+
+    /// Starts the gateway in this process on a loopback port.
+    pub async fn start(&self) -> Gateway {
+        let config = sgw::config::Config::load(&self.config_path()).expect("config loads");
+        let bound = sgw::server::bind(config).await.expect("server binds");
+        let addr = bound.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            bound
+                .serve(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .map_err(|e| e.to_string())
+        });
+        Gateway {
+            addr,
+            stop: Some(stop),
+            handle: Some(handle),
+            ca_pem: self.ca_pem(),
+        }
+    }
+}
+
+/// A running in-process gateway.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), String>>>,
+    ca_pem: String,
+}
+
+impl Gateway {
+    /// A channel presenting the given client certificate.
+    pub async fn connect(&self, cert_pem: &str, key_pem: &str) -> Result<Channel, tonic::transport::Error> {
+        connect(self.addr, &self.ca_pem, Some((cert_pem, key_pem))).await
+    }
+
+    /// A channel for a sample dev identity.
+    pub async fn connect_as(&self, env: &Env, role: Role, id: &str) -> Channel {
+        let (cert, key) = env.identity(role, id);
+        self.connect(&cert, &key).await.expect("connect")
+    }
+
+    /// Stops the gateway and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            let result = tokio::time::timeout(Duration::from_secs(30), handle)
+                .await
+                .expect("gateway stops within 30 s")
+                .expect("gateway task");
+            result.expect("gateway ran cleanly");
+        }
+    }
+}
+
+/// Connects over mTLS (or TLS without a client certificate when `identity` is None).
+pub async fn connect(
+    addr: SocketAddr,
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .expect("endpoint")
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+}
+
+/// A health check over `channel`: the status code, or OK with the serving status.
+pub async fn health(channel: Channel) -> Result<i32, tonic::Status> {
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let resp = client
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await?;
+    Ok(resp.into_inner().status)
+}
+
+/// Builds a client spec for `role`/`id` in the dev trust domain.
+pub fn client_spec(role: Role, id: &str) -> CertSpec {
+    CertSpec::client(TD, role, id, 30)
+}
+
+/// Reads a child's stderr until the gateway says where it listens; keeps draining
+/// the rest in the background so the child never blocks on a full pipe.
+pub async fn wait_for_listen_line(
+    stderr: tokio::process::ChildStderr,
+    within: Duration,
+) -> SocketAddr {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut lines = BufReader::new(stderr).lines();
+    let found = tokio::time::timeout(within, async {
+        while let Some(line) = lines.next_line().await.expect("read stderr") {
+            eprintln!("[sgw] {line}");
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
+                if let Ok(addr) = addr.parse() {
+                    return addr;
+                }
+            }
+        }
+        panic!("sgw exited before listening");
+    })
+    .await
+    .expect("sgw starts listening in time");
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("[sgw] {line}");
+        }
+    });
+    found
+}
+
+/// Sends SIGTERM to a child process.
+pub async fn terminate(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    }
+}
+
+/// Sends SIGKILL to a child process.
+pub async fn kill9(child: &mut tokio::process::Child) {
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}

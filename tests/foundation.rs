@@ -1,0 +1,233 @@
+//! The foundation, end to end: mutual TLS, identities, roles, health, the dev set-up
+//! and config validation, against a real gateway on loopback.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{client_spec, connect, health, Env, TD};
+use sgw::domain::Role;
+use sgw::pki::{self, CertSpec, Eku};
+use time::OffsetDateTime;
+use tonic::Code;
+
+const SERVING: i32 = 1;
+
+#[tokio::test]
+async fn health_answers_serving_to_an_agency_certificate() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let channel = gw.connect_as(&env, Role::Agency, "school-oakfield").await;
+    assert_eq!(health(channel).await.expect("health"), SERVING);
+    gw.stop().await;
+}
+
+/// How a bad client certificate must be refused.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Refusal {
+    /// The TLS handshake fails: no call is served at all.
+    Handshake,
+    /// The handshake passes (the certificate is genuine) but it names no registered
+    /// identity: UNAUTHENTICATED with a message containing the text.
+    Unauthenticated(&'static str),
+}
+
+#[tokio::test]
+async fn bad_client_certificates_are_refused() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let now = OffsetDateTime::now_utc();
+    let day = time::Duration::days(1);
+    let agency = || client_spec(Role::Agency, "police-met");
+
+    let other_ca = pki::Ca::generate("someone else's CA", 30).expect("other CA");
+    let expired = CertSpec {
+        not_before: now - 10 * day,
+        not_after: now - day,
+        ..agency()
+    };
+    let not_yet_valid = CertSpec {
+        not_before: now + day,
+        not_after: now + 10 * day,
+        ..agency()
+    };
+    let server_auth_only = CertSpec {
+        eku: vec![Eku::ServerAuth],
+        ..agency()
+    };
+    let no_eku = CertSpec { eku: vec![], ..agency() };
+    let no_uri = CertSpec {
+        uri_sans: vec![],
+        ..agency()
+    };
+    let two_uris = CertSpec {
+        uri_sans: vec![
+            format!("spiffe://{TD}/agency/police-met"),
+            format!("spiffe://{TD}/agency/school-oakfield"),
+        ],
+        ..agency()
+    };
+    let other_domain = CertSpec::client("elsewhere.example", Role::Agency, "police-met", 30);
+    let unregistered = client_spec(Role::Agency, "police-nowhere");
+    let unregistered_auditor = client_spec(Role::Auditor, "mallory");
+    let unknown_role = CertSpec {
+        uri_sans: vec![format!("spiffe://{TD}/admin/root")],
+        ..agency()
+    };
+
+    let cases: Vec<(&str, pki::Issued, Refusal)> = vec![
+        ("untrusted CA", other_ca.issue(&agency()).unwrap(), Refusal::Handshake),
+        ("expired", env.issue(&expired), Refusal::Handshake),
+        ("not yet valid", env.issue(&not_yet_valid), Refusal::Handshake),
+        ("self-signed", pki::self_signed(&agency()).unwrap(), Refusal::Handshake),
+        ("serverAuth only", env.issue(&server_auth_only), Refusal::Handshake),
+        ("no EKU", env.issue(&no_eku), Refusal::Handshake),
+        ("no URI SAN", env.issue(&no_uri), Refusal::Unauthenticated("no URI SAN")),
+        ("two URI SANs", env.issue(&two_uris), Refusal::Unauthenticated("2 URI SANs")),
+        ("another trust domain", env.issue(&other_domain), Refusal::Unauthenticated("elsewhere.example")),
+        ("unregistered agency", env.issue(&unregistered), Refusal::Unauthenticated("not registered")),
+        ("unregistered auditor", env.issue(&unregistered_auditor), Refusal::Unauthenticated("not registered")),
+        ("unknown role", env.issue(&unknown_role), Refusal::Unauthenticated("admin")),
+    ];
+
+    for (name, issued, want) in cases {
+        let outcome = match gw.connect(&issued.cert_pem, &issued.key_pem).await {
+            Err(_) => Err(None),
+            Ok(channel) => health(channel).await.map_err(Some),
+        };
+        match (want, outcome) {
+            (_, Ok(status)) => panic!("{name}: served (health status {status})"),
+            (Refusal::Handshake, Err(None)) => {}
+            (Refusal::Handshake, Err(Some(status))) => assert_ne!(
+                status.code(),
+                Code::Unauthenticated,
+                "{name}: the handshake should have failed, but a call was answered: {status:?}"
+            ),
+            (Refusal::Unauthenticated(text), Err(Some(status))) => {
+                assert_eq!(status.code(), Code::Unauthenticated, "{name}: {status:?}");
+                assert!(status.message().contains(text), "{name}: message {:?} lacks {text:?}", status.message());
+            }
+            (Refusal::Unauthenticated(_), Err(None)) => panic!("{name}: handshake failed; expected UNAUTHENTICATED"),
+        }
+    }
+
+    // No client certificate at all.
+    let outcome = match connect(gw.addr, &env.ca_pem(), None).await {
+        Err(_) => None,
+        Ok(channel) => Some(health(channel).await),
+    };
+    if let Some(result) = outcome {
+        let status = result.expect_err("no client certificate must not be served");
+        assert_ne!(status.code(), Code::Ok);
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn roles_are_confined_to_their_services() {
+    use sgw::proto::v1::audit_service_client::AuditServiceClient;
+    use sgw::proto::v1::operations_service_client::OperationsServiceClient;
+    use sgw::proto::v1::record_service_client::RecordServiceClient;
+    use sgw::proto::v1::{GetCheckpointRequest, GetRecordRequest, GetTlsStatusRequest};
+
+    let env = Env::new();
+    let gw = env.start().await;
+
+    let auditor = gw.connect_as(&env, Role::Auditor, "dpo").await;
+    let err = RecordServiceClient::new(auditor)
+        .get_record(GetRecordRequest::default())
+        .await
+        .expect_err("auditor must not read records");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("RecordService"), "{err:?}");
+
+    let operator = gw.connect_as(&env, Role::Operator, "ops").await;
+    let err = AuditServiceClient::new(operator)
+        .get_checkpoint(GetCheckpointRequest::default())
+        .await
+        .expect_err("operator must not read the audit log");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    let agency = gw.connect_as(&env, Role::Agency, "police-met").await;
+    let err = OperationsServiceClient::new(agency)
+        .get_tls_status(GetTlsStatusRequest::default())
+        .await
+        .expect_err("agency must not operate the gateway");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // And each role may reach its own service (whatever the method then answers).
+    let auditor = gw.connect_as(&env, Role::Auditor, "dpo").await;
+    let res = AuditServiceClient::new(auditor).get_checkpoint(GetCheckpointRequest::default()).await;
+    if let Err(e) = res {
+        assert_ne!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert_ne!(e.code(), Code::Unauthenticated, "{e:?}");
+    }
+    gw.stop().await;
+}
+
+/// Runs the real binary and returns its output.
+fn sgw(args: &[&str], cwd: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sgw"))
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sgw")
+}
+
+#[test]
+fn config_with_unknown_key_fails_naming_it() {
+    let env = Env::new();
+    env.append_config("[limits]\nmax_mesage_bytes = 10\n");
+    let out = sgw(&["serve", "--config", env.config_path().to_str().unwrap()], env.path());
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("max_mesage_bytes"), "stderr: {stderr}");
+}
+
+#[test]
+fn config_with_duplicate_agency_fails_naming_it() {
+    let env = Env::new();
+    env.append_config("[[agency]]\nid = \"police-met\"\nsector = \"POLICE\"\nname = \"again\"\n");
+    let out = sgw(&["serve", "--config", env.config_path().to_str().unwrap()], env.path());
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("police-met") && stderr.contains("duplicate"), "stderr: {stderr}");
+}
+
+#[tokio::test]
+async fn serve_dev_in_an_empty_folder_answers_its_own_dev_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sgw"))
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn sgw serve --dev");
+    let addr = common::wait_for_listen_line(child.stderr.take().unwrap(), Duration::from_secs(60)).await;
+
+    for f in ["ca.pem", "ca.key", "server.pem", "server.key", "agency-police-met.pem", "auditor-dpo.key", "operator-ops.pem"] {
+        assert!(dir.path().join("certs/dev").join(f).exists(), "{f} missing");
+    }
+    assert!(dir.path().join("sgw.dev.toml").exists());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("certs/dev/ca.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let pki_dir = dir.path().join("certs/dev");
+    let read = |f: &str| std::fs::read_to_string(pki_dir.join(f)).unwrap();
+    let channel = connect(addr, &read("ca.pem"), Some((&read("agency-nhs-guys.pem"), &read("agency-nhs-guys.key"))))
+        .await
+        .expect("connect with the dev certificate");
+    assert_eq!(health(channel).await.expect("health"), SERVING);
+
+    common::terminate(&mut child).await;
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exits after SIGTERM").unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+}
