@@ -35,9 +35,9 @@ pub struct RequestId(pub Arc<str>);
 /// caller (health and reflection).
 pub fn role_for_service(service: &str) -> Option<Role> {
     match service {
-        "safeguard.v1.ConcernService" | "safeguard.v1.ConsentService" | "safeguard.v1.RecordService" => {
-            Some(Role::Agency)
-        }
+        "safeguard.v1.ConcernService"
+        | "safeguard.v1.ConsentService"
+        | "safeguard.v1.RecordService" => Some(Role::Agency),
         "safeguard.v1.AuditService" => Some(Role::Auditor),
         "safeguard.v1.OperationsService" => Some(Role::Operator),
         _ => None,
@@ -73,13 +73,19 @@ impl AuthContext {
                 peer.serial_hex
             )));
         }
-        let caller = identify(peer, &self.config).map_err(|e| Status::unauthenticated(e.to_string()))?;
-        let service = path.trim_start_matches('/').split('/').next().unwrap_or_default();
+        let caller =
+            identify(peer, &self.config).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let service = path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or_default();
         if let Some(required) = role_for_service(service) {
             if caller.role != required {
                 return Err(Status::permission_denied(format!(
                     "{} {:?} may not call {service}; it is for the {required} role",
-                    caller.role, caller.id.as_str()
+                    caller.role,
+                    caller.id.as_str()
                 )));
             }
         }
@@ -168,7 +174,9 @@ where
         let started = Instant::now();
         let request_id = caller_request_id(&req).unwrap_or_else(|| self.ctx.ids.make());
         let method: Arc<str> = req.uri().path().into();
-        let decision = self.ctx.authorise(req.extensions().get::<PeerInfo>(), &method);
+        let decision = self
+            .ctx
+            .authorise(req.extensions().get::<PeerInfo>(), &method);
         let caller_id: Arc<str> = match &decision {
             Ok(caller) => caller.id.as_str().into(),
             Err(_) => "-".into(),
@@ -205,7 +213,12 @@ where
                         log.finish(code);
                         return Ok(resp);
                     }
-                    Ok(resp.map(|body| Body::new(LoggedBody { inner: body, log: Some(log) })))
+                    Ok(resp.map(|body| {
+                        Body::new(LoggedBody {
+                            inner: body,
+                            log: Some(log),
+                        })
+                    }))
                 })
             }
         }
@@ -213,7 +226,12 @@ where
 }
 
 fn status_code(headers: &http::HeaderMap) -> Option<Code> {
-    let v = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    let v = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse::<i32>()
+        .ok()?;
     Some(Code::from_i32(v))
 }
 

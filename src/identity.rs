@@ -50,7 +50,9 @@ pub enum IdentityError {
     #[error("client certificate has {0} URI SANs; exactly one spiffe:// URI is required")]
     SeveralUriSans(usize),
     /// The URI is not `spiffe://<trust-domain>/<role>/<id>`.
-    #[error("client certificate URI SAN {uri:?} is not of the form spiffe://{trust_domain}/<role>/<id>")]
+    #[error(
+        "client certificate URI SAN {uri:?} is not of the form spiffe://{trust_domain}/<role>/<id>"
+    )]
     Malformed {
         /// The URI as found.
         uri: String,
@@ -119,7 +121,13 @@ pub fn identify(peer: &PeerCert, config: &Config) -> Result<Caller, IdentityErro
     };
     let principal = PrincipalId::parse(id).map_err(|_| unregistered())?;
     let sector = match role {
-        Role::Agency => Some(config.registry().agency(id).ok_or_else(unregistered)?.sector),
+        Role::Agency => Some(
+            config
+                .registry()
+                .agency(id)
+                .ok_or_else(unregistered)?
+                .sector,
+        ),
         Role::Auditor | Role::Operator => {
             if !config.registry().role_of(role, id) {
                 return Err(unregistered());

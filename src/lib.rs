@@ -24,6 +24,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -33,4 +34,5 @@ pub mod logging;
 pub mod pki;
 pub mod proto;
 pub mod server;
+pub mod store;
 pub mod tls;

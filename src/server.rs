@@ -41,7 +41,7 @@ pub struct Bound {
     acceptor: Acceptor,
     addr: SocketAddr,
     config: Arc<Config>,
-    app: api::App,
+    app: Arc<api::App>,
     auth: Arc<AuthContext>,
 }
 
@@ -62,18 +62,28 @@ pub async fn bind(config: Config) -> Result<Bound, ServeError> {
     )?);
     let listener = TcpListener::bind(config.listen)
         .await
-        .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.listen,
+        source,
+    })?;
     let limits = AcceptorLimits {
         max_connections: config.limits.max_connections,
         handshake_timeout: config.limits.handshake_timeout,
     };
     let acceptor = Acceptor::new(listener, tls.clone(), limits);
     let auth = Arc::new(AuthContext::new(config.clone(), revocations));
-    let app = app.with_tls(tls);
-    Ok(Bound { acceptor, addr, config, app, auth })
+    let app = Arc::new(app.with_tls(tls));
+    Ok(Bound {
+        acceptor,
+        addr,
+        config,
+        app,
+        auth,
+    })
 }
 
 impl Bound {
@@ -86,7 +96,13 @@ impl Bound {
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight calls
     /// finish for up to `[shutdown] grace`, and returns.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
-        let Bound { acceptor, config, app, auth, .. } = self;
+        let Bound {
+            acceptor,
+            config,
+            app,
+            auth,
+            ..
+        } = self;
         let limits = &config.limits;
         let stop = CancellationToken::new();
         let incoming = acceptor.incoming(stop.clone());

@@ -56,7 +56,10 @@ async fn bad_client_certificates_are_refused() {
         eku: vec![Eku::ServerAuth],
         ..agency()
     };
-    let no_eku = CertSpec { eku: vec![], ..agency() };
+    let no_eku = CertSpec {
+        eku: vec![],
+        ..agency()
+    };
     let no_uri = CertSpec {
         uri_sans: vec![],
         ..agency()
@@ -77,18 +80,58 @@ async fn bad_client_certificates_are_refused() {
     };
 
     let cases: Vec<(&str, pki::Issued, Refusal)> = vec![
-        ("untrusted CA", other_ca.issue(&agency()).unwrap(), Refusal::Handshake),
+        (
+            "untrusted CA",
+            other_ca.issue(&agency()).unwrap(),
+            Refusal::Handshake,
+        ),
         ("expired", env.issue(&expired), Refusal::Handshake),
-        ("not yet valid", env.issue(&not_yet_valid), Refusal::Handshake),
-        ("self-signed", pki::self_signed(&agency()).unwrap(), Refusal::Handshake),
-        ("serverAuth only", env.issue(&server_auth_only), Refusal::Handshake),
+        (
+            "not yet valid",
+            env.issue(&not_yet_valid),
+            Refusal::Handshake,
+        ),
+        (
+            "self-signed",
+            pki::self_signed(&agency()).unwrap(),
+            Refusal::Handshake,
+        ),
+        (
+            "serverAuth only",
+            env.issue(&server_auth_only),
+            Refusal::Handshake,
+        ),
         ("no EKU", env.issue(&no_eku), Refusal::Handshake),
-        ("no URI SAN", env.issue(&no_uri), Refusal::Unauthenticated("no URI SAN")),
-        ("two URI SANs", env.issue(&two_uris), Refusal::Unauthenticated("2 URI SANs")),
-        ("another trust domain", env.issue(&other_domain), Refusal::Unauthenticated("elsewhere.example")),
-        ("unregistered agency", env.issue(&unregistered), Refusal::Unauthenticated("not registered")),
-        ("unregistered auditor", env.issue(&unregistered_auditor), Refusal::Unauthenticated("not registered")),
-        ("unknown role", env.issue(&unknown_role), Refusal::Unauthenticated("admin")),
+        (
+            "no URI SAN",
+            env.issue(&no_uri),
+            Refusal::Unauthenticated("no URI SAN"),
+        ),
+        (
+            "two URI SANs",
+            env.issue(&two_uris),
+            Refusal::Unauthenticated("2 URI SANs"),
+        ),
+        (
+            "another trust domain",
+            env.issue(&other_domain),
+            Refusal::Unauthenticated("elsewhere.example"),
+        ),
+        (
+            "unregistered agency",
+            env.issue(&unregistered),
+            Refusal::Unauthenticated("not registered"),
+        ),
+        (
+            "unregistered auditor",
+            env.issue(&unregistered_auditor),
+            Refusal::Unauthenticated("not registered"),
+        ),
+        (
+            "unknown role",
+            env.issue(&unknown_role),
+            Refusal::Unauthenticated("admin"),
+        ),
     ];
 
     for (name, issued, want) in cases {
@@ -106,9 +149,15 @@ async fn bad_client_certificates_are_refused() {
             ),
             (Refusal::Unauthenticated(text), Err(Some(status))) => {
                 assert_eq!(status.code(), Code::Unauthenticated, "{name}: {status:?}");
-                assert!(status.message().contains(text), "{name}: message {:?} lacks {text:?}", status.message());
+                assert!(
+                    status.message().contains(text),
+                    "{name}: message {:?} lacks {text:?}",
+                    status.message()
+                );
             }
-            (Refusal::Unauthenticated(_), Err(None)) => panic!("{name}: handshake failed; expected UNAUTHENTICATED"),
+            (Refusal::Unauthenticated(_), Err(None)) => {
+                panic!("{name}: handshake failed; expected UNAUTHENTICATED")
+            }
         }
     }
 
@@ -158,7 +207,9 @@ async fn roles_are_confined_to_their_services() {
 
     // And each role may reach its own service (whatever the method then answers).
     let auditor = gw.connect_as(&env, Role::Auditor, "dpo").await;
-    let res = AuditServiceClient::new(auditor).get_checkpoint(GetCheckpointRequest::default()).await;
+    let res = AuditServiceClient::new(auditor)
+        .get_checkpoint(GetCheckpointRequest::default())
+        .await;
     if let Err(e) = res {
         assert_ne!(e.code(), Code::PermissionDenied, "{e:?}");
         assert_ne!(e.code(), Code::Unauthenticated, "{e:?}");
@@ -180,7 +231,10 @@ fn sgw(args: &[&str], cwd: &std::path::Path) -> std::process::Output {
 fn config_with_unknown_key_fails_naming_it() {
     let env = Env::new();
     env.append_config("[limits]\nmax_mesage_bytes = 10\n");
-    let out = sgw(&["serve", "--config", env.config_path().to_str().unwrap()], env.path());
+    let out = sgw(
+        &["serve", "--config", env.config_path().to_str().unwrap()],
+        env.path(),
+    );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("max_mesage_bytes"), "stderr: {stderr}");
@@ -190,10 +244,16 @@ fn config_with_unknown_key_fails_naming_it() {
 fn config_with_duplicate_agency_fails_naming_it() {
     let env = Env::new();
     env.append_config("[[agency]]\nid = \"police-met\"\nsector = \"POLICE\"\nname = \"again\"\n");
-    let out = sgw(&["serve", "--config", env.config_path().to_str().unwrap()], env.path());
+    let out = sgw(
+        &["serve", "--config", env.config_path().to_str().unwrap()],
+        env.path(),
+    );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("police-met") && stderr.contains("duplicate"), "stderr: {stderr}");
+    assert!(
+        stderr.contains("police-met") && stderr.contains("duplicate"),
+        "stderr: {stderr}"
+    );
 }
 
 #[tokio::test]
@@ -208,26 +268,45 @@ async fn serve_dev_in_an_empty_folder_answers_its_own_dev_certificate() {
         .kill_on_drop(true)
         .spawn()
         .expect("spawn sgw serve --dev");
-    let addr = common::wait_for_listen_line(child.stderr.take().unwrap(), Duration::from_secs(60)).await;
+    let addr =
+        common::wait_for_listen_line(child.stderr.take().unwrap(), Duration::from_secs(60)).await;
 
-    for f in ["ca.pem", "ca.key", "server.pem", "server.key", "agency-police-met.pem", "auditor-dpo.key", "operator-ops.pem"] {
+    for f in [
+        "ca.pem",
+        "ca.key",
+        "server.pem",
+        "server.key",
+        "agency-police-met.pem",
+        "auditor-dpo.key",
+        "operator-ops.pem",
+    ] {
         assert!(dir.path().join("certs/dev").join(f).exists(), "{f} missing");
     }
     assert!(dir.path().join("sgw.dev.toml").exists());
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("certs/dev/ca.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("certs/dev/ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
     let pki_dir = dir.path().join("certs/dev");
     let read = |f: &str| std::fs::read_to_string(pki_dir.join(f)).unwrap();
-    let channel = connect(addr, &read("ca.pem"), Some((&read("agency-nhs-guys.pem"), &read("agency-nhs-guys.key"))))
-        .await
-        .expect("connect with the dev certificate");
+    let channel = connect(
+        addr,
+        &read("ca.pem"),
+        Some((&read("agency-nhs-guys.pem"), &read("agency-nhs-guys.key"))),
+    )
+    .await
+    .expect("connect with the dev certificate");
     assert_eq!(health(channel).await.expect("health"), SERVING);
 
     common::terminate(&mut child).await;
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exits after SIGTERM").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
 }

@@ -11,16 +11,24 @@ pub struct Consents;
 
 #[tonic::async_trait]
 impl ConsentService for Consents {
-    async fn record_consent(&self, _req: Request<RecordConsentRequest>) -> Result<Response<RecordConsentResponse>, Status> {
+    async fn record_consent(
+        &self,
+        _req: Request<RecordConsentRequest>,
+    ) -> Result<Response<RecordConsentResponse>, Status> {
         Err(super::not_yet("ConsentService.RecordConsent", "records"))
     }
 
-    async fn withdraw_consent(&self, _req: Request<WithdrawConsentRequest>) -> Result<Response<WithdrawConsentResponse>, Status> {
+    async fn withdraw_consent(
+        &self,
+        _req: Request<WithdrawConsentRequest>,
+    ) -> Result<Response<WithdrawConsentResponse>, Status> {
         Err(super::not_yet("ConsentService.WithdrawConsent", "records"))
     }
 
-    async fn list_consents(&self, _req: Request<ListConsentsRequest>) -> Result<Response<ListConsentsResponse>, Status> {
+    async fn list_consents(
+        &self,
+        _req: Request<ListConsentsRequest>,
+    ) -> Result<Response<ListConsentsResponse>, Status> {
         Err(super::not_yet("ConsentService.ListConsents", "records"))
     }
-
 }

@@ -17,14 +17,24 @@ use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
+use crate::audit::writer::AuditSettings;
+use crate::audit::{AuditError, Auditor, LogHealth};
 use crate::auth::AuthLayer;
+use crate::auth::RequestId;
 use crate::config::Config;
+use crate::domain::{Clock, NhsNumber, SystemClock};
+use crate::identity::Caller;
 use crate::proto::v1::audit_service_server::AuditServiceServer;
 use crate::proto::v1::concern_service_server::ConcernServiceServer;
 use crate::proto::v1::consent_service_server::ConsentServiceServer;
 use crate::proto::v1::operations_service_server::OperationsServiceServer;
 use crate::proto::v1::record_service_server::RecordServiceServer;
+use crate::store::keys::SubjectRef;
+use crate::store::Keys;
 use crate::tls::{Revocations, TlsState};
+use status::ApiError;
+use tonic::{Request, Status};
+use tonic_health::ServingStatus;
 
 /// The tonic server with the authentication layer applied.
 pub type GatewayServer = Server<Stack<AuthLayer, Identity>>;
@@ -42,6 +52,12 @@ pub enum AppError {
         /// Why.
         source: std::io::Error,
     },
+    /// A key file could not be read or created.
+    #[error(transparent)]
+    Keys(#[from] crate::store::KeyError),
+    /// The audit store could not be opened.
+    #[error("audit store: {0}")]
+    Audit(#[from] AuditError),
     /// Reflection could not be built from the descriptor set (a build problem).
     #[error("reflection: {0}")]
     Reflection(String),
@@ -54,22 +70,77 @@ impl AppError {
     }
 }
 
-/// Everything the services share: configuration, stores, the audit writer, TLS.
+/// Everything the services share: configuration, keys, the audit writer, TLS.
 pub struct App {
-    config: Arc<Config>,
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// Secret keys.
+    pub keys: Arc<Keys>,
+    /// The audit writer and reader.
+    pub auditor: Auditor,
+    /// The clock every capability reads.
+    pub clock: Arc<dyn Clock>,
     revocations: Arc<Revocations>,
     tls: Option<Arc<TlsState>>,
+}
+
+/// Who is calling and the request's id, taken from what the auth layer attached.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// The authenticated caller.
+    pub caller: Caller,
+    /// The correlation id.
+    pub request_id: String,
+}
+
+/// Reads the caller and request id the auth layer attached to a request.
+pub fn request_context<T>(req: &Request<T>) -> Result<Ctx, Status> {
+    let caller = crate::auth::caller(req)?.clone();
+    let request_id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.to_string())
+        .unwrap_or_default();
+    Ok(Ctx { caller, request_id })
 }
 
 impl App {
     /// Opens (creating where needed) the data directory and everything in it.
     pub async fn open(config: Arc<Config>) -> Result<App, AppError> {
+        Self::open_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// As [`App::open`], with a given clock (tests).
+    pub async fn open_with_clock(
+        config: Arc<Config>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<App, AppError> {
         create_private_dir(&config.data_dir).map_err(|source| AppError::DataDir {
             path: config.data_dir.display().to_string(),
             source,
         })?;
+        let keys = Arc::new(Keys::load_or_create(
+            &config.data_dir,
+            config.audit.signing_key.as_deref(),
+        )?);
+        let settings = AuditSettings {
+            dir: config.data_dir.join("audit"),
+            log_id: config.audit.log_id.clone(),
+            max_batch: config.audit.max_batch,
+            cache_bytes: 64 * 1024 * 1024,
+        };
+        let auditor = {
+            let keys = keys.clone();
+            let clock = clock.clone();
+            tokio::task::spawn_blocking(move || Auditor::open(settings, keys, clock))
+                .await
+                .map_err(|e| AuditError::Unavailable(e.to_string()))??
+        };
         Ok(App {
             config,
+            keys,
+            auditor,
+            clock,
             revocations: Arc::new(Revocations::default()),
             tls: None,
         })
@@ -86,19 +157,36 @@ impl App {
         self
     }
 
-    /// Mounts every gateway service on `server`, limits applied.
+    /// The keyed hash of a request's subject, or INVALID_ARGUMENT.
+    pub fn subject_ref(&self, subject: &crate::proto::v1::Subject) -> Result<SubjectRef, ApiError> {
+        let nhs =
+            NhsNumber::parse(&subject.nhs_number).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        Ok(self.keys.subject_ref(&nhs))
+    }
+
+    /// A request's page size: 0 means the default; above the maximum is refused.
+    pub fn page_size(&self, requested: u32) -> Result<usize, ApiError> {
+        let limits = &self.config.limits;
+        match requested {
+            0 => Ok(limits.default_page_size as usize),
+            n if n <= limits.max_page_size => Ok(n as usize),
+            n => Err(ApiError::Invalid(format!(
+                "page_size {n} is above the maximum of {}",
+                limits.max_page_size
+            ))),
+        }
+    }
+
+    /// Mounts every gateway service on `server`, limits applied, and keeps health
+    /// in step with the audit log (NOT_SERVING while it cannot be written).
     pub async fn add_services(
-        &self,
+        self: &Arc<Self>,
         server: &mut GatewayServer,
         health: HealthReporter,
-        _stop: CancellationToken,
+        stop: CancellationToken,
     ) -> GatewayRouter {
         let max = self.config.limits.max_message_bytes;
-        health.set_serving::<ConcernServiceServer<concerns::Concerns>>().await;
-        health.set_serving::<ConsentServiceServer<consents::Consents>>().await;
-        health.set_serving::<RecordServiceServer<records::Records>>().await;
-        health.set_serving::<AuditServiceServer<audit::Audit>>().await;
-        health.set_serving::<OperationsServiceServer<operations::Operations>>().await;
+        tokio::spawn(track_audit_health(self.auditor.health(), health, stop));
         server
             .add_service(
                 ConcernServiceServer::new(concerns::Concerns)
@@ -116,7 +204,7 @@ impl App {
                     .max_encoding_message_size(max),
             )
             .add_service(
-                AuditServiceServer::new(audit::Audit)
+                AuditServiceServer::new(audit::Audit::new(self.clone()))
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
             )
@@ -129,6 +217,43 @@ impl App {
 
     /// Flushes and closes stores after the last call.
     pub async fn close(&self) {}
+}
+
+/// The service names whose health follows the audit log.
+const SERVICES: &[&str] = &[
+    "",
+    "safeguard.v1.ConcernService",
+    "safeguard.v1.ConsentService",
+    "safeguard.v1.RecordService",
+    "safeguard.v1.AuditService",
+    "safeguard.v1.OperationsService",
+];
+
+async fn track_audit_health(
+    mut log: tokio::sync::watch::Receiver<LogHealth>,
+    reporter: HealthReporter,
+    stop: CancellationToken,
+) {
+    loop {
+        let writable = log.borrow_and_update().writable;
+        let status = if writable {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for name in SERVICES {
+            reporter.set_service_status(*name, status).await;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            changed = log.changed() => if changed.is_err() { break },
+        }
+    }
+    for name in SERVICES {
+        reporter
+            .set_service_status(*name, ServingStatus::NotServing)
+            .await;
+    }
 }
 
 /// Creates a folder readable only by its owner.

@@ -11,16 +11,33 @@ pub struct Operations;
 
 #[tonic::async_trait]
 impl OperationsService for Operations {
-    async fn get_tls_status(&self, _req: Request<GetTlsStatusRequest>) -> Result<Response<GetTlsStatusResponse>, Status> {
-        Err(super::not_yet("OperationsService.GetTlsStatus", "certificate rotation"))
+    async fn get_tls_status(
+        &self,
+        _req: Request<GetTlsStatusRequest>,
+    ) -> Result<Response<GetTlsStatusResponse>, Status> {
+        Err(super::not_yet(
+            "OperationsService.GetTlsStatus",
+            "certificate rotation",
+        ))
     }
 
-    async fn reload_tls(&self, _req: Request<ReloadTlsRequest>) -> Result<Response<ReloadTlsResponse>, Status> {
-        Err(super::not_yet("OperationsService.ReloadTls", "certificate rotation"))
+    async fn reload_tls(
+        &self,
+        _req: Request<ReloadTlsRequest>,
+    ) -> Result<Response<ReloadTlsResponse>, Status> {
+        Err(super::not_yet(
+            "OperationsService.ReloadTls",
+            "certificate rotation",
+        ))
     }
 
-    async fn revoke_certificate(&self, _req: Request<RevokeCertificateRequest>) -> Result<Response<RevokeCertificateResponse>, Status> {
-        Err(super::not_yet("OperationsService.RevokeCertificate", "certificate rotation"))
+    async fn revoke_certificate(
+        &self,
+        _req: Request<RevokeCertificateRequest>,
+    ) -> Result<Response<RevokeCertificateResponse>, Status> {
+        Err(super::not_yet(
+            "OperationsService.RevokeCertificate",
+            "certificate rotation",
+        ))
     }
-
 }

@@ -11,16 +11,24 @@ pub struct Records;
 
 #[tonic::async_trait]
 impl RecordService for Records {
-    async fn share_record(&self, _req: Request<ShareRecordRequest>) -> Result<Response<ShareRecordResponse>, Status> {
+    async fn share_record(
+        &self,
+        _req: Request<ShareRecordRequest>,
+    ) -> Result<Response<ShareRecordResponse>, Status> {
         Err(super::not_yet("RecordService.ShareRecord", "records"))
     }
 
-    async fn find_records(&self, _req: Request<FindRecordsRequest>) -> Result<Response<FindRecordsResponse>, Status> {
+    async fn find_records(
+        &self,
+        _req: Request<FindRecordsRequest>,
+    ) -> Result<Response<FindRecordsResponse>, Status> {
         Err(super::not_yet("RecordService.FindRecords", "records"))
     }
 
-    async fn get_record(&self, _req: Request<GetRecordRequest>) -> Result<Response<GetRecordResponse>, Status> {
+    async fn get_record(
+        &self,
+        _req: Request<GetRecordRequest>,
+    ) -> Result<Response<GetRecordResponse>, Status> {
         Err(super::not_yet("RecordService.GetRecord", "records"))
     }
-
 }

@@ -430,8 +430,7 @@ impl MemoryTree {
 
     /// The root of the whole tree.
     pub fn root(&self) -> Hash {
-        root(self.size(), self)
-            .expect("a MemoryTree holds every complete subtree of its own size")
+        root(self.size(), self).expect("a MemoryTree holds every complete subtree of its own size")
     }
 }
 
@@ -722,7 +721,7 @@ mod tests {
         };
         // A neighbour holding an identical entry really is at that index, so
         // only a different neighbour must be refused.
-        let differs = |i: u64| tree.node(0, i).map_or(true, |other| other != leaf);
+        let differs = |i: u64| tree.node(0, i) != Ok(leaf);
         if differs(index + 1) {
             rejects(index + 1, size, &leaf, proof, &r, "index + 1");
         }
@@ -730,10 +729,24 @@ mod tests {
             rejects(index - 1, size, &leaf, proof, &r, "index - 1");
         }
         if size < tree.size() {
-            rejects(index, size + 1, &leaf, proof, &root_of(size + 1), "size + 1");
+            rejects(
+                index,
+                size + 1,
+                &leaf,
+                proof,
+                &root_of(size + 1),
+                "size + 1",
+            );
         }
         if size > 1 {
-            rejects(index, size - 1, &leaf, proof, &root_of(size - 1), "size - 1");
+            rejects(
+                index,
+                size - 1,
+                &leaf,
+                proof,
+                &root_of(size - 1),
+                "size - 1",
+            );
         }
         if index != size {
             rejects(size, index, &leaf, proof, &r, "index and size swapped");
@@ -782,17 +795,45 @@ mod tests {
         // The earlier size is bound by the proof even with the original roots.
         if from < to {
             rejects(from + 1, to, &r1, &r2, proof, "from + 1");
-            rejects(from + 1, to, &root_of(from + 1), &r2, proof, "from + 1, its root");
+            rejects(
+                from + 1,
+                to,
+                &root_of(from + 1),
+                &r2,
+                proof,
+                "from + 1, its root",
+            );
         }
         rejects(from - 1, to, &r1, &r2, proof, "from - 1");
         if from > 1 {
-            rejects(from - 1, to, &root_of(from - 1), &r2, proof, "from - 1, its root");
+            rejects(
+                from - 1,
+                to,
+                &root_of(from - 1),
+                &r2,
+                proof,
+                "from - 1, its root",
+            );
         }
         if to < tree.size() {
-            rejects(from, to + 1, &r1, &root_of(to + 1), proof, "to + 1, its root");
+            rejects(
+                from,
+                to + 1,
+                &r1,
+                &root_of(to + 1),
+                proof,
+                "to + 1, its root",
+            );
         }
         if to > from {
-            rejects(from, to - 1, &r1, &root_of(to - 1), proof, "to - 1, its root");
+            rejects(
+                from,
+                to - 1,
+                &r1,
+                &root_of(to - 1),
+                proof,
+                "to - 1, its root",
+            );
             rejects(to, from, &r2, &r1, proof, "from and to swapped");
             rejects(from, to, &r2, &r1, proof, "roots swapped");
         }
@@ -945,7 +986,9 @@ mod tests {
                     let mut ids = rehash.iter();
                     let (l, i) = ids.next().expect("non-empty rehash range");
                     let first = tree.node(*l, *i).unwrap();
-                    ids.fold(first, |acc, (l, i)| node_hash(&tree.node(*l, *i).unwrap(), &acc))
+                    ids.fold(first, |acc, (l, i)| {
+                        node_hash(&tree.node(*l, *i).unwrap(), &acc)
+                    })
                 }
             })
             .collect()
@@ -999,7 +1042,13 @@ mod tests {
                     "{}: generated proof",
                     case.desc
                 );
-                assert_inclusion_mutants_rejected(&tree, case.leaf_index, case.tree_size, &proof, 3);
+                assert_inclusion_mutants_rejected(
+                    &tree,
+                    case.leaf_index,
+                    case.tree_size,
+                    &proof,
+                    3,
+                );
             }
         }
     }
@@ -1062,7 +1111,10 @@ mod tests {
         let tree = MemoryTree::new();
         assert_eq!(
             inclusion_proof(0, 0, &tree),
-            Err(TreeError::Range(ProofError::IndexOutOfRange { index: 0, size: 0 }))
+            Err(TreeError::Range(ProofError::IndexOutOfRange {
+                index: 0,
+                size: 0
+            }))
         );
         assert_eq!(
             verify_inclusion(0, 0, &empty_root(), &[], &empty_root()),
@@ -1076,7 +1128,10 @@ mod tests {
         for (index, size) in [(7, 7), (8, 7), (u64::MAX, 8)] {
             assert_eq!(
                 inclusion_proof(index, size, &tree),
-                Err(TreeError::Range(ProofError::IndexOutOfRange { index, size }))
+                Err(TreeError::Range(ProofError::IndexOutOfRange {
+                    index,
+                    size
+                }))
             );
         }
     }
@@ -1099,7 +1154,10 @@ mod tests {
         let (_, tree) = numbered_tree(8);
         assert_eq!(
             consistency_proof(5, 4, &tree),
-            Err(TreeError::Range(ProofError::SizesReversed { from: 5, to: 4 }))
+            Err(TreeError::Range(ProofError::SizesReversed {
+                from: 5,
+                to: 4
+            }))
         );
         let r = tree.root();
         assert_eq!(

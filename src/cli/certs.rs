@@ -85,22 +85,41 @@ impl clap::ValueEnum for Role {
 /// Runs an `sgw certs` subcommand.
 pub fn run(cmd: CertsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        CertsCommand::Init { dir, trust_domain, force } => {
+        CertsCommand::Init {
+            dir,
+            trust_domain,
+            force,
+        } => {
             let pki = pki::init_dev_pki(&dir, &trust_domain, super::serve::DEV_IDENTITIES, force)?;
             for path in &pki.written {
                 println!("wrote {}", path.display());
             }
             if pki.written.is_empty() {
-                println!("{}: every file already exists (use --force to replace)", dir.display());
+                println!(
+                    "{}: every file already exists (use --force to replace)",
+                    dir.display()
+                );
             }
         }
-        CertsCommand::Issue { ca_dir, role, id, days, trust_domain, force } => {
+        CertsCommand::Issue {
+            ca_dir,
+            role,
+            id,
+            days,
+            trust_domain,
+            force,
+        } => {
             let leaf = pki::issue_to_dir(&ca_dir, trust_domain.as_deref(), role, &id, days, force)?;
             println!("certificate {}", leaf.cert.display());
             println!("key         {}", leaf.key.display());
             println!("serial      {}", leaf.serial_hex);
         }
-        CertsCommand::RenewServer { ca_dir, days, dns, ips } => {
+        CertsCommand::RenewServer {
+            ca_dir,
+            days,
+            dns,
+            ips,
+        } => {
             let leaf = pki::renew_server(&ca_dir, days, &dns, &ips)?;
             println!("certificate {}", leaf.cert.display());
             println!("key         {}", leaf.key.display());

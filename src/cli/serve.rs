@@ -208,7 +208,10 @@ pub fn run(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<Exi
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
-    logging::init(log_format.unwrap_or(config.logging.format), &config.logging.level);
+    logging::init(
+        log_format.unwrap_or(config.logging.format),
+        &config.logging.level,
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

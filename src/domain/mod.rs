@@ -1,9 +1,11 @@
 //! Plain-Rust domain: no gRPC, no sled. Types here are parsed once and then trusted
 //! ("parse, don't validate"): an [`NhsNumber`] or an [`AgencyId`] that exists is valid.
 
+pub mod clock;
 pub mod ids;
 pub mod subject;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use ids::{AgencyId, IdError, PrincipalId};
 pub use subject::{NhsNumber, NhsNumberError};
 

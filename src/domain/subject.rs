@@ -79,13 +79,19 @@ mod tests {
 
     #[test]
     fn rejects_bad_check_digit_and_format() {
-        assert_eq!(NhsNumber::parse("9434765918"), Err(NhsNumberError::CheckDigit));
+        assert_eq!(
+            NhsNumber::parse("9434765918"),
+            Err(NhsNumberError::CheckDigit)
+        );
         assert_eq!(NhsNumber::parse("943476591"), Err(NhsNumberError::Format));
         assert_eq!(NhsNumber::parse("94347659190"), Err(NhsNumberError::Format));
         assert_eq!(NhsNumber::parse("94347x5919"), Err(NhsNumberError::Format));
         assert_eq!(NhsNumber::parse(""), Err(NhsNumberError::Format));
         // A check value of 10 means the number can never be valid.
-        assert_eq!(NhsNumber::parse("1000000010"), Err(NhsNumberError::CheckDigit));
+        assert_eq!(
+            NhsNumber::parse("1000000010"),
+            Err(NhsNumberError::CheckDigit)
+        );
     }
 
     #[test]

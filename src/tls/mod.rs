@@ -248,13 +248,18 @@ impl TlsMaterial {
         remember(&paths.cert, &cert_bytes);
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_bytes)
             .collect::<Result<_, _>>()
-            .map_err(|e| TlsError::invalid(&paths.cert, format!("not a PEM certificate chain: {e}")))?;
+            .map_err(|e| {
+                TlsError::invalid(&paths.cert, format!("not a PEM certificate chain: {e}"))
+            })?;
         let leaf = chain
             .first()
             .ok_or_else(|| TlsError::invalid(&paths.cert, "contains no certificate"))?;
         let server_cert = summarise(leaf).map_err(|p| TlsError::invalid(&paths.cert, p))?;
         if server_cert.not_after <= now.as_secs() as i64 {
-            return Err(TlsError::invalid(&paths.cert, "the server certificate has expired"));
+            return Err(TlsError::invalid(
+                &paths.cert,
+                "the server certificate has expired",
+            ));
         }
 
         let key_bytes = read(&paths.key)?;
@@ -270,23 +275,31 @@ impl TlsMaterial {
         let certified = CertifiedKey::new(chain.clone(), signing_key);
         // Checked here, before rustls sees them, so the error can name the key file.
         certified.keys_match().map_err(|_| {
-            TlsError::invalid(&paths.key, format!("does not match the certificate in {}", paths.cert.display()))
+            TlsError::invalid(
+                &paths.key,
+                format!("does not match the certificate in {}", paths.cert.display()),
+            )
         })?;
 
         let ca_bytes = read(&paths.client_ca)?;
         remember(&paths.client_ca, &ca_bytes);
         let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&ca_bytes)
             .collect::<Result<_, _>>()
-            .map_err(|e| TlsError::invalid(&paths.client_ca, format!("not a PEM CA bundle: {e}")))?;
+            .map_err(|e| {
+                TlsError::invalid(&paths.client_ca, format!("not a PEM CA bundle: {e}"))
+            })?;
         if cas.is_empty() {
-            return Err(TlsError::invalid(&paths.client_ca, "contains no CA certificate"));
+            return Err(TlsError::invalid(
+                &paths.client_ca,
+                "contains no CA certificate",
+            ));
         }
         let mut roots = RootCertStore::empty();
         let mut client_cas = Vec::with_capacity(cas.len());
         for ca in &cas {
-            roots
-                .add(ca.clone())
-                .map_err(|e| TlsError::invalid(&paths.client_ca, format!("unusable CA certificate: {e}")))?;
+            roots.add(ca.clone()).map_err(|e| {
+                TlsError::invalid(&paths.client_ca, format!("unusable CA certificate: {e}"))
+            })?;
             client_cas.push(summarise(ca).map_err(|p| TlsError::invalid(&paths.client_ca, p))?);
         }
 
@@ -296,7 +309,8 @@ impl TlsMaterial {
             let bytes = read(path)?;
             remember(path, &bytes);
             for crl in CertificateRevocationListDer::pem_slice_iter(&bytes) {
-                let crl = crl.map_err(|e| TlsError::invalid(path, format!("not a PEM CRL: {e}")))?;
+                let crl =
+                    crl.map_err(|e| TlsError::invalid(path, format!("not a PEM CRL: {e}")))?;
                 let (_, parsed) = <x509_parser::revocation_list::CertificateRevocationList as x509_parser::prelude::FromDer<_>>::from_der(&crl)
                     .map_err(|e| TlsError::invalid(path, format!("not a valid CRL: {e}")))?;
                 for revoked in parsed.iter_revoked_certificates() {
@@ -311,7 +325,12 @@ impl TlsMaterial {
             .only_check_end_entity_revocation()
             .allow_unknown_revocation_status()
             .build()
-            .map_err(|e| TlsError::invalid(&paths.client_ca, format!("cannot build a client verifier: {e}")))?;
+            .map_err(|e| {
+                TlsError::invalid(
+                    &paths.client_ca,
+                    format!("cannot build a client verifier: {e}"),
+                )
+            })?;
         let verifier = Arc::new(ClientVerifier::new(webpki, revocations.clone()));
 
         // TLS 1.3 first; TLS 1.2 only with the provider's suites, all of which are
@@ -321,7 +340,9 @@ impl TlsMaterial {
             .map_err(|e| TlsError::invalid(&paths.cert, format!("TLS versions: {e}")))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
-            .map_err(|e| TlsError::invalid(&paths.key, format!("unusable certificate and key: {e}")))?;
+            .map_err(|e| {
+                TlsError::invalid(&paths.key, format!("unusable certificate and key: {e}"))
+            })?;
         config.alpn_protocols = vec![b"h2".to_vec()];
 
         Ok(TlsMaterial {
@@ -349,10 +370,12 @@ pub fn summarise(der: &CertificateDer<'_>) -> Result<CertSummary, String> {
 /// Lower-case hex of bytes.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[cfg(test)]

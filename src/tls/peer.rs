@@ -51,7 +51,10 @@ impl PeerCert {
 /// Lower-case hex of a DER serial's content octets without leading zero bytes, the
 /// one form every comparison of serials uses.
 pub fn serial_hex(raw: &[u8]) -> String {
-    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len().saturating_sub(1));
+    let start = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
     super::hex(&raw[start.min(raw.len())..])
 }
 

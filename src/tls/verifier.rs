@@ -42,7 +42,9 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let (_, cert) = x509_parser::parse_x509_certificate(end_entity)
             .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
         let client_auth = cert
@@ -57,9 +59,7 @@ impl ClientCertVerifier for ClientVerifier {
             })
             .unwrap_or(false);
         if !client_auth {
-            return Err(Error::InvalidCertificate(
-                CertificateError::InvalidPurpose,
-            ));
+            return Err(Error::InvalidCertificate(CertificateError::InvalidPurpose));
         }
         if self.revocations.is_revoked(&serial_hex(cert.raw_serial())) {
             return Err(Error::InvalidCertificate(CertificateError::Revoked));

@@ -64,7 +64,8 @@ impl Env {
     /// The PEM certificate and key of a sample dev identity, e.g. `("agency", "police-met")`.
     pub fn identity(&self, role: Role, id: &str) -> (String, String) {
         let stem = format!("{}-{id}", role.as_str());
-        let cert = std::fs::read_to_string(self.pki_dir().join(format!("{stem}.pem"))).expect("cert");
+        let cert =
+            std::fs::read_to_string(self.pki_dir().join(format!("{stem}.pem"))).expect("cert");
         let key = std::fs::read_to_string(self.pki_dir().join(format!("{stem}.key"))).expect("key");
         (cert, key)
     }
@@ -107,7 +108,11 @@ pub struct Gateway {
 
 impl Gateway {
     /// A channel presenting the given client certificate.
-    pub async fn connect(&self, cert_pem: &str, key_pem: &str) -> Result<Channel, tonic::transport::Error> {
+    pub async fn connect(
+        &self,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<Channel, tonic::transport::Error> {
         connect(self.addr, &self.ca_pem, Some((cert_pem, key_pem))).await
     }
 
@@ -157,7 +162,9 @@ pub async fn connect(
 pub async fn health(channel: Channel) -> Result<i32, tonic::Status> {
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
     let resp = client
-        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
         .await?;
     Ok(resp.into_inner().status)
 }
@@ -200,7 +207,10 @@ pub async fn wait_for_listen_line(
 /// Sends SIGTERM to a child process.
 pub async fn terminate(child: &mut tokio::process::Child) {
     if let Some(pid) = child.id() {
-        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
     }
 }
 

@@ -1,0 +1,506 @@
+//! The single audit writer: group commit.
+//!
+//! Requests from every handler queue on one channel. The writer thread takes what has
+//! queued (up to `max_batch`), gives each entry the next seq and a time that never
+//! goes backwards, computes its Merkle nodes, writes entries, nodes, index keys and
+//! the new size in **one** sled batch, then makes it durable once: `flush` (which in
+//! sled 0.34 ends in `sync_file_range`, which does not empty the disk's write cache)
+//! followed by `fdatasync` of the database file. Only then is each waiter answered
+//! with its [`Durable`] receipt. One fsync is shared by everything in the batch.
+//!
+//! If any step fails, every waiter of that batch gets [`AuditError::Unavailable`],
+//! the log reports itself unwritable (health NOT_SERVING), and the writer reopens
+//! the database (sled remembers its first I/O error until reopened) before it
+//! accepts another batch; until that succeeds every append fails fast.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::checkpoint::{Checkpoint, SignedCheckpoint};
+use super::entry::{canonical_bytes, NewEntry};
+use super::log::{self, AuditLog, SledNodes};
+use super::merkle::{self, Hash, NodeSource};
+use super::AuditError;
+use crate::domain::Clock;
+use crate::store::Keys;
+
+/// Proof that an entry is durably in the log: only the writer makes these, after the
+/// durability point. A response that discloses anything is built from one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durable {
+    seq: u64,
+    time_micros: i64,
+}
+
+impl Durable {
+    /// The entry's sequence number (its Merkle leaf index).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The entry's time, microseconds since the epoch.
+    pub fn time_micros(&self) -> i64 {
+        self.time_micros
+    }
+}
+
+/// Whether the log can be written, and how big it is; published by the writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogHealth {
+    /// False after a failed commit, until the database has been reopened.
+    pub writable: bool,
+    /// Committed entries.
+    pub size: u64,
+}
+
+/// Statistics of group commits, for metrics and the benchmark.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    /// Number of commits.
+    pub commits: std::sync::atomic::AtomicU64,
+    /// Entries committed.
+    pub entries: std::sync::atomic::AtomicU64,
+    /// Total time spent in the durability point, microseconds.
+    pub sync_micros: std::sync::atomic::AtomicU64,
+}
+
+enum Command {
+    Append(NewEntry, oneshot::Sender<Result<Durable, AuditError>>),
+    Checkpoint(oneshot::Sender<Result<SignedCheckpoint, AuditError>>),
+}
+
+/// The handle every capability appends through. Cheap to clone.
+#[derive(Clone)]
+pub struct Auditor {
+    tx: mpsc::Sender<Command>,
+    log: AuditLog,
+    stats: Arc<CommitStats>,
+}
+
+/// Settings of the audit store.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    /// The folder of the audit sled database.
+    pub dir: PathBuf,
+    /// The checkpoints' origin name.
+    pub log_id: String,
+    /// The most entries in one commit.
+    pub max_batch: usize,
+    /// sled's page cache, bytes.
+    pub cache_bytes: u64,
+}
+
+impl Auditor {
+    /// Opens (creating) the log and starts its writer thread.
+    pub fn open(
+        settings: AuditSettings,
+        keys: Arc<Keys>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Auditor, AuditError> {
+        let store = Store::open(&settings)?;
+        let size = store.size()?;
+        let last_time = if size == 0 {
+            i64::MIN
+        } else {
+            log::read_entry(&store.tree, &keys, size - 1)?
+                .time
+                .as_ref()
+                .map(super::entry::micros_from_timestamp)
+                .unwrap_or(i64::MIN)
+        };
+        let (health_tx, health_rx) = watch::channel(LogHealth {
+            writable: true,
+            size,
+        });
+        let tree = Arc::new(ArcSwapOption::from_pointee(store.tree.clone()));
+        let log = AuditLog {
+            tree: tree.clone(),
+            keys: keys.clone(),
+            health: health_rx,
+            log_id: settings.log_id.clone(),
+        };
+        let (tx, rx) = mpsc::channel(settings.max_batch.max(1) * 4);
+        let stats = Arc::new(CommitStats::default());
+        let writer = Writer {
+            settings,
+            store: Some(store),
+            shared_tree: tree,
+            keys,
+            clock,
+            size,
+            last_time,
+            health: health_tx,
+            rx,
+            stats: stats.clone(),
+        };
+        std::thread::Builder::new()
+            .name("sgw-audit-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| AuditError::Unavailable(format!("cannot start the audit writer: {e}")))?;
+        Ok(Auditor { tx, log, stats })
+    }
+
+    /// Appends `entry`; returns once it is durable. Fails with
+    /// [`AuditError::Unavailable`] when the log cannot be written: the caller must
+    /// then not disclose anything.
+    pub async fn append(&self, entry: NewEntry) -> Result<Durable, AuditError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Append(entry, reply))
+            .await
+            .map_err(|_| AuditError::Unavailable("the audit writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| AuditError::Unavailable("the audit writer has stopped".into()))?
+    }
+
+    /// Signs and stores a checkpoint of everything committed so far (and anything
+    /// committed with it).
+    pub async fn checkpoint(&self) -> Result<SignedCheckpoint, AuditError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Checkpoint(reply))
+            .await
+            .map_err(|_| AuditError::Unavailable("the audit writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| AuditError::Unavailable("the audit writer has stopped".into()))?
+    }
+
+    /// The read side.
+    pub fn log(&self) -> &AuditLog {
+        &self.log
+    }
+
+    /// Commit statistics.
+    pub fn stats(&self) -> &Arc<CommitStats> {
+        &self.stats
+    }
+
+    /// Changes in writability and size.
+    pub fn health(&self) -> watch::Receiver<LogHealth> {
+        self.log.health.clone()
+    }
+}
+
+/// The open database and the file whose `fdatasync` is the durability point.
+struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+    data_file: File,
+}
+
+impl Store {
+    fn open(settings: &AuditSettings) -> Result<Store, AuditError> {
+        let db = sled::Config::new()
+            .path(&settings.dir)
+            .cache_capacity(settings.cache_bytes)
+            .flush_every_ms(None)
+            .mode(sled::Mode::LowSpace)
+            .open()?;
+        let tree = db.open_tree(log::TREE)?;
+        let data_file = File::open(db_file(&settings.dir)).map_err(|e| {
+            AuditError::Unavailable(format!("cannot open the audit database file: {e}"))
+        })?;
+        Ok(Store {
+            db,
+            tree,
+            data_file,
+        })
+    }
+
+    fn size(&self) -> Result<u64, AuditError> {
+        Ok(match self.tree.get(log::SIZE)? {
+            Some(v) => log::read_u64(&v)
+                .ok_or_else(|| AuditError::Corrupt("malformed tree size".into()))?,
+            None => 0,
+        })
+    }
+
+    /// The durability point: sled's flush, then fdatasync of its file.
+    fn sync(&self) -> Result<(), AuditError> {
+        self.db.flush()?;
+        self.data_file
+            .sync_data()
+            .map_err(|e| AuditError::Unavailable(format!("fdatasync: {e}")))
+    }
+}
+
+/// sled 0.34 keeps its log in one file, `db`, under its folder.
+pub(crate) fn db_file(dir: &Path) -> PathBuf {
+    dir.join("db")
+}
+
+/// Node reads during a batch: nodes made earlier in the same batch first, then sled.
+struct BatchNodes<'a> {
+    pending: &'a HashMap<(u8, u64), Hash>,
+    tree: &'a sled::Tree,
+}
+
+impl NodeSource for BatchNodes<'_> {
+    type Error = AuditError;
+
+    fn node(&self, level: u8, index: u64) -> Result<Hash, AuditError> {
+        match self.pending.get(&(level, index)) {
+            Some(h) => Ok(*h),
+            None => SledNodes(self.tree).node(level, index),
+        }
+    }
+}
+
+struct Writer {
+    settings: AuditSettings,
+    store: Option<Store>,
+    shared_tree: Arc<ArcSwapOption<sled::Tree>>,
+    keys: Arc<Keys>,
+    clock: Arc<dyn Clock>,
+    size: u64,
+    last_time: i64,
+    health: watch::Sender<LogHealth>,
+    rx: mpsc::Receiver<Command>,
+    stats: Arc<CommitStats>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut commands = Vec::with_capacity(self.settings.max_batch);
+        while let Some(first) = self.rx.blocking_recv() {
+            commands.push(first);
+            while commands.len() < self.settings.max_batch {
+                match self.rx.try_recv() {
+                    Ok(c) => commands.push(c),
+                    Err(_) => break,
+                }
+            }
+            if self.store.is_none() && !self.reopen() {
+                let err = AuditError::Unavailable(
+                    "the audit store is failing and could not be reopened".into(),
+                );
+                for c in commands.drain(..) {
+                    answer_err(c, &err);
+                }
+                continue;
+            }
+            self.commit(&mut commands);
+        }
+        if let Some(store) = &self.store {
+            let _ = store.sync();
+        }
+    }
+
+    fn commit(&mut self, commands: &mut Vec<Command>) {
+        let Some(store) = self.store.take() else {
+            return;
+        };
+        let started_size = self.size;
+        let started_time = self.last_time;
+        let result = self.write(&store, commands);
+        self.store = Some(store);
+        match result {
+            Ok((durable, checkpoint)) => {
+                let mut di = durable.into_iter();
+                let mut checkpoint = checkpoint;
+                for c in commands.drain(..) {
+                    match c {
+                        Command::Append(_, reply) => {
+                            if let Some(d) = di.next() {
+                                let _ = reply.send(Ok(d));
+                            }
+                        }
+                        Command::Checkpoint(reply) => {
+                            let made = checkpoint.take().unwrap_or_else(|| {
+                                Err(AuditError::Unavailable("checkpoint not made".into()))
+                            });
+                            let _ = reply.send(made);
+                        }
+                    }
+                }
+                self.health.send_replace(LogHealth {
+                    writable: true,
+                    size: self.size,
+                });
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit commit failed: failing closed until the store recovers");
+                self.size = started_size;
+                self.last_time = started_time;
+                for c in commands.drain(..) {
+                    answer_err(c, &AuditError::Unavailable(e.to_string()));
+                }
+                self.store = None;
+                self.shared_tree.store(None);
+                self.health.send_replace(LogHealth {
+                    writable: false,
+                    size: self.size,
+                });
+            }
+        }
+    }
+
+    /// Writes one batch durably. Returns each append's receipt, in order, and the
+    /// checkpoint if one was asked for.
+    fn write(
+        &mut self,
+        store: &Store,
+        commands: &mut [Command],
+    ) -> Result<(Vec<Durable>, Option<Result<SignedCheckpoint, AuditError>>), AuditError> {
+        let mut batch = sled::Batch::default();
+        let mut pending: HashMap<(u8, u64), Hash> = HashMap::new();
+        let mut receipts = Vec::with_capacity(commands.len());
+        let mut wants_checkpoint = false;
+        let now = micros(&*self.clock);
+        for c in commands.iter_mut() {
+            let entry = match c {
+                Command::Append(entry, _) => std::mem::replace(entry, placeholder()),
+                Command::Checkpoint(_) => {
+                    wants_checkpoint = true;
+                    continue;
+                }
+            };
+            let seq = self.size;
+            let time = now.max(self.last_time);
+            let record = entry.into_record(seq, time);
+            let canonical = canonical_bytes(&record);
+            let leaf = merkle::leaf_hash(&canonical);
+            let nodes = merkle::nodes_completed_by_append(
+                seq,
+                leaf,
+                &BatchNodes {
+                    pending: &pending,
+                    tree: &store.tree,
+                },
+            )?;
+            for (level, index, hash) in nodes {
+                batch.insert(&log::node_key(level, index), &hash);
+                pending.insert((level, index), hash);
+            }
+            let sealed = self
+                .keys
+                .audit_seal
+                .seal(&log::seal_context(seq), &canonical)
+                .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+            batch.insert(&log::entry_key(seq), sealed);
+            let seq_bytes = seq.to_be_bytes();
+            let mut index = |mut prefix: Vec<u8>| {
+                prefix.extend_from_slice(&seq_bytes);
+                batch.insert(prefix, &[]);
+            };
+            if !record.subject_ref.is_empty() {
+                index(log::subject_index_prefix(&record.subject_ref));
+            }
+            index(log::text_index_prefix(log::BY_ACTOR, &record.actor_id));
+            if !record.target_agency_id.is_empty() {
+                index(log::text_index_prefix(
+                    log::BY_TARGET,
+                    &record.target_agency_id,
+                ));
+            }
+            index(log::action_index_prefix(record.action));
+            receipts.push(Durable {
+                seq,
+                time_micros: time,
+            });
+            self.size += 1;
+            self.last_time = time;
+        }
+        batch.insert(log::SIZE, &self.size.to_be_bytes());
+
+        let checkpoint = if wants_checkpoint {
+            let root = merkle::root(
+                self.size,
+                &BatchNodes {
+                    pending: &pending,
+                    tree: &store.tree,
+                },
+            )?;
+            let checkpoint = Checkpoint {
+                log_id: self.settings.log_id.clone(),
+                tree_size: self.size,
+                root_hash: root,
+                timestamp: (now.max(0) / 1_000_000) as u64,
+            };
+            match checkpoint.sign(&self.keys.checkpoint) {
+                Ok(signed) => {
+                    batch.insert(
+                        &log::checkpoint_key(self.size),
+                        log::encode_checkpoint(&signed),
+                    );
+                    Some(Ok(signed))
+                }
+                Err(e) => Some(Err(AuditError::Unavailable(format!(
+                    "cannot sign a checkpoint: {e}"
+                )))),
+            }
+        } else {
+            None
+        };
+
+        store.tree.apply_batch(batch)?;
+        let t = Instant::now();
+        store.sync()?;
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.commits.fetch_add(1, Relaxed);
+        self.stats.entries.fetch_add(receipts.len() as u64, Relaxed);
+        self.stats
+            .sync_micros
+            .fetch_add(t.elapsed().as_micros() as u64, Relaxed);
+        Ok((receipts, checkpoint))
+    }
+
+    /// Reopens the database after a failure. Returns whether it worked.
+    fn reopen(&mut self) -> bool {
+        // Readers may hold the old tree for a moment; sled's file lock refuses a
+        // second open until they let go, so try a few times.
+        for attempt in 0..5 {
+            match Store::open(&self.settings).and_then(|s| s.size().map(|n| (s, n))) {
+                Ok((store, size)) => {
+                    self.shared_tree.store(Some(Arc::new(store.tree.clone())));
+                    self.size = size;
+                    self.store = Some(store);
+                    tracing::warn!(size, "audit store reopened: accepting writes again");
+                    self.health.send_replace(LogHealth {
+                        writable: true,
+                        size,
+                    });
+                    return true;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, attempt, "audit store still failing");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        false
+    }
+}
+
+fn answer_err(c: Command, err: &AuditError) {
+    match c {
+        Command::Append(_, reply) => {
+            let _ = reply.send(Err(err.clone()));
+        }
+        Command::Checkpoint(reply) => {
+            let _ = reply.send(Err(err.clone()));
+        }
+    }
+}
+
+fn placeholder() -> NewEntry {
+    NewEntry::new(
+        super::Actor::system(),
+        crate::proto::v1::AuditAction::Unspecified,
+        crate::proto::v1::AuditOutcome::Unspecified,
+        "",
+    )
+}
+
+fn micros(clock: &dyn Clock) -> i64 {
+    let t = clock.now();
+    (t.unix_timestamp_nanos() / 1000) as i64
+}
