@@ -9,6 +9,7 @@
 //! | `e` seq | the entry's canonical bytes, sealed (AES-256-GCM, seq as associated data) |
 //! | `n` level index | hash of the complete subtree of leaves `[index·2^level, (index+1)·2^level)` |
 //! | `m` | the tree size (u64) |
+//! | `o` | the log's origin name (`log_id`), fixed at creation |
 //! | `c` size | a signed checkpoint: timestamp (u64) ‖ root (32) ‖ signature (64) |
 //! | `s` subject-ref (32) seq | index by child |
 //! | `a` len id seq | index by actor |
@@ -34,6 +35,8 @@ use crate::store::Keys;
 pub(crate) const ENTRY: u8 = b'e';
 pub(crate) const NODE: u8 = b'n';
 pub(crate) const SIZE: &[u8] = b"m";
+/// The log's origin name, fixed when the log is created (checkpoints sign it).
+pub(crate) const ORIGIN: &[u8] = b"o";
 pub(crate) const CHECKPOINT: u8 = b'c';
 pub(crate) const BY_SUBJECT: u8 = b's';
 pub(crate) const BY_ACTOR: u8 = b'a';
@@ -91,6 +94,17 @@ pub(crate) fn seal_context(seq: u64) -> [u8; 14] {
     let mut c = *b"audit:\0\0\0\0\0\0\0\0";
     c[6..].copy_from_slice(&seq.to_be_bytes());
     c
+}
+
+/// The origin name stored in the log, if any.
+pub(crate) fn stored_origin(tree: &sled::Tree) -> Result<Option<String>, AuditError> {
+    Ok(match tree.get(ORIGIN)? {
+        Some(v) => Some(
+            String::from_utf8(v.to_vec())
+                .map_err(|_| AuditError::Corrupt("malformed origin".into()))?,
+        ),
+        None => None,
+    })
 }
 
 pub(crate) fn read_u64(bytes: &[u8]) -> Option<u64> {

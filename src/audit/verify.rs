@@ -23,6 +23,8 @@ pub struct Summary {
     pub checkpoints: usize,
     /// The newest stored checkpoint's size.
     pub latest_checkpoint_size: Option<u64>,
+    /// The log's origin name.
+    pub log_id: String,
 }
 
 /// The first problem found. `seq` is the first entry that is bad, where one can be
@@ -43,13 +45,12 @@ fn fail(seq: Option<u64>, problem: impl Into<String>) -> Failure {
     }
 }
 
-/// Verifies the log under `data_dir`, whose checkpoints are signed by the
+/// Verifies the log under `data_dir` (its origin name is read from the log), whose checkpoints are signed by the
 /// `signing_key` file when the gateway is configured with one. `kept` is a signed note the auditor saved from
 /// an earlier GetCheckpoint, checked against this log's own verifier key.
 pub fn verify_data_dir(
     data_dir: &Path,
     signing_key: Option<&Path>,
-    log_id: &str,
     kept: Option<&str>,
 ) -> Result<Summary, Failure> {
     let keys = Keys::load_or_create_existing(data_dir, signing_key)
@@ -66,6 +67,10 @@ pub fn verify_data_dir(
     let tree = db
         .open_tree(log::TREE)
         .map_err(|e| fail(None, e.to_string()))?;
+    let log_id = log::stored_origin(&tree)
+        .map_err(|e| fail(None, e.to_string()))?
+        .ok_or_else(|| fail(None, "no audit log here (no origin recorded)"))?;
+    let log_id = log_id.as_str();
     let stored_size = match tree.get(log::SIZE).map_err(|e| fail(None, e.to_string()))? {
         Some(v) => log::read_u64(&v).ok_or_else(|| fail(None, "malformed tree size"))?,
         None => 0,
@@ -152,6 +157,7 @@ pub fn verify_data_dir(
         root,
         checkpoints: checkpoints.len(),
         latest_checkpoint_size: checkpoints.last().map(|c| c.checkpoint.tree_size),
+        log_id: log_id.to_owned(),
     })
 }
 

@@ -70,8 +70,11 @@ pub struct CommitStats {
     pub sync_micros: std::sync::atomic::AtomicU64,
 }
 
+/// The outcome of a checkpoint asked for in a batch.
+type CheckpointResult = Result<SignedCheckpoint, AuditError>;
+
 enum Command {
-    Append(NewEntry, oneshot::Sender<Result<Durable, AuditError>>),
+    Append(Box<NewEntry>, oneshot::Sender<Result<Durable, AuditError>>),
     Checkpoint(oneshot::Sender<Result<SignedCheckpoint, AuditError>>),
 }
 
@@ -99,11 +102,24 @@ pub struct AuditSettings {
 impl Auditor {
     /// Opens (creating) the log and starts its writer thread.
     pub fn open(
-        settings: AuditSettings,
+        mut settings: AuditSettings,
         keys: Arc<Keys>,
         clock: Arc<dyn Clock>,
     ) -> Result<Auditor, AuditError> {
         let store = Store::open(&settings)?;
+        // The origin is fixed when the log is made: old checkpoints sign it.
+        match log::stored_origin(&store.tree)? {
+            Some(origin) => {
+                if origin != settings.log_id {
+                    tracing::warn!(stored = %origin, configured = %settings.log_id, "audit log_id differs from the log's origin; keeping the origin");
+                    settings.log_id = origin;
+                }
+            }
+            None => {
+                store.tree.insert(log::ORIGIN, settings.log_id.as_bytes())?;
+                store.sync()?;
+            }
+        }
         let size = store.size()?;
         let last_time = if size == 0 {
             i64::MIN
@@ -152,7 +168,7 @@ impl Auditor {
     pub async fn append(&self, entry: NewEntry) -> Result<Durable, AuditError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Command::Append(entry, reply))
+            .send(Command::Append(Box::new(entry), reply))
             .await
             .map_err(|_| AuditError::Unavailable("the audit writer has stopped".into()))?;
         answer
@@ -305,7 +321,6 @@ impl Writer {
         match result {
             Ok((durable, checkpoint)) => {
                 let mut di = durable.into_iter();
-                let mut checkpoint = checkpoint;
                 for c in commands.drain(..) {
                     match c {
                         Command::Append(_, reply) => {
@@ -314,7 +329,7 @@ impl Writer {
                             }
                         }
                         Command::Checkpoint(reply) => {
-                            let made = checkpoint.take().unwrap_or_else(|| {
+                            let made = checkpoint.clone().unwrap_or_else(|| {
                                 Err(AuditError::Unavailable("checkpoint not made".into()))
                             });
                             let _ = reply.send(made);
@@ -349,7 +364,7 @@ impl Writer {
         &mut self,
         store: &Store,
         commands: &mut [Command],
-    ) -> Result<(Vec<Durable>, Option<Result<SignedCheckpoint, AuditError>>), AuditError> {
+    ) -> Result<(Vec<Durable>, Option<CheckpointResult>), AuditError> {
         let mut batch = sled::Batch::default();
         let mut pending: HashMap<(u8, u64), Hash> = HashMap::new();
         let mut receipts = Vec::with_capacity(commands.len());
@@ -357,7 +372,7 @@ impl Writer {
         let now = micros(&*self.clock);
         for c in commands.iter_mut() {
             let entry = match c {
-                Command::Append(entry, _) => std::mem::replace(entry, placeholder()),
+                Command::Append(entry, _) => std::mem::replace(entry.as_mut(), placeholder()),
                 Command::Checkpoint(_) => {
                     wants_checkpoint = true;
                     continue;
@@ -503,4 +518,87 @@ fn placeholder() -> NewEntry {
 fn micros(clock: &dyn Clock) -> i64 {
     let t = clock.now();
     (t.unix_timestamp_nanos() / 1000) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{Actor, NewEntry};
+    use crate::domain::SystemClock;
+    use crate::proto::v1::{AuditAction, AuditOutcome};
+
+    fn settings(dir: &Path) -> AuditSettings {
+        AuditSettings {
+            dir: dir.join("audit"),
+            log_id: "test.example/sgw/audit".into(),
+            max_batch: 64,
+            cache_bytes: 8 << 20,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_are_durable_and_numbered_from_zero_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(Keys::load_or_create(dir.path(), None).unwrap());
+        let open = || {
+            let (s, k) = (settings(dir.path()), keys.clone());
+            async move {
+                tokio::task::spawn_blocking(move || Auditor::open(s, k, Arc::new(SystemClock)))
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        };
+        let auditor = open().await;
+        let mut handles = Vec::new();
+        for i in 0..50 {
+            let a = auditor.clone();
+            handles.push(tokio::spawn(async move {
+                let e = NewEntry::new(
+                    Actor::system(),
+                    AuditAction::TlsReloaded,
+                    AuditOutcome::Allowed,
+                    &format!("r{i}"),
+                );
+                a.append(e).await.unwrap().seq()
+            }));
+        }
+        let mut seqs = Vec::new();
+        for h in handles {
+            seqs.push(h.await.unwrap());
+        }
+        seqs.sort();
+        assert_eq!(seqs, (0..50).collect::<Vec<_>>());
+        let cp = auditor.checkpoint().await.unwrap();
+        assert_eq!(cp.checkpoint.tree_size, 50);
+        drop(auditor);
+        // The writer thread lets go of the database once every handle is gone.
+        let mut reopened = None;
+        for _ in 0..50 {
+            let (s, k) = (settings(dir.path()), keys.clone());
+            match tokio::task::spawn_blocking(move || Auditor::open(s, k, Arc::new(SystemClock)))
+                .await
+                .unwrap()
+            {
+                Ok(a) => {
+                    reopened = Some(a);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        let auditor = reopened.expect("reopens");
+        assert_eq!(auditor.log().size(), 50);
+        assert_eq!(auditor.log().latest_checkpoint().unwrap().unwrap(), cp);
+        let next = auditor
+            .append(NewEntry::new(
+                Actor::system(),
+                AuditAction::TlsReloaded,
+                AuditOutcome::Allowed,
+                "x",
+            ))
+            .await
+            .unwrap();
+        assert_eq!(next.seq(), 50);
+    }
 }

@@ -1,6 +1,8 @@
 //! The command line: one file per subcommand. `anyhow` is used here and only here.
 
+pub mod audit;
 pub mod certs;
+pub mod client;
 pub mod serve;
 
 use std::process::ExitCode;
@@ -29,6 +31,9 @@ pub enum Command {
     /// Make development certificates.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Verify or query the audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// Runs a parsed command line.
@@ -36,5 +41,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve::run(args, cli.log_format),
         Command::Certs(cmd) => certs::run(cmd),
+        Command::Audit(cmd) => audit::run(cmd),
     }
 }

@@ -219,3 +219,62 @@ pub async fn kill9(child: &mut tokio::process::Child) {
     let _ = child.start_kill();
     let _ = child.wait().await;
 }
+
+/// Every file under a folder, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// The gateway as a separate process (`sgw serve --config`), for crash tests.
+pub struct Process {
+    pub addr: SocketAddr,
+    pub child: tokio::process::Child,
+}
+
+/// Starts `sgw serve --config` on the env's config, on a free port.
+pub async fn spawn_gateway(env: &Env) -> Process {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sgw"))
+        .args(["serve", "--config"])
+        .arg(env.config_path())
+        .current_dir(env.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn sgw");
+    let addr = wait_for_listen_line(
+        child.stderr.take().expect("stderr"),
+        Duration::from_secs(60),
+    )
+    .await;
+    Process { addr, child }
+}
+
+impl Process {
+    /// SIGKILL: no shutdown, no flush.
+    pub async fn kill9(&mut self) {
+        kill9(&mut self.child).await;
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub async fn stop(mut self) {
+        terminate(&mut self.child).await;
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("exits after SIGTERM")
+            .expect("wait");
+        assert!(status.success(), "{status:?}");
+    }
+}

@@ -1,0 +1,371 @@
+//! `sgw audit`: verify the log (offline on a stopped gateway's data, or online as an
+//! auditor over mTLS) and query it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use prost::Message;
+
+use super::client::ClientArgs;
+use crate::audit::checkpoint::{self, VerifierKey};
+use crate::audit::merkle::{self, MemoryTree};
+use crate::audit::verify;
+use crate::proto::v1::audit_service_client::AuditServiceClient;
+use crate::proto::v1::*;
+
+/// The `sgw audit` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum AuditCommand {
+    /// Verify the whole log: every entry, the Merkle tree, every checkpoint.
+    Verify(VerifyArgs),
+    /// Query the log as an auditor (over mTLS).
+    Query(QueryArgs),
+}
+
+/// Arguments of `sgw audit verify`.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Offline: the data_dir of a stopped gateway.
+    #[arg(long, conflicts_with = "addr")]
+    pub data_dir: Option<PathBuf>,
+    /// The gateway's checkpoint signing key, when its config sets `[audit] signing_key`.
+    #[arg(long, requires = "data_dir")]
+    pub signing_key: Option<PathBuf>,
+    /// A signed checkpoint note saved earlier (from GetCheckpoint's signed_note):
+    /// the log must still be consistent with it. Catches a log rolled back or truncated.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Online: pin the log's C2SP verifier key instead of trusting the one served.
+    #[arg(long)]
+    pub verifier_key: Option<String>,
+    /// Online: connect to a running gateway.
+    #[command(flatten)]
+    pub client: Option<ClientArgs>,
+}
+
+/// Arguments of `sgw audit query`.
+#[derive(Debug, clap::Args)]
+pub struct QueryArgs {
+    /// Only entries about this child.
+    #[arg(long)]
+    pub nhs_number: Option<String>,
+    /// Only entries by this actor id.
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Only entries whose target agency is this.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Only entries with this action, e.g. RECORD_DISCLOSED.
+    #[arg(long)]
+    pub action: Option<String>,
+    /// Only entries at or after this time (RFC 3339).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only entries before this time (RFC 3339).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Stop after this many entries.
+    #[arg(long, default_value_t = 1000)]
+    pub limit: usize,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub client: ClientArgs,
+}
+
+/// Runs an `sgw audit` subcommand.
+pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AuditCommand::Verify(args) => match &args.data_dir {
+            Some(dir) => verify_offline(dir, &args),
+            None => runtime()?.block_on(verify_online(&args)),
+        },
+        AuditCommand::Query(args) => runtime()?.block_on(query(args)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn read_kept(args: &VerifyArgs) -> anyhow::Result<Option<String>> {
+    args.checkpoint
+        .as_ref()
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display())))
+        .transpose()
+}
+
+fn verify_offline(dir: &std::path::Path, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let kept = read_kept(args)?;
+    match verify::verify_data_dir(dir, args.signing_key.as_deref(), kept.as_deref()) {
+        Ok(s) => {
+            println!(
+                "audit log verified: {} entries, root {}, {} stored checkpoints verified{}{}",
+                s.entries,
+                crate::tls::hex(&s.root),
+                s.checkpoints,
+                s.latest_checkpoint_size
+                    .map(|n| format!(" (newest at size {n})"))
+                    .unwrap_or_default(),
+                if kept.is_some() {
+                    ", consistent with the kept checkpoint"
+                } else {
+                    ""
+                },
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(f) => {
+            eprintln!("audit log FAILED verification: {f}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+async fn verify_online(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let client_args = args
+        .client
+        .clone()
+        .context("--data-dir DIR or a gateway --addr is required")?;
+    let channel = client_args.connect("auditor-dpo").await?;
+    let mut client = AuditServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let cp = client
+        .get_checkpoint(GetCheckpointRequest {})
+        .await?
+        .into_inner()
+        .checkpoint
+        .context("the gateway sent no checkpoint")?;
+    let verifier = args
+        .verifier_key
+        .clone()
+        .unwrap_or_else(|| cp.verifier_key.clone());
+    let verifier_key: VerifierKey = verifier
+        .parse()
+        .map_err(|e| anyhow::anyhow!("verifier key: {e}"))?;
+    let note = checkpoint::parse_signed_note(&cp.signed_note, &verifier)
+        .map_err(|e| anyhow::anyhow!("the served checkpoint does not verify: {e}"))?;
+    let mut tree = MemoryTree::new();
+    let mut stream = client
+        .export_entries(ExportEntriesRequest {
+            from_seq: 0,
+            to_seq: note.tree_size,
+        })
+        .await?
+        .into_inner();
+    while let Some(msg) = stream.message().await? {
+        let entry = msg.entry.context("empty export message")?;
+        let seq = tree.size();
+        let fail = |problem: &str| -> anyhow::Result<ExitCode> {
+            eprintln!("audit log FAILED verification: seq {seq}: {problem}");
+            Ok(ExitCode::from(1))
+        };
+        if entry.seq != seq {
+            return fail(&format!("exported out of order (got seq {})", entry.seq));
+        }
+        let mut fields = entry.clone();
+        fields.canonical = Vec::new();
+        if fields.encode_to_vec() != entry.canonical {
+            return fail("canonical bytes do not match the entry's fields");
+        }
+        tree.append(merkle::leaf_hash(&entry.canonical));
+    }
+    if tree.size() != note.tree_size {
+        eprintln!(
+            "audit log FAILED verification: seq {}: export ended early ({} of {} entries)",
+            tree.size(),
+            tree.size(),
+            note.tree_size
+        );
+        return Ok(ExitCode::from(1));
+    }
+    if !merkle::hashes_equal(&tree.root(), &note.root_hash) {
+        eprintln!(
+            "audit log FAILED verification: the exported entries do not hash to the signed root"
+        );
+        return Ok(ExitCode::from(1));
+    }
+    if let Some(kept) = read_kept(args)? {
+        let old = checkpoint::parse_signed_note(&kept, &verifier_key.to_string()).map_err(|e| {
+            anyhow::anyhow!("the kept checkpoint does not verify with this log's key: {e}")
+        })?;
+        if old.tree_size > note.tree_size {
+            eprintln!(
+                "audit log FAILED verification: seq {}: the log has {} entries but the kept checkpoint covers {}: rolled back or truncated",
+                note.tree_size, note.tree_size, old.tree_size
+            );
+            return Ok(ExitCode::from(1));
+        }
+        let proof = client
+            .get_consistency_proof(GetConsistencyProofRequest {
+                from_size: old.tree_size,
+                to_size: note.tree_size,
+            })
+            .await?
+            .into_inner();
+        let hashes = proof
+            .hashes
+            .iter()
+            .map(|h| <[u8; 32]>::try_from(h.as_slice()).context("malformed proof hash"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let consistent = if old.tree_size == 0 {
+            true
+        } else {
+            merkle::verify_consistency(
+                old.tree_size,
+                note.tree_size,
+                &old.root_hash,
+                &note.root_hash,
+                &hashes,
+            )
+            .is_ok()
+        };
+        if !consistent {
+            eprintln!(
+                "audit log FAILED verification: not consistent with the kept checkpoint at size {}",
+                old.tree_size
+            );
+            return Ok(ExitCode::from(1));
+        }
+    }
+    println!(
+        "audit log verified online: {} entries, root {}, signed by {}",
+        note.tree_size,
+        crate::tls::hex(&note.root_hash),
+        verifier
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_time(name: &str, v: &Option<String>) -> anyhow::Result<Option<prost_types::Timestamp>> {
+    v.as_ref()
+        .map(|s| {
+            let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .with_context(|| format!("--{name} {s:?} is not an RFC 3339 time"))?;
+            Ok(prost_types::Timestamp {
+                seconds: t.unix_timestamp(),
+                nanos: t.nanosecond() as i32,
+            })
+        })
+        .transpose()
+}
+
+async fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
+    let action = match &args.action {
+        None => 0,
+        Some(a) => {
+            let name = format!(
+                "AUDIT_ACTION_{}",
+                a.trim_start_matches("AUDIT_ACTION_").to_ascii_uppercase()
+            );
+            AuditAction::from_str_name(&name).with_context(|| format!("unknown action {a}"))? as i32
+        }
+    };
+    let mut request = QueryDisclosuresRequest {
+        subject: args
+            .nhs_number
+            .clone()
+            .map(|nhs_number| Subject { nhs_number }),
+        actor_id: args.actor.clone().unwrap_or_default(),
+        target_agency_id: args.target.clone().unwrap_or_default(),
+        action,
+        since: parse_time("since", &args.since)?,
+        until: parse_time("until", &args.until)?,
+        page_size: args.limit.clamp(1, 1000) as u32,
+        page_token: String::new(),
+    };
+    let channel = args.client.connect("auditor-dpo").await?;
+    let mut client = AuditServiceClient::new(channel);
+    if !args.json {
+        println!(
+            "{:>8}  {:<27}  {:<22}  {:<20}  {:<8}  {:<18}  {:<24}  reason",
+            "seq", "time", "actor", "action", "outcome", "target", "object"
+        );
+    }
+    let mut shown = 0;
+    loop {
+        let page = client
+            .query_disclosures(request.clone())
+            .await?
+            .into_inner();
+        for e in &page.entries {
+            if shown >= args.limit {
+                return Ok(ExitCode::SUCCESS);
+            }
+            print_entry(e, args.json);
+            shown += 1;
+        }
+        if page.next_page_token.is_empty() || shown >= args.limit {
+            return Ok(ExitCode::SUCCESS);
+        }
+        request.page_token = page.next_page_token;
+    }
+}
+
+fn print_entry(e: &AuditEntry, json: bool) {
+    let time = e
+        .time
+        .as_ref()
+        .and_then(|t| {
+            time::OffsetDateTime::from_unix_timestamp(t.seconds)
+                .ok()
+                .map(|d| (d, t.nanos))
+        })
+        .and_then(|(d, n)| d.replace_nanosecond(n as u32).ok())
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default();
+    let name = |full: &str, prefix: &str| full.trim_start_matches(prefix).to_owned();
+    let action = name(
+        AuditAction::try_from(e.action)
+            .map(|a| a.as_str_name())
+            .unwrap_or("?"),
+        "AUDIT_ACTION_",
+    );
+    let outcome = name(
+        AuditOutcome::try_from(e.outcome)
+            .map(|a| a.as_str_name())
+            .unwrap_or("?"),
+        "AUDIT_OUTCOME_",
+    );
+    let role = name(
+        ActorRole::try_from(e.actor_role)
+            .map(|a| a.as_str_name())
+            .unwrap_or("?"),
+        "ACTOR_ROLE_",
+    );
+    let basis = name(
+        DisclosureBasis::try_from(e.basis)
+            .map(|a| a.as_str_name())
+            .unwrap_or("?"),
+        "DISCLOSURE_BASIS_",
+    );
+    let purpose = name(
+        Purpose::try_from(e.purpose)
+            .map(|a| a.as_str_name())
+            .unwrap_or("?"),
+        "PURPOSE_",
+    );
+    if json {
+        let v = serde_json::json!({
+            "seq": e.seq, "time": time, "actor_id": e.actor_id, "actor_role": role,
+            "action": action, "subject_ref": e.subject_ref, "target_agency_id": e.target_agency_id,
+            "object_id": e.object_id, "purpose": purpose, "basis": basis, "lawful_basis": e.lawful_basis,
+            "consent_id": e.consent_id, "justification": e.justification, "outcome": outcome,
+            "reason": e.reason, "request_id": e.request_id, "actor_cert_sha256": e.actor_cert_sha256,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "{:>8}  {:<27}  {:<22}  {:<20}  {:<8}  {:<18}  {:<24}  {}",
+            e.seq, time, e.actor_id, action, outcome, e.target_agency_id, e.object_id, e.reason
+        );
+    }
+}

@@ -1,0 +1,546 @@
+//! The audit store end to end: auditors' calls are themselves audited, proofs verify,
+//! tampering is caught by `sgw audit verify`, acknowledged entries survive SIGKILL,
+//! and the log holds no NHS number.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::Env;
+use sgw::audit::merkle;
+use sgw::domain::Role;
+use sgw::proto::v1::audit_service_client::AuditServiceClient;
+use sgw::proto::v1::*;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const NHS: &str = "943 476 5919";
+
+async fn auditor(gw: &common::Gateway, env: &Env) -> AuditServiceClient<Channel> {
+    AuditServiceClient::new(gw.connect_as(env, Role::Auditor, "dpo").await)
+}
+
+async fn checkpoint(client: &mut AuditServiceClient<Channel>) -> Checkpoint {
+    client
+        .get_checkpoint(GetCheckpointRequest {})
+        .await
+        .expect("checkpoint")
+        .into_inner()
+        .checkpoint
+        .expect("checkpoint present")
+}
+
+fn hash(v: &[u8]) -> [u8; 32] {
+    v.try_into().expect("32-byte hash")
+}
+
+/// Runs `sgw audit verify` offline and returns (success, stdout + stderr).
+fn verify(data_dir: &Path, kept: Option<&Path>) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sgw"));
+    cmd.args(["audit", "verify", "--data-dir"])
+        .arg(data_dir)
+        .stdin(Stdio::null());
+    if let Some(k) = kept {
+        cmd.arg("--checkpoint").arg(k);
+    }
+    let out = cmd.output().expect("run sgw audit verify");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn auditor_queries_are_themselves_audited_and_proofs_verify() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut client = auditor(&gw, &env).await;
+
+    let first = client
+        .query_disclosures(QueryDisclosuresRequest {
+            subject: Some(Subject {
+                nhs_number: NHS.into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner();
+    // The query's own AUDIT_QUERIED entry is already durable, so it is in its result.
+    assert_eq!(first.entries.len(), 1, "{:?}", first.entries);
+    let own = &first.entries[0];
+    assert_eq!(own.action, AuditAction::AuditQueried as i32);
+    assert_eq!(own.actor_id, "dpo");
+    assert_eq!(own.actor_role, ActorRole::Auditor as i32);
+    assert_eq!(own.subject_ref.len(), 64, "subject is a keyed hash");
+    assert!(!own.subject_ref.contains("9434765919"));
+
+    for _ in 0..9 {
+        checkpoint(&mut client).await;
+    }
+    let cp = checkpoint(&mut client).await;
+    assert_eq!(cp.tree_size, 11);
+    // The checkpoint is a signed C2SP note that verifies with its verifier key.
+    let note = sgw::audit::checkpoint::parse_signed_note(&cp.signed_note, &cp.verifier_key)
+        .expect("note verifies");
+    assert_eq!(note.tree_size, cp.tree_size);
+    assert_eq!(note.root_hash.to_vec(), cp.root_hash);
+
+    // Every entry's inclusion proof verifies against the checkpoint's root, and its
+    // leaf hash is SHA-256(0x00 || canonical) of the exported entry.
+    let exported: Vec<AuditEntry> = {
+        let mut s = client
+            .export_entries(ExportEntriesRequest {
+                from_seq: 0,
+                to_seq: cp.tree_size,
+            })
+            .await
+            .expect("export")
+            .into_inner();
+        let mut v = Vec::new();
+        while let Some(m) = s.message().await.expect("stream") {
+            v.push(m.entry.expect("entry"));
+        }
+        v
+    };
+    assert_eq!(exported.len() as u64, cp.tree_size);
+    for e in &exported {
+        let proof = client
+            .get_inclusion_proof(GetInclusionProofRequest {
+                seq: e.seq,
+                tree_size: cp.tree_size,
+            })
+            .await
+            .expect("proof")
+            .into_inner();
+        assert_eq!(hash(&proof.leaf_hash), merkle::leaf_hash(&e.canonical));
+        let hashes: Vec<[u8; 32]> = proof.hashes.iter().map(|h| hash(h)).collect();
+        merkle::verify_inclusion(
+            e.seq,
+            cp.tree_size,
+            &hash(&proof.leaf_hash),
+            &hashes,
+            &hash(&cp.root_hash),
+        )
+        .unwrap_or_else(|err| panic!("seq {}: {err}", e.seq));
+        // canonical decodes to the same fields.
+        let mut fields = e.clone();
+        fields.canonical.clear();
+        assert_eq!(prost::Message::encode_to_vec(&fields), e.canonical);
+    }
+
+    // A later checkpoint is consistent with the earlier one.
+    let later = checkpoint(&mut client).await;
+    let proof = client
+        .get_consistency_proof(GetConsistencyProofRequest {
+            from_size: cp.tree_size,
+            to_size: later.tree_size,
+        })
+        .await
+        .expect("consistency")
+        .into_inner();
+    let hashes: Vec<[u8; 32]> = proof.hashes.iter().map(|h| hash(h)).collect();
+    merkle::verify_consistency(
+        cp.tree_size,
+        later.tree_size,
+        &hash(&cp.root_hash),
+        &hash(&later.root_hash),
+        &hashes,
+    )
+    .expect("consistent");
+
+    // Out-of-range requests: OUT_OF_RANGE, and nothing is appended.
+    let before = checkpoint(&mut client).await.tree_size;
+    for (seq, size) in [(0, before + 5), (before, before), (3, 2)] {
+        let err = client
+            .get_inclusion_proof(GetInclusionProofRequest {
+                seq,
+                tree_size: size,
+            })
+            .await
+            .expect_err("out of range");
+        assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    }
+    let err = client
+        .get_consistency_proof(GetConsistencyProofRequest {
+            from_size: 5,
+            to_size: before + 100,
+        })
+        .await
+        .expect_err("out of range");
+    assert_eq!(err.code(), Code::OutOfRange);
+    let err = client
+        .query_disclosures(QueryDisclosuresRequest {
+            subject: Some(Subject {
+                nhs_number: "9434765918".into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad check digit");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("check digit"), "{err:?}");
+    let err = client
+        .query_disclosures(QueryDisclosuresRequest {
+            page_size: 5000,
+            ..Default::default()
+        })
+        .await
+        .expect_err("page too big");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let after = checkpoint(&mut client).await.tree_size;
+    assert_eq!(
+        after,
+        before + 1,
+        "refused requests appended nothing (only the checkpoint call itself)"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn queries_page_and_filter_by_actor_action_and_time() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut client = auditor(&gw, &env).await;
+    for _ in 0..25 {
+        checkpoint(&mut client).await;
+    }
+    let mut seen = Vec::new();
+    let mut req = QueryDisclosuresRequest {
+        actor_id: "dpo".into(),
+        action: AuditAction::AuditQueried as i32,
+        page_size: 7,
+        ..Default::default()
+    };
+    loop {
+        let page = client
+            .query_disclosures(req.clone())
+            .await
+            .expect("page")
+            .into_inner();
+        assert!(page.entries.len() <= 7);
+        seen.extend(page.entries.iter().map(|e| e.seq));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        req.page_token = page.next_page_token;
+    }
+    // 25 checkpoints + the pages' own entries, each seen once, in order.
+    assert!(seen.len() >= 26, "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]));
+    // A token from one query is refused for another.
+    let page = client
+        .query_disclosures(QueryDisclosuresRequest {
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let err = client
+        .query_disclosures(QueryDisclosuresRequest {
+            page_size: 2,
+            actor_id: "x".into(),
+            page_token: page.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .expect_err("foreign token");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Nothing by another actor; an empty time window is empty.
+    let none = client
+        .query_disclosures(QueryDisclosuresRequest {
+            actor_id: "police-met".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.entries.is_empty());
+    let far = prost_types::Timestamp {
+        seconds: 4_000_000_000,
+        nanos: 0,
+    };
+    let none = client
+        .query_disclosures(QueryDisclosuresRequest {
+            since: Some(far),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.entries.is_empty());
+    gw.stop().await;
+}
+
+/// Copies a folder tree.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Opens the audit tree of a stopped gateway's data dir for tampering.
+fn tamper(data_dir: &Path, f: impl FnOnce(&sled::Tree)) {
+    let db = sled::open(data_dir.join("audit")).expect("open audit db");
+    let tree = db.open_tree("audit").unwrap();
+    f(&tree);
+    db.flush().unwrap();
+}
+
+fn entry_key(seq: u64) -> Vec<u8> {
+    let mut k = vec![b'e'];
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+#[tokio::test]
+async fn tampering_is_caught_by_verify_naming_the_first_bad_seq() {
+    let env = Env::new();
+    let data = env.path().join("data/dev");
+    let gw = env.start().await;
+    let mut client = auditor(&gw, &env).await;
+    for _ in 0..12 {
+        checkpoint(&mut client).await;
+    }
+    let kept_early = checkpoint(&mut client).await; // size 13
+    gw.stop().await;
+    let snapshot = env.path().join("snapshot");
+    copy_dir(&data, &snapshot);
+
+    let gw = env.start().await;
+    let mut client = auditor(&gw, &env).await;
+    for _ in 0..6 {
+        checkpoint(&mut client).await;
+    }
+    let kept = checkpoint(&mut client).await; // size 20
+    assert_eq!(kept.tree_size, 20);
+    gw.stop().await;
+    let kept_note = env.path().join("kept.note");
+    std::fs::write(&kept_note, &kept.signed_note).unwrap();
+    let early_note = env.path().join("early.note");
+    std::fs::write(&early_note, &kept_early.signed_note).unwrap();
+
+    let (ok, out) = verify(&data, Some(&kept_note));
+    assert!(ok, "untouched log verifies: {out}");
+    assert!(out.contains("20 entries"), "{out}");
+
+    let case = |name: &str, f: &dyn Fn(&sled::Tree), want: &str| {
+        let dir = env.path().join(format!("case-{name}"));
+        copy_dir(&data, &dir);
+        tamper(&dir, f);
+        let (ok, out) = verify(&dir, None);
+        assert!(!ok, "{name}: tampering not detected: {out}");
+        assert!(out.contains(want), "{name}: expected {want:?} in: {out}");
+    };
+    case(
+        "flip",
+        &|t| {
+            let mut v = t.get(entry_key(7)).unwrap().unwrap().to_vec();
+            let last = v.len() - 20;
+            v[last] ^= 0x01;
+            t.insert(entry_key(7), v).unwrap();
+        },
+        "seq 7:",
+    );
+    case(
+        "drop",
+        &|t| {
+            t.remove(entry_key(4)).unwrap();
+        },
+        "seq 4:",
+    );
+    case(
+        "swap",
+        &|t| {
+            let a = t.get(entry_key(10)).unwrap().unwrap();
+            let b = t.get(entry_key(11)).unwrap().unwrap();
+            t.insert(entry_key(10), b).unwrap();
+            t.insert(entry_key(11), a).unwrap();
+        },
+        "seq 10:",
+    );
+    case(
+        "truncate",
+        &|t| {
+            for seq in 17..20 {
+                t.remove(entry_key(seq)).unwrap();
+            }
+            t.insert(b"m", &17u64.to_be_bytes()).unwrap();
+        },
+        "seq 17:",
+    );
+    case(
+        "checkpoint-signature",
+        &|t| {
+            let (k, v) = t.scan_prefix(b"c").next_back().unwrap().unwrap();
+            let mut v = v.to_vec();
+            v[60] ^= 0x80;
+            t.insert(k, v).unwrap();
+        },
+        "signature does not verify",
+    );
+
+    // Rolled back to an older copy: the old copy verifies on its own, but not against
+    // the checkpoint the auditor kept.
+    let (ok, out) = verify(&snapshot, Some(&early_note));
+    assert!(ok, "{out}");
+    let (ok, out) = verify(&snapshot, Some(&kept_note));
+    assert!(!ok, "rollback not detected: {out}");
+    assert!(
+        out.contains("seq 13:") && out.contains("rolled back"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn nhs_numbers_never_reach_the_data_files() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut client = auditor(&gw, &env).await;
+    for nhs in [NHS, "4010232137"] {
+        client
+            .subject_access_report(SubjectAccessReportRequest {
+                subject: Some(Subject {
+                    nhs_number: nhs.into(),
+                }),
+            })
+            .await
+            .expect("report");
+    }
+    gw.stop().await;
+    let needles: Vec<Vec<u8>> = ["9434765919", "943 476 5919", "4010232137"]
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
+    for file in common::files_under(&env.path().join("data")) {
+        let bytes = std::fs::read(&file).unwrap();
+        for n in &needles {
+            assert!(
+                !bytes.windows(n.len()).any(|w| w == n.as_slice()),
+                "{} holds an NHS number",
+                file.display()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn acknowledged_entries_survive_sigkill() {
+    let env = Env::new();
+    let mut child = common::spawn_gateway(&env).await;
+    let addr = child.addr;
+    let ca = env.ca_pem();
+    let (cert, key) = env.identity(Role::Auditor, "dpo");
+
+    // Eight concurrent auditors; each call carries its own request id and is
+    // acknowledged only once its AUDIT_QUERIED entry is durable.
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let last_cp = std::sync::Arc::new(std::sync::Mutex::new(None::<Checkpoint>));
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let (ca, cert, key, acked, last_cp) = (
+            ca.clone(),
+            cert.clone(),
+            key.clone(),
+            acked.clone(),
+            last_cp.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let channel = common::connect(addr, &ca, Some((&cert, &key)))
+                .await
+                .expect("connect");
+            let mut client = AuditServiceClient::new(channel);
+            for i in 0.. {
+                let id = format!("crash-{w}-{i}");
+                let mut req = tonic::Request::new(GetCheckpointRequest {});
+                req.metadata_mut()
+                    .insert("x-request-id", id.parse().unwrap());
+                match client.get_checkpoint(req).await {
+                    Ok(resp) => {
+                        acked.lock().unwrap().push(id);
+                        let cp = resp.into_inner().checkpoint.unwrap();
+                        let mut last = last_cp.lock().unwrap();
+                        if last.as_ref().is_none_or(|l| l.tree_size < cp.tree_size) {
+                            *last = Some(cp);
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    child.kill9().await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    let last_cp = last_cp
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("some checkpoint before the crash");
+    assert!(acked.len() > 20, "only {} calls acknowledged", acked.len());
+
+    // Restart: every acknowledged request id is in the log, and the log is
+    // consistent with the last checkpoint seen before the crash.
+    let child = common::spawn_gateway(&env).await;
+    let channel = common::connect(child.addr, &ca, Some((&cert, &key)))
+        .await
+        .unwrap();
+    let mut client = AuditServiceClient::new(channel);
+    let mut ids = std::collections::HashSet::new();
+    let mut req = QueryDisclosuresRequest {
+        page_size: 1000,
+        action: AuditAction::AuditQueried as i32,
+        ..Default::default()
+    };
+    loop {
+        let page = client
+            .query_disclosures(req.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        ids.extend(page.entries.into_iter().map(|e| e.request_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        req.page_token = page.next_page_token;
+    }
+    for id in &acked {
+        assert!(ids.contains(id), "acknowledged call {id} lost in the crash");
+    }
+    let now = checkpoint(&mut client).await;
+    let proof = client
+        .get_consistency_proof(GetConsistencyProofRequest {
+            from_size: last_cp.tree_size,
+            to_size: now.tree_size,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let hashes: Vec<[u8; 32]> = proof.hashes.iter().map(|h| hash(h)).collect();
+    merkle::verify_consistency(
+        last_cp.tree_size,
+        now.tree_size,
+        &hash(&last_cp.root_hash),
+        &hash(&now.root_hash),
+        &hashes,
+    )
+    .expect("the log after the crash extends the last checkpoint seen before it");
+    child.stop().await;
+    let (ok, out) = verify(&env.path().join("data/dev"), None);
+    assert!(ok, "log verifies after the crash: {out}");
+}
