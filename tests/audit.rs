@@ -544,3 +544,95 @@ async fn acknowledged_entries_survive_sigkill() {
     let (ok, out) = verify(&env.path().join("data/dev"), None);
     assert!(ok, "log verifies after the crash: {out}");
 }
+
+/// Sets the gateway process's file-size limit (RLIMIT_FSIZE, `soft:hard`) with util-linux
+/// prlimit. Only the soft limit moves, so no capability is needed to raise it again.
+fn set_fsize_limit(pid: u32, limit: &str) {
+    let status = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--fsize={limit}")])
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit failed");
+}
+
+async fn health_status(client: &mut tonic_health::pb::health_client::HealthClient<Channel>) -> i32 {
+    client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status
+}
+
+#[tokio::test]
+async fn a_failing_audit_disk_fails_closed_and_recovers() {
+    const SERVING: i32 = 1;
+    const NOT_SERVING: i32 = 2;
+    let env = Env::new();
+    let gw = common::spawn_gateway(&env).await;
+    let pid = gw.child.id().expect("pid");
+    let (cert, key) = env.identity(Role::Auditor, "dpo");
+    let channel = common::connect(gw.addr, &env.ca_pem(), Some((&cert, &key)))
+        .await
+        .unwrap();
+    let mut client = AuditServiceClient::new(channel.clone());
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let before = checkpoint(&mut client).await;
+    assert_eq!(health_status(&mut health).await, SERVING);
+
+    // A real I/O failure: from now on every write past byte 1 of any file fails
+    // with EFBIG, as on a full disk.
+    set_fsize_limit(pid, "1:unlimited");
+    let err = client
+        .get_checkpoint(GetCheckpointRequest {})
+        .await
+        .expect_err("nothing without a durable audit entry");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("audit log cannot be written"),
+        "{err:?}"
+    );
+    // The server stays up, reports NOT_SERVING and keeps refusing.
+    assert_eq!(health_status(&mut health).await, NOT_SERVING);
+    let err = client
+        .query_disclosures(QueryDisclosuresRequest::default())
+        .await
+        .expect_err("still refused");
+    assert_eq!(err.code(), Code::Unavailable);
+
+    // The disk recovers: the gateway reopens its store and serves again.
+    set_fsize_limit(pid, "unlimited:unlimited");
+    let mut serving = false;
+    for _ in 0..50 {
+        if health_status(&mut health).await == SERVING {
+            serving = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(serving, "health returns to SERVING once writes succeed");
+    let after = checkpoint(&mut client).await;
+    assert!(after.tree_size > before.tree_size);
+    let proof = client
+        .get_consistency_proof(GetConsistencyProofRequest {
+            from_size: before.tree_size,
+            to_size: after.tree_size,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let hashes: Vec<[u8; 32]> = proof.hashes.iter().map(|h| hash(h)).collect();
+    merkle::verify_consistency(
+        before.tree_size,
+        after.tree_size,
+        &hash(&before.root_hash),
+        &hash(&after.root_hash),
+        &hashes,
+    )
+    .expect("the log after recovery extends the one before");
+    gw.stop().await;
+    let (ok, out) = verify(&env.path().join("data/dev"), None);
+    assert!(ok, "{out}");
+}

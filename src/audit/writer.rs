@@ -286,22 +286,19 @@ struct Writer {
 impl Writer {
     fn run(mut self) {
         let mut commands = Vec::with_capacity(self.settings.max_batch);
-        while let Some(first) = self.rx.blocking_recv() {
+        loop {
+            if self.store.is_none() && !self.recover() {
+                break;
+            }
+            let Some(first) = self.rx.blocking_recv() else {
+                break;
+            };
             commands.push(first);
             while commands.len() < self.settings.max_batch {
                 match self.rx.try_recv() {
                     Ok(c) => commands.push(c),
                     Err(_) => break,
                 }
-            }
-            if self.store.is_none() && !self.reopen() {
-                let err = AuditError::Unavailable(
-                    "the audit store is failing and could not be reopened".into(),
-                );
-                for c in commands.drain(..) {
-                    answer_err(c, &err);
-                }
-                continue;
             }
             self.commit(&mut commands);
         }
@@ -468,11 +465,13 @@ impl Writer {
         Ok((receipts, checkpoint))
     }
 
-    /// Reopens the database after a failure. Returns whether it worked.
-    fn reopen(&mut self) -> bool {
-        // Readers may hold the old tree for a moment; sled's file lock refuses a
-        // second open until they let go, so try a few times.
-        for attempt in 0..5 {
+    /// While the store is failing: try to reopen it every half second, answering
+    /// every command that arrives meanwhile with `Unavailable` (fail fast, never
+    /// queue disclosures behind a broken disk). Returns false when every handle to
+    /// the writer is gone.
+    fn recover(&mut self) -> bool {
+        let err = AuditError::Unavailable("the audit store is failing; recovering".into());
+        loop {
             match Store::open(&self.settings).and_then(|s| s.size().map(|n| (s, n))) {
                 Ok((store, size)) => {
                     self.shared_tree.store(Some(Arc::new(store.tree.clone())));
@@ -485,13 +484,19 @@ impl Writer {
                     });
                     return true;
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, attempt, "audit store still failing");
-                    std::thread::sleep(Duration::from_millis(100));
+                Err(e) => tracing::error!(error = %e, "audit store still failing"),
+            }
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < deadline {
+                match self.rx.try_recv() {
+                    Ok(c) => answer_err(c, &err),
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => return false,
                 }
             }
         }
-        false
     }
 }
 

@@ -217,6 +217,11 @@ pub fn run(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<Exi
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        // A write past the file-size limit (RLIMIT_FSIZE) must fail with EFBIG, which
+        // the audit writer handles by failing closed, rather than kill the process
+        // with SIGXFSZ: listening for the signal replaces its default action.
+        #[cfg(target_os = "linux")]
+        let _xfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(25));
         let bound = server::bind(config).await?;
         let addr = bound.local_addr();
         // A plain line on stderr whatever the log format: scripts and tests wait for it.
