@@ -218,7 +218,7 @@ impl Store {
             .path(&settings.dir)
             .cache_capacity(settings.cache_bytes)
             .flush_every_ms(None)
-            .mode(sled::Mode::LowSpace)
+            .mode(sled::Mode::HighThroughput)
             .open()?;
         let tree = db.open_tree(log::TREE)?;
         let data_file = File::open(db_file(&settings.dir)).map_err(|e| {

@@ -374,8 +374,11 @@ impl ConsentState {
 
 impl ConsentGiver {
     /// Every value, in declaration order.
-    pub const ALL: &'static [ConsentGiver] =
-        &[ConsentGiver::Child, ConsentGiver::Parent, ConsentGiver::Carer];
+    pub const ALL: &'static [ConsentGiver] = &[
+        ConsentGiver::Child,
+        ConsentGiver::Parent,
+        ConsentGiver::Carer,
+    ];
 
     /// The canonical name, as in API.md: `CHILD`, `PARENT`, `CARER`.
     pub fn as_str(self) -> &'static str {
@@ -490,7 +493,9 @@ mod tests {
     fn scope_without_purposes_is_refused() {
         let err = scope(&[], &[Sector::Education], &[], &[], None).expect_err("no purposes");
         assert_eq!(err, ConsentError::NoPurposes);
-        assert!(err.to_string().starts_with("purposes must name at least one purpose"));
+        assert!(err
+            .to_string()
+            .starts_with("purposes must name at least one purpose"));
     }
 
     #[test]

@@ -1,0 +1,161 @@
+//! Audit store benchmark: durable appends per second through the group-committing
+//! writer at 1, 16 and 256 concurrent writers, against a per-entry durable write
+//! (sled insert + flush + fdatasync for every entry) measured in the same run, and
+//! proof generation time at 10^4, 10^5 and 10^6 entries.
+//!
+//! Run: `cargo bench --bench audit` (add `-- --quick` for a short run). Figures are
+//! printed as ratios to the baseline, since shared machines are noisy.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sgw::audit::writer::AuditSettings;
+use sgw::audit::{Actor, Auditor, NewEntry};
+use sgw::domain::SystemClock;
+use sgw::proto::v1::{AuditAction, AuditOutcome};
+use sgw::store::Keys;
+
+fn entry(i: u64) -> NewEntry {
+    let mut e = NewEntry::new(Actor::system(), AuditAction::RecordDisclosed, AuditOutcome::Allowed, &format!("bench-{i}"));
+    e.target_agency_id = "school-oakfield".into();
+    e.object_id = format!("rec-{i:016x}");
+    e.lawful_basis = "UK GDPR Art 6(1)(e) public task; DPA 2018 Sch 1 para 18".into();
+    e
+}
+
+fn open(dir: &std::path::Path, max_batch: usize) -> Auditor {
+    let keys = Arc::new(Keys::load_or_create(dir, None).expect("keys"));
+    let settings = AuditSettings {
+        dir: dir.join("audit"),
+        log_id: "bench.example/sgw/audit".into(),
+        max_batch,
+        cache_bytes: 64 << 20,
+    };
+    Auditor::open(settings, keys, Arc::new(SystemClock)).expect("auditor")
+}
+
+/// Durable appends per second with `writers` concurrent callers for `secs`.
+async fn appends_per_sec(writers: usize, secs: f64) -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let auditor = open(dir.path(), 1024);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (a, stop, done) = (auditor.clone(), stop.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = w as u64 * 1_000_000_000;
+            while !stop.load(Ordering::Relaxed) {
+                a.append(entry(i)).await.expect("append");
+                done.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let stats = auditor.stats();
+    let commits = stats.commits.load(Ordering::Relaxed).max(1) as f64;
+    let mean_group = stats.entries.load(Ordering::Relaxed) as f64 / commits;
+    (done.load(Ordering::Relaxed) as f64 / elapsed, mean_group)
+}
+
+/// The per-entry path: each entry inserted, flushed and fdatasync'd on its own.
+fn per_entry_per_sec(secs: f64) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::Config::new().path(dir.path()).flush_every_ms(None).open().unwrap();
+    let file = std::fs::File::open(dir.path().join("db")).unwrap();
+    let payload = vec![0x5au8; 320];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        db.insert(n.to_be_bytes(), payload.as_slice()).unwrap();
+        db.flush().unwrap();
+        file.sync_data().unwrap();
+        n += 1;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Mean time of an inclusion and a consistency proof at `size` entries, in µs.
+async fn proof_micros(size: u64) -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let auditor = open(dir.path(), 4096);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..256 {
+        let (a, next) = (auditor.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= size {
+                    return;
+                }
+                a.append(entry(i)).await.expect("append");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let log = auditor.log().clone();
+    assert_eq!(log.size(), size);
+    tokio::task::spawn_blocking(move || {
+        let rounds = 2000u64;
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let mut rand = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let t = Instant::now();
+        for _ in 0..rounds {
+            let seq = rand(size);
+            log.inclusion_proof(seq, size).unwrap();
+        }
+        let incl = t.elapsed().as_secs_f64() * 1e6 / rounds as f64;
+        let t = Instant::now();
+        for _ in 0..rounds {
+            let from = 1 + rand(size - 1);
+            log.consistency_proof(from, size).unwrap();
+        }
+        let cons = t.elapsed().as_secs_f64() * 1e6 / rounds as f64;
+        (incl, cons)
+    })
+    .await
+    .unwrap()
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let secs = if quick { 1.0 } else { 3.0 };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    println!("sgw audit store benchmark ({} s per figure, {} cores)", secs, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let baseline = per_entry_per_sec(secs);
+    println!("baseline: per-entry sled insert + flush + fdatasync: {baseline:>10.0} entries/s");
+    for writers in [1usize, 16, 256] {
+        let (rate, group) = rt.block_on(appends_per_sec(writers, secs));
+        println!(
+            "group commit, {writers:>3} writers: {rate:>10.0} durable appends/s  = {:>6.2}x baseline  (mean group {group:.1})",
+            rate / baseline
+        );
+    }
+    let sizes: &[u64] = if quick { &[10_000, 100_000] } else { &[10_000, 100_000, 1_000_000] };
+    let mut first = None;
+    for &size in sizes {
+        let (incl, cons) = rt.block_on(proof_micros(size));
+        let (i0, c0) = *first.get_or_insert((incl, cons));
+        println!(
+            "proofs at {size:>8} entries: inclusion {incl:>7.1} µs ({:.2}x the 10^4 time), consistency {cons:>7.1} µs ({:.2}x)",
+            incl / i0,
+            cons / c0
+        );
+    }
+}
