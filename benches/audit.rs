@@ -17,7 +17,12 @@ use sgw::proto::v1::{AuditAction, AuditOutcome};
 use sgw::store::Keys;
 
 fn entry(i: u64) -> NewEntry {
-    let mut e = NewEntry::new(Actor::system(), AuditAction::RecordDisclosed, AuditOutcome::Allowed, &format!("bench-{i}"));
+    let mut e = NewEntry::new(
+        Actor::system(),
+        AuditAction::RecordDisclosed,
+        AuditOutcome::Allowed,
+        &format!("bench-{i}"),
+    );
     e.target_agency_id = "school-oakfield".into();
     e.object_id = format!("rec-{i:016x}");
     e.lawful_basis = "UK GDPR Art 6(1)(e) public task; DPA 2018 Sch 1 para 18".into();
@@ -69,7 +74,11 @@ async fn appends_per_sec(writers: usize, secs: f64) -> (f64, f64) {
 /// The per-entry path: each entry inserted, flushed and fdatasync'd on its own.
 fn per_entry_per_sec(secs: f64) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let db = sled::Config::new().path(dir.path()).flush_every_ms(None).open().unwrap();
+    let db = sled::Config::new()
+        .path(dir.path())
+        .flush_every_ms(None)
+        .open()
+        .unwrap();
     let file = std::fs::File::open(dir.path().join("db")).unwrap();
     let payload = vec![0x5au8; 320];
     let start = Instant::now();
@@ -136,8 +145,17 @@ async fn proof_micros(size: u64) -> (f64, f64) {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let secs = if quick { 1.0 } else { 3.0 };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    println!("sgw audit store benchmark ({} s per figure, {} cores)", secs, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "sgw audit store benchmark ({} s per figure, {} cores)",
+        secs,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
     let baseline = per_entry_per_sec(secs);
     println!("baseline: per-entry sled insert + flush + fdatasync: {baseline:>10.0} entries/s");
     for writers in [1usize, 16, 256] {
@@ -147,7 +165,11 @@ fn main() {
             rate / baseline
         );
     }
-    let sizes: &[u64] = if quick { &[10_000, 100_000] } else { &[10_000, 100_000, 1_000_000] };
+    let sizes: &[u64] = if quick {
+        &[10_000, 100_000]
+    } else {
+        &[10_000, 100_000, 1_000_000]
+    };
     let mut first = None;
     for &size in sizes {
         let (incl, cons) = rt.block_on(proof_micros(size));

@@ -636,3 +636,69 @@ async fn a_failing_audit_disk_fails_closed_and_recovers() {
     let (ok, out) = verify(&env.path().join("data/dev"), None);
     assert!(ok, "{out}");
 }
+
+#[tokio::test]
+async fn auditor_cli_verifies_online_and_queries_as_json() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut client = auditor(&gw, &env).await;
+    let kept = checkpoint(&mut client).await;
+    for _ in 0..5 {
+        checkpoint(&mut client).await;
+    }
+    let kept_note = env.path().join("kept.note");
+    std::fs::write(&kept_note, &kept.signed_note).unwrap();
+    let pki = env.pki_dir();
+    let addr = gw.addr.to_string();
+    let client_args = |cmd: &mut Command| {
+        cmd.args(["--addr", &addr])
+            .arg("--ca")
+            .arg(pki.join("ca.pem"))
+            .arg("--cert")
+            .arg(pki.join("auditor-dpo.pem"))
+            .arg("--key")
+            .arg(pki.join("auditor-dpo.key"));
+    };
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sgw"));
+        cmd.args(args);
+        client_args(&mut cmd);
+        cmd.arg("--checkpoint").arg(&kept_note);
+        cmd.output().expect("run")
+    };
+    let out = run(&["audit", "verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("verified online"), "{text}");
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sgw"));
+    cmd.args([
+        "audit",
+        "query",
+        "--json",
+        "--action",
+        "AUDIT_QUERIED",
+        "--limit",
+        "3",
+    ]);
+    client_args(&mut cmd);
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines
+        .iter()
+        .all(|v| v["action"] == "AUDIT_QUERIED" && v["actor_id"] == "dpo"));
+    gw.stop().await;
+}

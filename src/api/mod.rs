@@ -186,7 +186,16 @@ impl App {
         stop: CancellationToken,
     ) -> GatewayRouter {
         let max = self.config.limits.max_message_bytes;
-        tokio::spawn(track_audit_health(self.auditor.health(), health, stop));
+        tokio::spawn(track_audit_health(
+            self.auditor.health(),
+            health,
+            stop.clone(),
+        ));
+        tokio::spawn(checkpoint_periodically(
+            self.auditor.clone(),
+            self.config.audit.checkpoint_interval,
+            stop,
+        ));
         server
             .add_service(
                 ConcernServiceServer::new(concerns::Concerns)
@@ -228,6 +237,32 @@ const SERVICES: &[&str] = &[
     "safeguard.v1.AuditService",
     "safeguard.v1.OperationsService",
 ];
+
+/// Signs a checkpoint every `interval` while entries are being appended, so an
+/// auditor always finds a recent one and old ones stay provable.
+async fn checkpoint_periodically(
+    auditor: Auditor,
+    interval: std::time::Duration,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut signed_at = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let size = auditor.log().size();
+        if size == 0 || signed_at == Some(size) {
+            continue;
+        }
+        match auditor.checkpoint().await {
+            Ok(cp) => signed_at = Some(cp.checkpoint.tree_size),
+            Err(e) => tracing::warn!(error = %e, "periodic checkpoint failed"),
+        }
+    }
+}
 
 async fn track_audit_health(
     mut log: tokio::sync::watch::Receiver<LogHealth>,

@@ -2,7 +2,10 @@
 //! ("parse, don't validate"): an [`NhsNumber`] or an [`AgencyId`] that exists is valid.
 
 pub mod clock;
+pub mod consent;
+pub mod deadline;
 pub mod ids;
+pub mod policy;
 pub mod subject;
 
 pub use clock::{Clock, ManualClock, SystemClock};
