@@ -637,7 +637,9 @@ async fn a_failing_audit_disk_fails_closed_and_recovers() {
     assert!(ok, "{out}");
 }
 
-#[tokio::test]
+// Multi-threaded: the CLI runs as a blocking child process while this process's
+// runtime keeps serving it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auditor_cli_verifies_online_and_queries_as_json() {
     let env = Env::new();
     let gw = env.start().await;
