@@ -594,8 +594,17 @@ async fn a_failing_audit_disk_fails_closed_and_recovers() {
         err.message().contains("audit log cannot be written"),
         "{err:?}"
     );
-    // The server stays up, reports NOT_SERVING and keeps refusing.
-    assert_eq!(health_status(&mut health).await, NOT_SERVING);
+    // The server stays up, reports NOT_SERVING (health follows the writer
+    // asynchronously) and keeps refusing.
+    let mut not_serving = false;
+    for _ in 0..50 {
+        if health_status(&mut health).await == NOT_SERVING {
+            not_serving = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(not_serving, "health reports NOT_SERVING while the audit log cannot be written");
     let err = client
         .query_disclosures(QueryDisclosuresRequest::default())
         .await

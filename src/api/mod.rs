@@ -224,8 +224,10 @@ impl App {
             )
     }
 
-    /// Flushes and closes stores after the last call.
-    pub async fn close(&self) {}
+    /// Flushes and closes stores after the last call, releasing their file locks.
+    pub async fn close(&self) {
+        self.auditor.close().await;
+    }
 }
 
 /// The service names whose health follows the audit log.

@@ -76,6 +76,8 @@ type CheckpointResult = Result<SignedCheckpoint, AuditError>;
 enum Command {
     Append(Box<NewEntry>, oneshot::Sender<Result<Durable, AuditError>>),
     Checkpoint(oneshot::Sender<Result<SignedCheckpoint, AuditError>>),
+    /// Make everything durable, let go of the database, and stop.
+    Close(oneshot::Sender<()>),
 }
 
 /// The handle every capability appends through. Cheap to clone.
@@ -189,6 +191,15 @@ impl Auditor {
             .map_err(|_| AuditError::Unavailable("the audit writer has stopped".into()))?
     }
 
+    /// Syncs, releases the database (its file lock) and stops the writer; appends
+    /// after this fail with `Unavailable`. Called once the last call has finished.
+    pub async fn close(&self) {
+        let (reply, answer) = oneshot::channel();
+        if self.tx.send(Command::Close(reply)).await.is_ok() {
+            let _ = answer.await;
+        }
+    }
+
     /// The read side.
     pub fn log(&self) -> &AuditLog {
         &self.log
@@ -300,7 +311,28 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit(&mut commands);
+            let closing: Vec<oneshot::Sender<()>> = {
+                let (close, rest): (Vec<_>, Vec<_>) =
+                    commands.drain(..).partition(|c| matches!(c, Command::Close(_)));
+                commands = rest;
+                close
+                    .into_iter()
+                    .filter_map(|c| match c {
+                        Command::Close(reply) => Some(reply),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            if !commands.is_empty() {
+                self.commit(&mut commands);
+            }
+            if !closing.is_empty() {
+                self.release();
+                for reply in closing {
+                    let _ = reply.send(());
+                }
+                return;
+            }
         }
         if let Some(store) = &self.store {
             let _ = store.sync();
@@ -330,6 +362,10 @@ impl Writer {
                                 Err(AuditError::Unavailable("checkpoint not made".into()))
                             });
                             let _ = reply.send(made);
+                        }
+                        // Taken out of the batch before it is committed.
+                        Command::Close(reply) => {
+                            let _ = reply.send(());
                         }
                     }
                 }
@@ -374,6 +410,7 @@ impl Writer {
                     wants_checkpoint = true;
                     continue;
                 }
+                Command::Close(_) => continue,
             };
             let seq = self.size;
             let time = now.max(self.last_time);
@@ -465,6 +502,16 @@ impl Writer {
         Ok((receipts, checkpoint))
     }
 
+    /// Syncs and drops the database so its file lock is free.
+    fn release(&mut self) {
+        if let Some(store) = self.store.take() {
+            if let Err(e) = store.sync() {
+                tracing::error!(error = %e, "final audit sync failed");
+            }
+        }
+        self.shared_tree.store(None);
+    }
+
     /// While the store is failing: try to reopen it every half second, answering
     /// every command that arrives meanwhile with `Unavailable` (fail fast, never
     /// queue disclosures behind a broken disk). Returns false when every handle to
@@ -489,6 +536,11 @@ impl Writer {
             let deadline = Instant::now() + Duration::from_millis(500);
             while Instant::now() < deadline {
                 match self.rx.try_recv() {
+                    Ok(Command::Close(reply)) => {
+                        self.release();
+                        let _ = reply.send(());
+                        return false;
+                    }
                     Ok(c) => answer_err(c, &err),
                     Err(mpsc::error::TryRecvError::Empty) => {
                         std::thread::sleep(Duration::from_millis(20))
@@ -507,6 +559,9 @@ fn answer_err(c: Command, err: &AuditError) {
         }
         Command::Checkpoint(reply) => {
             let _ = reply.send(Err(err.clone()));
+        }
+        Command::Close(reply) => {
+            let _ = reply.send(());
         }
     }
 }
