@@ -62,6 +62,11 @@ impl AuthContext {
         }
     }
 
+    /// Who the peer is, when it is a registered identity (for log lines).
+    fn identify(&self, peer: Option<&PeerInfo>) -> Option<Caller> {
+        identify(&peer?.0, &self.config).ok()
+    }
+
     /// Decides whether the peer may call `path`, and who it is.
     pub fn authorise(&self, peer: Option<&PeerInfo>, path: &str) -> Result<Caller, Status> {
         let Some(PeerInfo(peer)) = peer else {
@@ -179,7 +184,12 @@ where
             .authorise(req.extensions().get::<PeerInfo>(), &method);
         let caller_id: Arc<str> = match &decision {
             Ok(caller) => caller.id.as_str().into(),
-            Err(_) => "-".into(),
+            // A wrong-role refusal still knows who asked; keep it for the log.
+            Err(_) => self
+                .ctx
+                .identify(req.extensions().get::<PeerInfo>())
+                .map(|c| c.id.as_str().into())
+                .unwrap_or_else(|| "-".into()),
         };
         let log = CallLog {
             method,

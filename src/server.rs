@@ -132,6 +132,9 @@ impl Bound {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
 
+        #[cfg(unix)]
+        tokio::spawn(reload_on_sighup(app.clone(), stop.clone()));
+
         let grace = config.shutdown.grace;
         let draining = stop.clone();
         let serving = router.serve_with_incoming_shutdown(incoming, async move {
@@ -151,6 +154,31 @@ impl Bound {
         app.close().await;
         tracing::info!("sgw stopped");
         Ok(())
+    }
+}
+
+/// SIGHUP re-reads the TLS files, as OperationsService.ReloadTls does.
+#[cfg(unix)]
+async fn reload_on_sighup(app: Arc<api::App>, stop: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; TLS reloads need a restart");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            got = hup.recv() => if got.is_none() { return },
+        }
+        match app
+            .reload_tls(crate::audit::Actor::system(), "sighup")
+            .await
+        {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: TLS reload refused; the running configuration is unchanged")
+            }
+        }
     }
 }
 

@@ -604,7 +604,10 @@ async fn a_failing_audit_disk_fails_closed_and_recovers() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(not_serving, "health reports NOT_SERVING while the audit log cannot be written");
+    assert!(
+        not_serving,
+        "health reports NOT_SERVING while the audit log cannot be written"
+    );
     let err = client
         .query_disclosures(QueryDisclosuresRequest::default())
         .await

@@ -18,7 +18,7 @@ use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
 use crate::audit::writer::AuditSettings;
-use crate::audit::{AuditError, Auditor, LogHealth};
+use crate::audit::{Actor, AuditError, Auditor, LogHealth, NewEntry};
 use crate::auth::AuthLayer;
 use crate::auth::RequestId;
 use crate::config::Config;
@@ -29,6 +29,7 @@ use crate::proto::v1::concern_service_server::ConcernServiceServer;
 use crate::proto::v1::consent_service_server::ConsentServiceServer;
 use crate::proto::v1::operations_service_server::OperationsServiceServer;
 use crate::proto::v1::record_service_server::RecordServiceServer;
+use crate::proto::v1::{AuditAction, AuditOutcome};
 use crate::store::keys::SubjectRef;
 use crate::store::Keys;
 use crate::tls::{Revocations, TlsState};
@@ -155,6 +156,46 @@ impl App {
     pub fn with_tls(mut self, tls: Arc<TlsState>) -> Self {
         self.tls = Some(tls);
         self
+    }
+
+    /// Re-reads the TLS files. On success new handshakes use the new material and
+    /// the reload is audited (TLS_RELOADED, with old and new fingerprints); on
+    /// failure the running configuration is untouched and the error names the file.
+    pub async fn reload_tls(&self, actor: Actor, request_id: &str) -> Result<(), ApiError> {
+        let Some(tls) = &self.tls else {
+            return Err(ApiError::Internal("TLS state not attached".into()));
+        };
+        let tls = tls.clone();
+        let reloaded = tokio::task::spawn_blocking(move || tls.reload())
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let (old, new) = reloaded.map_err(|e| ApiError::Precondition(e.to_string()))?;
+        let mut entry = NewEntry::new(
+            actor,
+            AuditAction::TlsReloaded,
+            AuditOutcome::Allowed,
+            request_id,
+        );
+        entry.object_id = new.server_cert.serial_hex.clone();
+        entry.reason = format!(
+            "server certificate {} -> {}; client CAs [{}] -> [{}]; {} CRL serials",
+            old.server_cert.sha256_hex,
+            new.server_cert.sha256_hex,
+            old.client_cas
+                .iter()
+                .map(|c| c.sha256_hex.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            new.client_cas
+                .iter()
+                .map(|c| c.sha256_hex.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            new.crl_serials.len(),
+        );
+        self.auditor.append(entry).await?;
+        tracing::info!(server_cert = %new.server_cert.sha256_hex, serial = %new.server_cert.serial_hex, "TLS material reloaded");
+        Ok(())
     }
 
     /// The keyed hash of a request's subject, or INVALID_ARGUMENT.

@@ -36,12 +36,24 @@ pub struct Failure {
     pub seq: Option<u64>,
     /// What is wrong.
     pub problem: String,
+    /// True when the log could not be examined at all (locked by a running
+    /// gateway, keys missing), as opposed to examined and found bad.
+    pub cannot_check: bool,
 }
 
 fn fail(seq: Option<u64>, problem: impl Into<String>) -> Failure {
     Failure {
         seq,
         problem: problem.into(),
+        cannot_check: false,
+    }
+}
+
+fn cannot_check(problem: impl Into<String>) -> Failure {
+    Failure {
+        seq: None,
+        problem: problem.into(),
+        cannot_check: true,
     }
 }
 
@@ -53,16 +65,15 @@ pub fn verify_data_dir(
     signing_key: Option<&Path>,
     kept: Option<&str>,
 ) -> Result<Summary, Failure> {
-    let keys = Keys::load_or_create_existing(data_dir, signing_key)
-        .map_err(|e| fail(None, e.to_string()))?;
+    let keys =
+        Keys::load_existing(data_dir, signing_key).map_err(|e| cannot_check(e.to_string()))?;
     let db = sled::Config::new()
         .path(data_dir.join("audit"))
         .open()
         .map_err(|e| {
-            fail(
-                None,
-                format!("cannot open the audit database (is the gateway stopped?): {e}"),
-            )
+            cannot_check(format!(
+                "cannot open the audit database (is the gateway stopped?): {e}"
+            ))
         })?;
     let tree = db
         .open_tree(log::TREE)

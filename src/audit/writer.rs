@@ -312,8 +312,9 @@ impl Writer {
                 }
             }
             let closing: Vec<oneshot::Sender<()>> = {
-                let (close, rest): (Vec<_>, Vec<_>) =
-                    commands.drain(..).partition(|c| matches!(c, Command::Close(_)));
+                let (close, rest): (Vec<_>, Vec<_>) = commands
+                    .drain(..)
+                    .partition(|c| matches!(c, Command::Close(_)));
                 commands = rest;
                 close
                     .into_iter()

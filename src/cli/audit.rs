@@ -39,9 +39,9 @@ pub struct VerifyArgs {
     /// Online: pin the log's C2SP verifier key instead of trusting the one served.
     #[arg(long)]
     pub verifier_key: Option<String>,
-    /// Online: connect to a running gateway.
+    /// Online (when --data-dir is not given): the running gateway to check.
     #[command(flatten)]
-    pub client: Option<ClientArgs>,
+    pub client: ClientArgs,
 }
 
 /// Arguments of `sgw audit query`.
@@ -97,7 +97,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn read_kept(args: &VerifyArgs) -> anyhow::Result<Option<String>> {
     args.checkpoint
         .as_ref()
-        .map(|p| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display())))
+        .map(|p| {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            // A signed note ends in exactly one newline; files saved by shells or
+            // `jq -r` often carry one more.
+            Ok(format!("{}\n", text.trim_end()))
+        })
         .transpose()
 }
 
@@ -121,6 +127,10 @@ fn verify_offline(dir: &std::path::Path, args: &VerifyArgs) -> anyhow::Result<Ex
             );
             Ok(ExitCode::SUCCESS)
         }
+        Err(f) if f.cannot_check => {
+            eprintln!("audit log could not be checked: {f}");
+            Ok(ExitCode::from(2))
+        }
         Err(f) => {
             eprintln!("audit log FAILED verification: {f}");
             Ok(ExitCode::from(1))
@@ -129,11 +139,7 @@ fn verify_offline(dir: &std::path::Path, args: &VerifyArgs) -> anyhow::Result<Ex
 }
 
 async fn verify_online(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
-    let client_args = args
-        .client
-        .clone()
-        .context("--data-dir DIR or a gateway --addr is required")?;
-    let channel = client_args.connect("auditor-dpo").await?;
+    let channel = args.client.connect("auditor-dpo").await?;
     let mut client = AuditServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let cp = client
         .get_checkpoint(GetCheckpointRequest {})

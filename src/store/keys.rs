@@ -79,12 +79,35 @@ impl Keys {
     /// `signing_key`, when given, is a PKCS#8 (DER or PEM) Ed25519 key file managed by
     /// the operator, used instead of the generated one.
     pub fn load_or_create(data_dir: &Path, signing_key: Option<&Path>) -> Result<Keys, KeyError> {
+        Keys::load_in(data_dir, signing_key, true)
+    }
+
+    /// Loads the keys of an existing data dir and creates none: offline tools must
+    /// not mint new keys for a log they are checking, so a missing key is an error.
+    pub fn load_existing(data_dir: &Path, signing_key: Option<&Path>) -> Result<Keys, KeyError> {
+        Keys::load_in(data_dir, signing_key, false)
+    }
+
+    fn load_in(
+        data_dir: &Path,
+        signing_key: Option<&Path>,
+        create: bool,
+    ) -> Result<Keys, KeyError> {
         let dir = data_dir.join("keys");
-        fs::create_dir_all(&dir).map_err(|source| KeyError::Io {
-            path: dir.clone(),
-            source,
-        })?;
-        restrict_dir(&dir)?;
+        let secret_file = |path: &Path, make: &dyn Fn() -> std::io::Result<Vec<u8>>| {
+            if create {
+                secret_file(path, make)
+            } else {
+                read(path)
+            }
+        };
+        if create {
+            fs::create_dir_all(&dir).map_err(|source| KeyError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            restrict_dir(&dir)?;
+        }
         let rng = SystemRandom::new();
         let random32 = || {
             let mut k = vec![0u8; 32];
@@ -92,14 +115,14 @@ impl Keys {
                 .map(|_| k)
                 .map_err(|_| std::io::Error::other("system RNG failed"))
         };
-        let subject = secret_file(&dir.join("subject-hmac.key"), random32)?;
-        let audit_seal = secret_file(&dir.join("audit-seal.key"), random32)?;
-        let data_seal = secret_file(&dir.join("data-seal.key"), random32)?;
+        let subject = secret_file(&dir.join("subject-hmac.key"), &random32)?;
+        let audit_seal = secret_file(&dir.join("audit-seal.key"), &random32)?;
+        let data_seal = secret_file(&dir.join("data-seal.key"), &random32)?;
         let (signing_path, pkcs8) = match signing_key {
             Some(path) => (path.to_owned(), read(path)?),
             None => {
                 let path = dir.join("checkpoint-ed25519.pk8");
-                let bytes = secret_file(&path, || {
+                let bytes = secret_file(&path, &|| {
                     Ed25519KeyPair::generate_pkcs8(&rng)
                         .map(|d| d.as_ref().to_vec())
                         .map_err(|_| std::io::Error::other("system RNG failed"))
@@ -128,22 +151,6 @@ impl Keys {
             data_seal: sealer("data-seal.key", data_seal)?,
             checkpoint,
         })
-    }
-
-    /// Loads the keys of an existing data dir without creating any (for offline
-    /// tools, which must not mint new keys for a log they are checking).
-    pub fn load_or_create_existing(
-        data_dir: &Path,
-        signing_key: Option<&Path>,
-    ) -> Result<Keys, KeyError> {
-        let dir = data_dir.join("keys");
-        if !dir.join("audit-seal.key").exists() {
-            return Err(KeyError::Invalid {
-                path: dir,
-                problem: "no audit keys here: is this a gateway's data_dir?".into(),
-            });
-        }
-        Keys::load_or_create(data_dir, signing_key)
     }
 
     /// The audit log's reference for a child.
@@ -184,7 +191,7 @@ fn pem_or_der(bytes: &[u8]) -> Vec<u8> {
 /// gets its name) from `make`.
 fn secret_file(
     path: &Path,
-    make: impl FnOnce() -> std::io::Result<Vec<u8>>,
+    make: &dyn Fn() -> std::io::Result<Vec<u8>>,
 ) -> Result<Vec<u8>, KeyError> {
     match fs::read(path) {
         Ok(bytes) => return Ok(bytes),

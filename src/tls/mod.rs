@@ -197,25 +197,11 @@ impl Revocations {
     }
 }
 
-/// Normalises an operator-supplied serial: hex digits with optional `:` separators,
-/// any case, leading zero bytes ignored. `None` when it is not hex.
+/// Normalises an operator-supplied serial to the canonical form (hex digits with
+/// optional `:` separators, any case, leading zeros ignored). `None` when it is not
+/// a serial.
 pub fn normalise_serial(input: &str) -> Option<String> {
-    let hex: String = input.chars().filter(|c| *c != ':').collect();
-    if hex.is_empty() || hex.len() > 80 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return None;
-    }
-    let hex = hex.to_ascii_lowercase();
-    let hex = if hex.len() % 2 == 1 {
-        format!("0{hex}")
-    } else {
-        hex
-    };
-    let trimmed = hex.trim_start_matches("00");
-    Some(if trimmed.is_empty() {
-        "00".to_owned()
-    } else {
-        trimmed.to_owned()
-    })
+    crate::pki::canonical_serial_hex(input).ok()
 }
 
 fn now() -> UnixTime {
@@ -385,8 +371,8 @@ mod tests {
     #[test]
     fn serials_are_normalised() {
         assert_eq!(normalise_serial("00:AB:cd").as_deref(), Some("abcd"));
-        assert_eq!(normalise_serial("abc").as_deref(), Some("0abc"));
-        assert_eq!(normalise_serial("0000").as_deref(), Some("00"));
+        assert_eq!(normalise_serial("abc").as_deref(), Some("abc"));
+        assert_eq!(normalise_serial("0000").as_deref(), Some("0"));
         assert_eq!(normalise_serial("xyz"), None);
         assert_eq!(normalise_serial(""), None);
     }

@@ -48,14 +48,10 @@ impl PeerCert {
     }
 }
 
-/// Lower-case hex of a DER serial's content octets without leading zero bytes, the
-/// one form every comparison of serials uses.
+/// The canonical serial text (lower-case hex, no leading zeros; see
+/// [`crate::pki::canonical_serial_hex`]), the one form every comparison of serials uses.
 pub fn serial_hex(raw: &[u8]) -> String {
-    let start = raw
-        .iter()
-        .position(|b| *b != 0)
-        .unwrap_or(raw.len().saturating_sub(1));
-    super::hex(&raw[start.min(raw.len())..])
+    crate::pki::serial_hex_from_bytes(raw)
 }
 
 #[cfg(test)]
@@ -65,7 +61,12 @@ mod tests {
     #[test]
     fn serial_hex_drops_sign_padding() {
         assert_eq!(serial_hex(&[0x00, 0x8f, 0x01]), "8f01");
-        assert_eq!(serial_hex(&[0x01]), "01");
-        assert_eq!(serial_hex(&[0x00]), "00");
+        assert_eq!(serial_hex(&[0x0a, 0xbc]), "abc");
+        assert_eq!(serial_hex(&[0x00]), "0");
+        // The same text an operator's input normalises to.
+        assert_eq!(
+            crate::pki::canonical_serial_hex("0A:BC").unwrap(),
+            serial_hex(&[0x0a, 0xbc])
+        );
     }
 }

@@ -1,0 +1,114 @@
+//! Certificate rotation: SIGHUP re-reads the TLS files without a restart, new
+//! handshakes see the new server certificate, open connections carry on, and every
+//! reload is audited.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Env;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use sgw::domain::Role;
+use sgw::proto::v1::audit_service_client::AuditServiceClient;
+use sgw::proto::v1::*;
+
+/// The serial of the certificate the gateway presents to a new handshake.
+async fn served_serial(env: &Env, addr: std::net::SocketAddr) -> String {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(env.ca_pem().as_bytes()) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let (cert, key) = env.identity(Role::Agency, "police-met");
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("handshake");
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    sgw::tls::summarise(&leaf).unwrap().serial_hex
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_server_certificate_and_is_audited() {
+    let env = Env::new();
+    let gw = common::spawn_gateway(&env).await;
+    let before = served_serial(&env, gw.addr).await;
+
+    // An auditor connection opened before the rotation keeps working after it.
+    let (cert, key) = env.identity(Role::Auditor, "dpo");
+    let channel = common::connect(gw.addr, &env.ca_pem(), Some((&cert, &key)))
+        .await
+        .unwrap();
+    let mut auditor = AuditServiceClient::new(channel);
+    auditor
+        .get_checkpoint(GetCheckpointRequest {})
+        .await
+        .expect("before");
+
+    let renewed = sgw::pki::renew_server(&env.pki_dir(), 30, &[], &[]).expect("renew");
+    assert_ne!(renewed.serial_hex, before);
+    let pid = gw.child.id().unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+
+    let mut after = before.clone();
+    for _ in 0..50 {
+        after = served_serial(&env, gw.addr).await;
+        if after != before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        after, renewed.serial_hex,
+        "new handshakes see the renewed certificate"
+    );
+
+    auditor
+        .get_checkpoint(GetCheckpointRequest {})
+        .await
+        .expect("open connection carries on");
+    let reloads = auditor
+        .query_disclosures(QueryDisclosuresRequest {
+            action: AuditAction::TlsReloaded as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(reloads.len(), 1, "{reloads:?}");
+    assert_eq!(reloads[0].actor_id, "system");
+    assert_eq!(reloads[0].object_id, renewed.serial_hex);
+
+    // A broken file changes nothing: the renewed certificate stays in force.
+    std::fs::write(env.pki_dir().join("server.pem"), "not a certificate").unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(served_serial(&env, gw.addr).await, renewed.serial_hex);
+    auditor
+        .get_checkpoint(GetCheckpointRequest {})
+        .await
+        .expect("still serving");
+    gw.stop().await;
+}
