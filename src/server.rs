@@ -134,6 +134,16 @@ impl Bound {
 
         #[cfg(unix)]
         tokio::spawn(reload_on_sighup(app.clone(), stop.clone()));
+        if config.tls.watch {
+            tokio::spawn(reload_on_file_change(
+                app.clone(),
+                WATCH_INTERVAL,
+                stop.clone(),
+            ));
+        }
+        if let Some(tls) = app.tls() {
+            api::warn_of_expiry(&tls.current(), app.clock.now().unix_timestamp());
+        }
 
         let grace = config.shutdown.grace;
         let draining = stop.clone();
@@ -154,6 +164,49 @@ impl Bound {
         app.close().await;
         tracing::info!("sgw stopped");
         Ok(())
+    }
+}
+
+/// How often `[tls] watch` compares the files' contents with the material in force.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reloads when a TLS file's content changes on disk (replaced in place, or a
+/// Kubernetes secret volume swapping its symlink). A broken new file is reported
+/// once and not retried until the files change again.
+async fn reload_on_file_change(
+    app: Arc<api::App>,
+    every: std::time::Duration,
+    stop: CancellationToken,
+) {
+    let Some(tls) = app.tls() else { return };
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refused: Option<Vec<u8>> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let check = tls.clone();
+        let Ok((changed, fingerprint)) =
+            tokio::task::spawn_blocking(move || (check.files_changed(), check.disk_fingerprint()))
+                .await
+        else {
+            continue;
+        };
+        if !changed || refused.as_ref() == Some(&fingerprint) {
+            continue;
+        }
+        match app
+            .reload_tls(crate::audit::Actor::system(), "file-watch")
+            .await
+        {
+            Ok(()) => refused = None,
+            Err(e) => {
+                tracing::error!(error = %e, "TLS files changed but cannot be loaded; the running configuration is unchanged");
+                refused = Some(fingerprint);
+            }
+        }
     }
 }
 

@@ -46,6 +46,8 @@ async fn served_serial(env: &Env, addr: std::net::SocketAddr) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_server_certificate_and_is_audited() {
     let env = Env::new();
+    // Only the signal may reload here.
+    env.set_tls_watch(false);
     let gw = common::spawn_gateway(&env).await;
     let before = served_serial(&env, gw.addr).await;
 
@@ -110,5 +112,114 @@ async fn sighup_reloads_the_server_certificate_and_is_audited() {
         .get_checkpoint(GetCheckpointRequest {})
         .await
         .expect("still serving");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_replaced_on_disk_is_picked_up_without_a_signal() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let before = served_serial(&env, gw.addr).await;
+    let renewed = sgw::pki::renew_server(&env.pki_dir(), 30, &[], &[]).expect("renew");
+    let mut after = before.clone();
+    for _ in 0..100 {
+        after = served_serial(&env, gw.addr).await;
+        if after != before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        after, renewed.serial_hex,
+        "the watcher reloads the renewed certificate"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_reload_and_read_tls_status_and_a_broken_file_changes_nothing() {
+    use sgw::proto::v1::operations_service_client::OperationsServiceClient;
+    let env = Env::new();
+    env.set_tls_watch(false);
+    let gw = env.start().await;
+    let mut ops = OperationsServiceClient::new(gw.connect_as(&env, Role::Operator, "ops").await);
+    let status = ops
+        .get_tls_status(GetTlsStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(
+        status.server_cert_serial,
+        served_serial(&env, gw.addr).await
+    );
+    assert!(status.server_days_until_expiry > 300, "{status:?}");
+    assert_eq!(status.client_cas.len(), 1);
+
+    // A key that does not match its certificate: FAILED_PRECONDITION naming the file.
+    let renewed = sgw::pki::renew_server(&env.pki_dir(), 30, &[], &[]).expect("renew");
+    let stray = sgw::pki::Ca::generate("stray", 30).unwrap();
+    std::fs::write(env.pki_dir().join("server.key"), stray.key_pem()).unwrap();
+    let err = ops
+        .reload_tls(ReloadTlsRequest {})
+        .await
+        .expect_err("mismatched key");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("server.key"), "{err:?}");
+    assert_eq!(
+        served_serial(&env, gw.addr).await,
+        status.server_cert_serial,
+        "unchanged"
+    );
+
+    // A certificate that does not parse.
+    std::fs::write(
+        env.pki_dir().join("server.pem"),
+        "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let err = ops
+        .reload_tls(ReloadTlsRequest {})
+        .await
+        .expect_err("broken certificate");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("server.pem"), "{err:?}");
+
+    // Fixed: the reload goes through and the status shows the new certificate.
+    let good = sgw::pki::renew_server(&env.pki_dir(), 30, &[], &[]).expect("renew");
+    assert_ne!(good.serial_hex, renewed.serial_hex);
+    let status = ops
+        .reload_tls(ReloadTlsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.server_cert_serial, good.serial_hex);
+    assert!(status.server_days_until_expiry <= 30);
+    assert_eq!(served_serial(&env, gw.addr).await, good.serial_hex);
+
+    // Both refusals and the reload are in the audit log.
+    let mut auditor = AuditServiceClient::new(gw.connect_as(&env, Role::Auditor, "dpo").await);
+    let reloads = auditor
+        .query_disclosures(QueryDisclosuresRequest {
+            action: AuditAction::TlsReloaded as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let outcomes: Vec<i32> = reloads.iter().map(|e| e.outcome).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            AuditOutcome::Denied as i32,
+            AuditOutcome::Denied as i32,
+            AuditOutcome::Allowed as i32
+        ]
+    );
+    assert!(reloads.iter().all(|e| e.actor_id == "ops"));
     gw.stop().await;
 }

@@ -158,6 +158,11 @@ impl App {
         self
     }
 
+    /// The live TLS state.
+    pub fn tls(&self) -> Option<Arc<TlsState>> {
+        self.tls.clone()
+    }
+
     /// Re-reads the TLS files. On success new handshakes use the new material and
     /// the reload is audited (TLS_RELOADED, with old and new fingerprints); on
     /// failure the running configuration is untouched and the error names the file.
@@ -169,7 +174,20 @@ impl App {
         let reloaded = tokio::task::spawn_blocking(move || tls.reload())
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-        let (old, new) = reloaded.map_err(|e| ApiError::Precondition(e.to_string()))?;
+        let (old, new) = match reloaded {
+            Ok(pair) => pair,
+            Err(e) => {
+                let mut entry = NewEntry::new(
+                    actor,
+                    AuditAction::TlsReloaded,
+                    AuditOutcome::Denied,
+                    request_id,
+                );
+                entry.reason = format!("refused, running configuration unchanged: {e}");
+                self.auditor.append(entry).await?;
+                return Err(ApiError::Precondition(e.to_string()));
+            }
+        };
         let mut entry = NewEntry::new(
             actor,
             AuditAction::TlsReloaded,
@@ -195,6 +213,7 @@ impl App {
         );
         self.auditor.append(entry).await?;
         tracing::info!(server_cert = %new.server_cert.sha256_hex, serial = %new.server_cert.serial_hex, "TLS material reloaded");
+        warn_of_expiry(&new, self.clock.now().unix_timestamp());
         Ok(())
     }
 
@@ -259,7 +278,7 @@ impl App {
                     .max_encoding_message_size(max),
             )
             .add_service(
-                OperationsServiceServer::new(operations::Operations)
+                OperationsServiceServer::new(operations::Operations::new(self.clone()))
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
             )
@@ -268,6 +287,21 @@ impl App {
     /// Flushes and closes stores after the last call, releasing their file locks.
     pub async fn close(&self) {
         self.auditor.close().await;
+    }
+}
+
+/// Logs a warning for a server certificate or client CA that expires within 30 days.
+pub fn warn_of_expiry(material: &crate::tls::TlsMaterial, now: i64) {
+    const WARN_DAYS: i64 = 30;
+    let days = operations::days_until(material.server_cert.not_after, now);
+    if days < WARN_DAYS {
+        tracing::warn!(days, serial = %material.server_cert.serial_hex, "the server certificate expires soon: renew it (sgw certs renew-server, then reload)");
+    }
+    for ca in &material.client_cas {
+        let days = operations::days_until(ca.not_after, now);
+        if days < WARN_DAYS {
+            tracing::warn!(days, ca = %ca.sha256_hex, subject = %ca.subject, "a trusted client CA expires soon: roll over to its successor");
+        }
     }
 }
 

@@ -103,6 +103,8 @@ pub struct TlsMaterial {
     pub crl_serials: HashSet<String>,
     /// SHA-256 of every input file's bytes, to notice a file replaced on disk.
     pub file_digests: Vec<(PathBuf, [u8; 32])>,
+    /// When this material was loaded, unix seconds.
+    pub loaded_at: i64,
 }
 
 /// The live TLS state shared by the acceptor, the authentication layer and the
@@ -148,6 +150,34 @@ impl TlsState {
     /// The configured file paths.
     pub fn paths(&self) -> &TlsPaths {
         &self.paths
+    }
+
+    /// Whether any configured file's content differs from what the material in
+    /// force was loaded from (a file replaced in place, a symlink swapped, a file
+    /// removed).
+    pub fn files_changed(&self) -> bool {
+        let current = self.current();
+        current
+            .file_digests
+            .iter()
+            .any(|(path, digest)| match std::fs::read(path) {
+                Ok(bytes) => ring::digest::digest(&SHA256, &bytes).as_ref() != digest,
+                Err(_) => true,
+            })
+    }
+
+    /// A fingerprint of the files as they are on disk now, to avoid retrying a
+    /// reload of the same broken content over and over.
+    pub fn disk_fingerprint(&self) -> Vec<u8> {
+        let mut all = Vec::new();
+        for path in std::iter::once(&self.paths.cert)
+            .chain([&self.paths.key, &self.paths.client_ca])
+            .chain(self.paths.crl.iter())
+        {
+            let bytes = std::fs::read(path).unwrap_or_default();
+            all.extend_from_slice(digest(&SHA256, &bytes).as_ref());
+        }
+        all
     }
 }
 
@@ -337,6 +367,7 @@ impl TlsMaterial {
             client_cas,
             crl_serials,
             file_digests,
+            loaded_at: now.as_secs() as i64,
         })
     }
 }

@@ -278,3 +278,15 @@ impl Process {
         assert!(status.success(), "{status:?}");
     }
 }
+
+impl Env {
+    /// Sets `[tls] watch` in the config.
+    pub fn set_tls_watch(&self, watch: bool) {
+        let text = std::fs::read_to_string(self.config_path()).expect("read config");
+        let text = text.replace(
+            "crl = [\"certs/dev/crl.pem\"]",
+            &format!("crl = [\"certs/dev/crl.pem\"]\nwatch = {watch}"),
+        );
+        std::fs::write(self.config_path(), text).expect("write config");
+    }
+}
