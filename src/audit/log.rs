@@ -11,10 +11,13 @@
 //! | `m` | the tree size (u64) |
 //! | `o` | the log's origin name (`log_id`), fixed at creation |
 //! | `c` size | a signed checkpoint: timestamp (u64) ‖ root (32) ‖ signature (64) |
-//! | `s` subject-ref (32) seq | index by child |
-//! | `a` len id seq | index by actor |
-//! | `t` len id seq | index by target agency |
-//! | `k` action (u32) seq | index by action |
+//! | `s` subject-ref (64 hex) first-seq | index by child: the seqs of one commit |
+//! | `a` len id first-seq | index by actor |
+//! | `t` len id first-seq | index by target agency |
+//! | `k` action (u32) first-seq | index by action |
+//!
+//! Index values are posting lists: the ascending seqs (u64 each) that one group
+//! commit added for that index value, keyed by the first of them.
 //!
 //! Entry times never decrease with seq (the writer makes it so), which lets a time
 //! range be found by binary search over seq instead of another index.
@@ -87,6 +90,24 @@ pub(crate) fn action_index_prefix(action: i32) -> Vec<u8> {
     let mut k = vec![BY_ACTION];
     k.extend_from_slice(&(action as u32).to_be_bytes());
     k
+}
+
+/// The key of a posting list: the index prefix and the list's first seq.
+pub(crate) fn posting_key(mut prefix: Vec<u8>, first_seq: u64) -> Vec<u8> {
+    prefix.extend_from_slice(&first_seq.to_be_bytes());
+    prefix
+}
+
+/// A posting list's value: its seqs, ascending, 8 bytes each.
+pub(crate) fn encode_postings(seqs: &[u64]) -> Vec<u8> {
+    seqs.iter().flat_map(|s| s.to_be_bytes()).collect()
+}
+
+fn decode_postings(bytes: &[u8]) -> Result<Vec<u64>, AuditError> {
+    if bytes.len() % 8 != 0 {
+        return Err(AuditError::Corrupt("malformed index posting list".into()));
+    }
+    Ok(bytes.chunks_exact(8).filter_map(read_u64).collect())
 }
 
 /// Context bytes for sealing entry `seq`.
@@ -268,15 +289,26 @@ impl AuditLog {
         size: u64,
     ) -> Result<impl Iterator<Item = Result<u64, AuditError>>, AuditError> {
         let tree = self.tree()?;
-        let mut start = prefix.clone();
-        start.extend_from_slice(&from_seq.to_be_bytes());
-        let mut end = prefix;
-        end.extend_from_slice(&size.to_be_bytes());
-        Ok(tree.range(start..end).map(|kv| {
-            let (k, _) = kv?;
-            read_u64(&k[k.len() - 8..])
-                .ok_or_else(|| AuditError::Corrupt("malformed index key".into()))
-        }))
+        let at = posting_key(prefix.clone(), from_seq);
+        // The list that may hold `from_seq` starts at or before it.
+        let start = match tree.range(posting_key(prefix.clone(), 0)..=at.clone()).next_back() {
+            Some(kv) => kv?.0.to_vec(),
+            None => at,
+        };
+        let end = posting_key(prefix, size);
+        Ok(tree
+            .range(start..end)
+            .flat_map(move |kv| {
+                let seqs = kv.map_err(AuditError::from).and_then(|(_, v)| decode_postings(&v));
+                match seqs {
+                    Ok(seqs) => seqs.into_iter().map(Ok).collect::<Vec<_>>(),
+                    Err(e) => vec![Err(e)],
+                }
+            })
+            .filter(move |s| match s {
+                Ok(seq) => *seq >= from_seq && *seq < size,
+                Err(_) => true,
+            }))
     }
 
     pub(crate) fn read(&self, seq: u64) -> Result<AuditEntry, AuditError> {

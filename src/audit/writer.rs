@@ -401,6 +401,9 @@ impl Writer {
     ) -> Result<(Vec<Durable>, Option<CheckpointResult>), AuditError> {
         let mut batch = sled::Batch::default();
         let mut pending: HashMap<(u8, u64), Hash> = HashMap::new();
+        // One posting list per index value per commit, not one key per entry: sled
+        // copies a leaf node on every insert, and index keys land in many leaves.
+        let mut postings: std::collections::BTreeMap<Vec<u8>, Vec<u64>> = Default::default();
         let mut receipts = Vec::with_capacity(commands.len());
         let mut wants_checkpoint = false;
         let now = micros(&*self.clock);
@@ -436,20 +439,13 @@ impl Writer {
                 .seal(&log::seal_context(seq), &canonical)
                 .map_err(|e| AuditError::Unavailable(e.to_string()))?;
             batch.insert(&log::entry_key(seq), sealed);
-            let seq_bytes = seq.to_be_bytes();
-            let mut index = |mut prefix: Vec<u8>| {
-                prefix.extend_from_slice(&seq_bytes);
-                batch.insert(prefix, &[]);
-            };
+            let mut index = |prefix: Vec<u8>| postings.entry(prefix).or_default().push(seq);
             if !record.subject_ref.is_empty() {
                 index(log::subject_index_prefix(&record.subject_ref));
             }
             index(log::text_index_prefix(log::BY_ACTOR, &record.actor_id));
             if !record.target_agency_id.is_empty() {
-                index(log::text_index_prefix(
-                    log::BY_TARGET,
-                    &record.target_agency_id,
-                ));
+                index(log::text_index_prefix(log::BY_TARGET, &record.target_agency_id));
             }
             index(log::action_index_prefix(record.action));
             receipts.push(Durable {
@@ -458,6 +454,9 @@ impl Writer {
             });
             self.size += 1;
             self.last_time = time;
+        }
+        for (prefix, seqs) in postings {
+            batch.insert(log::posting_key(prefix, seqs[0]), log::encode_postings(&seqs));
         }
         batch.insert(log::SIZE, &self.size.to_be_bytes());
 
