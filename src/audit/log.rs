@@ -7,7 +7,7 @@
 //! | key | value |
 //! | --- | --- |
 //! | `e` seq | the entry's canonical bytes, sealed (AES-256-GCM, seq as associated data) |
-//! | `n` level index | hash of the complete subtree of leaves `[index·2^level, (index+1)·2^level)` |
+//! | `n` level tile | hashes of up to 64 consecutive complete subtrees of one level: node `index` covers leaves `[index·2^level, (index+1)·2^level)` and sits in tile `index / 64`, slot `index % 64` |
 //! | `m` | the tree size (u64) |
 //! | `o` | the log's origin name (`log_id`), fixed at creation |
 //! | `c` size | a signed checkpoint: timestamp (u64) ‖ root (32) ‖ signature (64) |
@@ -55,10 +55,16 @@ pub(crate) fn entry_key(seq: u64) -> [u8; 9] {
     k
 }
 
-pub(crate) fn node_key(level: u8, index: u64) -> [u8; 10] {
+/// Merkle nodes are stored in tiles: the hashes of up to [`TILE_WIDTH`]
+/// consecutive nodes of one level in one value, so a group commit rewrites a few
+/// tiles instead of inserting a key per node.
+pub(crate) const TILE_WIDTH: u64 = 64;
+
+/// The key of the tile holding node `index` of `level`.
+pub(crate) fn tile_key(level: u8, index: u64) -> [u8; 10] {
     let mut k = [NODE; 10];
     k[1] = level;
-    k[2..].copy_from_slice(&index.to_be_bytes());
+    k[2..].copy_from_slice(&(index / TILE_WIDTH).to_be_bytes());
     k
 }
 
@@ -149,13 +155,12 @@ impl NodeSource for SledNodes<'_> {
     type Error = AuditError;
 
     fn node(&self, level: u8, index: u64) -> Result<Hash, AuditError> {
-        let v = self
-            .0
-            .get(node_key(level, index))?
-            .ok_or_else(|| AuditError::Corrupt(format!("missing Merkle node {level}/{index}")))?;
-        v.as_ref()
-            .try_into()
-            .map_err(|_| AuditError::Corrupt(format!("malformed Merkle node {level}/{index}")))
+        let missing = || AuditError::Corrupt(format!("missing Merkle node {level}/{index}"));
+        let tile = self.0.get(tile_key(level, index))?.ok_or_else(missing)?;
+        let slot = (index % TILE_WIDTH) as usize * 32;
+        tile.get(slot..slot + 32)
+            .and_then(|h| h.try_into().ok())
+            .ok_or_else(missing)
     }
 }
 
@@ -291,7 +296,10 @@ impl AuditLog {
         let tree = self.tree()?;
         let at = posting_key(prefix.clone(), from_seq);
         // The list that may hold `from_seq` starts at or before it.
-        let start = match tree.range(posting_key(prefix.clone(), 0)..=at.clone()).next_back() {
+        let start = match tree
+            .range(posting_key(prefix.clone(), 0)..=at.clone())
+            .next_back()
+        {
             Some(kv) => kv?.0.to_vec(),
             None => at,
         };
@@ -299,7 +307,9 @@ impl AuditLog {
         Ok(tree
             .range(start..end)
             .flat_map(move |kv| {
-                let seqs = kv.map_err(AuditError::from).and_then(|(_, v)| decode_postings(&v));
+                let seqs = kv
+                    .map_err(AuditError::from)
+                    .and_then(|(_, v)| decode_postings(&v));
                 match seqs {
                     Ok(seqs) => seqs.into_iter().map(Ok).collect::<Vec<_>>(),
                     Err(e) => vec![Err(e)],

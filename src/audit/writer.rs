@@ -404,6 +404,7 @@ impl Writer {
         // One posting list per index value per commit, not one key per entry: sled
         // copies a leaf node on every insert, and index keys land in many leaves.
         let mut postings: std::collections::BTreeMap<Vec<u8>, Vec<u64>> = Default::default();
+        let mut tiles: std::collections::BTreeMap<[u8; 10], Vec<u8>> = Default::default();
         let mut receipts = Vec::with_capacity(commands.len());
         let mut wants_checkpoint = false;
         let now = micros(&*self.clock);
@@ -430,7 +431,22 @@ impl Writer {
                 },
             )?;
             for (level, index, hash) in nodes {
-                batch.insert(&log::node_key(level, index), &hash);
+                let key = log::tile_key(level, index);
+                let tile = match tiles.entry(key) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(store.tree.get(key)?.map(|v| v.to_vec()).unwrap_or_default())
+                    }
+                };
+                // Nodes of a level complete in order, so each lands at the tile's end.
+                let slot = (index % log::TILE_WIDTH) as usize * 32;
+                if tile.len() != slot {
+                    return Err(AuditError::Corrupt(format!(
+                        "Merkle tile for node {level}/{index} holds {} bytes, expected {slot}",
+                        tile.len()
+                    )));
+                }
+                tile.extend_from_slice(&hash);
                 pending.insert((level, index), hash);
             }
             let sealed = self
@@ -445,7 +461,10 @@ impl Writer {
             }
             index(log::text_index_prefix(log::BY_ACTOR, &record.actor_id));
             if !record.target_agency_id.is_empty() {
-                index(log::text_index_prefix(log::BY_TARGET, &record.target_agency_id));
+                index(log::text_index_prefix(
+                    log::BY_TARGET,
+                    &record.target_agency_id,
+                ));
             }
             index(log::action_index_prefix(record.action));
             receipts.push(Durable {
@@ -455,8 +474,14 @@ impl Writer {
             self.size += 1;
             self.last_time = time;
         }
+        for (key, tile) in tiles {
+            batch.insert(&key, tile);
+        }
         for (prefix, seqs) in postings {
-            batch.insert(log::posting_key(prefix, seqs[0]), log::encode_postings(&seqs));
+            batch.insert(
+                log::posting_key(prefix, seqs[0]),
+                log::encode_postings(&seqs),
+            );
         }
         batch.insert(log::SIZE, &self.size.to_be_bytes());
 
