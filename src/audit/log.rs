@@ -110,7 +110,7 @@ pub(crate) fn encode_postings(seqs: &[u64]) -> Vec<u8> {
 }
 
 fn decode_postings(bytes: &[u8]) -> Result<Vec<u64>, AuditError> {
-    if bytes.len() % 8 != 0 {
+    if !bytes.len().is_multiple_of(8) {
         return Err(AuditError::Corrupt("malformed index posting list".into()));
     }
     Ok(bytes.chunks_exact(8).filter_map(read_u64).collect())
