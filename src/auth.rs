@@ -208,6 +208,8 @@ where
                 Box::pin(async move { Ok(resp) })
             }
             Ok(caller) => {
+                let revocations = self.ctx.revocations.clone();
+                let serial = caller.serial_hex.clone();
                 req.extensions_mut().insert(caller);
                 req.extensions_mut().insert(RequestId(request_id));
                 // The clone is ready-polled by the next poll_ready; take the ready one.
@@ -223,10 +225,18 @@ where
                         log.finish(code);
                         return Ok(resp);
                     }
+                    let guard = RevocationGuard {
+                        changes: tokio_stream::wrappers::WatchStream::from_changes(
+                            revocations.subscribe(),
+                        ),
+                        revocations,
+                        serial,
+                    };
                     Ok(resp.map(|body| {
                         Body::new(LoggedBody {
                             inner: body,
                             log: Some(log),
+                            guard: Some(guard),
                         })
                     }))
                 })
@@ -269,11 +279,34 @@ impl CallLog {
     }
 }
 
+/// Ends a response stream with UNAUTHENTICATED as soon as the caller's certificate
+/// is revoked (by an operator or a newly loaded CRL), whatever the stream is doing.
+struct RevocationGuard {
+    changes: tokio_stream::wrappers::WatchStream<u64>,
+    revocations: Arc<Revocations>,
+    serial: String,
+}
+
+impl RevocationGuard {
+    /// Ready with `true` once the certificate is revoked.
+    fn poll_revoked(&mut self, cx: &mut Context<'_>) -> bool {
+        use tokio_stream::Stream;
+        while let Poll::Ready(Some(_)) = Pin::new(&mut self.changes).poll_next(cx) {
+            if self.revocations.is_revoked(&self.serial) {
+                return true;
+            }
+        }
+        false
+    }
+}
+
 /// A response body that logs the call when its trailers pass (or when the client
-/// goes away first), so streams are logged with their real outcome and duration.
+/// goes away first), so streams are logged with their real outcome and duration,
+/// and that cuts the stream off if the caller's certificate is revoked meanwhile.
 struct LoggedBody {
     inner: Body,
     log: Option<CallLog>,
+    guard: Option<RevocationGuard>,
 }
 
 impl http_body::Body for LoggedBody {
@@ -284,6 +317,28 @@ impl http_body::Body for LoggedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if let Some(guard) = self.guard.as_mut() {
+            if guard.poll_revoked(cx) {
+                let serial = guard.serial.clone();
+                self.guard = None;
+                let status = Status::unauthenticated(format!(
+                    "client certificate serial {serial} has been revoked"
+                ));
+                let mut trailers = http::HeaderMap::new();
+                if status.add_header(&mut trailers).is_err() {
+                    trailers.insert(
+                        "grpc-status",
+                        HeaderValue::from(Code::Unauthenticated as i32),
+                    );
+                }
+                if let Some(log) = self.log.take() {
+                    log.finish(Code::Unauthenticated);
+                }
+                // Replace the inner body so nothing more is sent after the trailers.
+                self.inner = Body::empty();
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -309,7 +364,7 @@ impl http_body::Body for LoggedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.guard.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {

@@ -223,3 +223,131 @@ async fn operators_reload_and_read_tls_status_and_a_broken_file_changes_nothing(
     assert!(reloads.iter().all(|e| e.actor_id == "ops"));
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_agency_is_cut_off_at_once_and_after_a_restart() {
+    use sgw::proto::v1::operations_service_client::OperationsServiceClient;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let env = Env::new();
+    let gw = common::spawn_gateway(&env).await;
+    let ca = env.ca_pem();
+    let (police_cert, police_key) = env.identity(Role::Agency, "police-met");
+    let (school_cert, school_key) = env.identity(Role::Agency, "school-oakfield");
+    let police = common::connect(gw.addr, &ca, Some((&police_cert, &police_key)))
+        .await
+        .unwrap();
+    let school = common::connect(gw.addr, &ca, Some((&school_cert, &school_key)))
+        .await
+        .unwrap();
+    let mut police_health = HealthClient::new(police.clone());
+    let mut stream = police_health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    assert!(stream.message().await.expect("first status").is_some());
+
+    let (ops_cert, ops_key) = env.identity(Role::Operator, "ops");
+    let ops_channel = common::connect(gw.addr, &ca, Some((&ops_cert, &ops_key)))
+        .await
+        .unwrap();
+    let mut ops = OperationsServiceClient::new(ops_channel);
+    let err = ops
+        .revoke_certificate(RevokeCertificateRequest {
+            serial_hex: "not hex".into(),
+            reason: "x".into(),
+        })
+        .await
+        .expect_err("bad serial");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let serial = sgw::pki::serial_hex_of_pem(&police_cert).unwrap();
+    let status = ops
+        .revoke_certificate(RevokeCertificateRequest {
+            serial_hex: serial.to_uppercase(),
+            reason: "laptop stolen".into(),
+        })
+        .await
+        .expect("revoke")
+        .into_inner()
+        .status
+        .unwrap();
+    assert!(status.revoked_serials.contains(&serial), "{status:?}");
+
+    // The open stream ends with UNAUTHENTICATED within a second.
+    let ended = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends within a second");
+    let err = ended.expect_err("ends with an error status");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("revoked"), "{err:?}");
+
+    // The next call on the open connection is refused; others carry on.
+    let err = police_health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect_err("revoked");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    HealthClient::new(school.clone())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("the school is unaffected");
+
+    // A new connection is refused at the handshake.
+    let fresh = match common::connect(gw.addr, &ca, Some((&police_cert, &police_key))).await {
+        Err(_) => None,
+        Ok(ch) => Some(common::health(ch).await),
+    };
+    if let Some(result) = fresh {
+        let err = result.expect_err("new connection refused");
+        assert_ne!(err.code(), tonic::Code::Ok);
+    }
+
+    // After a restart it is still refused, and the revocation is in the audit log.
+    gw.stop().await;
+    let gw = common::spawn_gateway(&env).await;
+    let again = match common::connect(gw.addr, &ca, Some((&police_cert, &police_key))).await {
+        Err(_) => None,
+        Ok(ch) => Some(common::health(ch).await),
+    };
+    if let Some(result) = again {
+        assert!(result.is_err(), "still refused after a restart");
+    }
+    let school = common::connect(gw.addr, &ca, Some((&school_cert, &school_key)))
+        .await
+        .unwrap();
+    assert_eq!(common::health(school).await.unwrap(), 1);
+    let (cert, key) = env.identity(Role::Auditor, "dpo");
+    let mut auditor = AuditServiceClient::new(
+        common::connect(gw.addr, &ca, Some((&cert, &key)))
+            .await
+            .unwrap(),
+    );
+    let entries = auditor
+        .query_disclosures(QueryDisclosuresRequest {
+            action: AuditAction::CertificateRevoked as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].object_id, serial);
+    assert_eq!(entries[0].actor_id, "ops");
+    gw.stop().await;
+}

@@ -137,12 +137,20 @@ impl App {
                 .await
                 .map_err(|e| AuditError::Unavailable(e.to_string()))??
         };
+        // Operator revocations persist as CERTIFICATE_REVOKED entries of the audit
+        // log: the log is their durable record, read back at every start.
+        let revoked = {
+            let log = auditor.log().clone();
+            tokio::task::spawn_blocking(move || revoked_serials(&log))
+                .await
+                .map_err(|e| AuditError::Unavailable(e.to_string()))??
+        };
         Ok(App {
             config,
             keys,
             auditor,
             clock,
-            revocations: Arc::new(Revocations::default()),
+            revocations: Arc::new(Revocations::new(revoked)),
             tls: None,
         })
     }
@@ -156,6 +164,38 @@ impl App {
     pub fn with_tls(mut self, tls: Arc<TlsState>) -> Self {
         self.tls = Some(tls);
         self
+    }
+
+    /// Revokes a certificate serial: audited (CERTIFICATE_REVOKED) durably first, which
+    /// is also what makes it survive a restart, then applied to every later handshake
+    /// and call and to open streams. Revoking a revoked serial again changes nothing.
+    pub async fn revoke(&self, ctx: &Ctx, serial_hex: &str, reason: &str) -> Result<(), ApiError> {
+        let serial = crate::tls::normalise_serial(serial_hex).ok_or_else(|| {
+            ApiError::Invalid(format!(
+                "serial_hex {serial_hex:?} is not a certificate serial: give hex digits, colons allowed"
+            ))
+        })?;
+        let reason = reason.trim();
+        if reason.is_empty() || reason.chars().count() > 500 {
+            return Err(ApiError::Invalid(
+                "reason is required, at most 500 characters".into(),
+            ));
+        }
+        if self.revocations.is_revoked(&serial) {
+            return Ok(());
+        }
+        let mut entry = NewEntry::new(
+            Actor::from(&ctx.caller),
+            AuditAction::CertificateRevoked,
+            AuditOutcome::Allowed,
+            &ctx.request_id,
+        );
+        entry.object_id = serial.clone();
+        entry.reason = reason.to_owned();
+        self.auditor.append(entry).await?;
+        self.revocations.revoke(&serial);
+        tracing::warn!(serial = %serial, operator = %ctx.caller.id, "certificate revoked");
+        Ok(())
     }
 
     /// The live TLS state.
@@ -287,6 +327,31 @@ impl App {
     /// Flushes and closes stores after the last call, releasing their file locks.
     pub async fn close(&self) {
         self.auditor.close().await;
+    }
+}
+
+/// The serials revoked by operators, from the audit log.
+fn revoked_serials(
+    log: &crate::audit::AuditLog,
+) -> Result<std::collections::HashSet<String>, AuditError> {
+    let filter = crate::audit::query::Filter {
+        action: Some(AuditAction::CertificateRevoked as i32),
+        ..Default::default()
+    };
+    let mut serials = std::collections::HashSet::new();
+    let mut token = String::new();
+    loop {
+        let page = crate::audit::query::run(log, &filter, &token, 1000, usize::MAX)?;
+        serials.extend(
+            page.entries
+                .into_iter()
+                .filter(|e| e.outcome == AuditOutcome::Allowed as i32)
+                .map(|e| e.object_id),
+        );
+        match page.next_page_token {
+            Some(t) => token = t,
+            None => return Ok(serials),
+        }
     }
 }
 

@@ -96,11 +96,16 @@ impl OperationsService for Operations {
 
     async fn revoke_certificate(
         &self,
-        _req: Request<RevokeCertificateRequest>,
+        req: Request<RevokeCertificateRequest>,
     ) -> Result<Response<RevokeCertificateResponse>, Status> {
-        Err(super::not_yet(
-            "OperationsService.RevokeCertificate",
-            "certificate revocation",
-        ))
+        let ctx = request_context(&req)?;
+        let req = req.into_inner();
+        self.app
+            .revoke(&ctx, &req.serial_hex, &req.reason)
+            .await
+            .map_err(|e| e.into_status(&ctx.request_id))?;
+        Ok(Response::new(RevokeCertificateResponse {
+            status: Some(self.status()?),
+        }))
     }
 }

@@ -181,13 +181,20 @@ impl TlsState {
     }
 }
 
-/// Serials that must be refused: those revoked by an operator (persisted by the
-/// caller) and those listed in the configured CRLs. Checked at every handshake and on
-/// every call, so a revocation reaches connections that are already open.
-#[derive(Debug, Default)]
+/// Serials that must be refused: those revoked by an operator (persisted in the
+/// audit log) and those listed in the configured CRLs. Checked at every handshake and
+/// on every call, and every change is announced so open streams can end at once.
+#[derive(Debug)]
 pub struct Revocations {
     operator: ArcSwap<HashSet<String>>,
     crl: ArcSwap<HashSet<String>>,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Revocations {
+    fn default() -> Self {
+        Revocations::new(HashSet::new())
+    }
 }
 
 impl Revocations {
@@ -196,21 +203,29 @@ impl Revocations {
         Revocations {
             operator: ArcSwap::from_pointee(operator),
             crl: ArcSwap::default(),
+            changes: tokio::sync::watch::channel(0).0,
         }
     }
 
-    /// Whether a serial (normalised lower-case hex) is revoked.
+    /// Whether a serial (canonical lower-case hex) is revoked.
     pub fn is_revoked(&self, serial_hex: &str) -> bool {
         self.operator.load().contains(serial_hex) || self.crl.load().contains(serial_hex)
     }
 
-    /// Adds an operator revocation; it applies from the next handshake and call on.
+    /// Adds an operator revocation; it applies from the next handshake and call on,
+    /// and ends that certificate's open streams.
     pub fn revoke(&self, serial_hex: &str) {
         self.operator.rcu(|set| {
             let mut set = HashSet::clone(set);
             set.insert(serial_hex.to_owned());
             set
         });
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Announces each change of the revoked set.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Every revoked serial, sorted.
@@ -224,6 +239,7 @@ impl Revocations {
 
     fn set_crl(&self, serials: HashSet<String>) {
         self.crl.store(Arc::new(serials));
+        self.changes.send_modify(|n| *n += 1);
     }
 }
 
