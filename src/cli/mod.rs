@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod certs;
 pub mod client;
+pub mod ops;
 pub mod serve;
 
 use std::process::ExitCode;
@@ -34,6 +35,9 @@ pub enum Command {
     /// Verify or query the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Operate a running gateway: TLS status, reload, revoke.
+    #[command(subcommand)]
+    Ops(ops::OpsCommand),
 }
 
 /// Runs a parsed command line.
@@ -42,5 +46,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve::run(args, cli.log_format),
         Command::Certs(cmd) => certs::run(cmd),
         Command::Audit(cmd) => audit::run(cmd),
+        Command::Ops(cmd) => ops::run(cmd),
     }
 }
