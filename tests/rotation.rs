@@ -351,3 +351,119 @@ async fn a_revoked_agency_is_cut_off_at_once_and_after_a_restart() {
     assert_eq!(entries[0].actor_id, "ops");
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ca_rollover_admits_the_new_ca_then_drops_the_old_one() {
+    use sgw::pki::{Ca, CertSpec};
+    use sgw::proto::v1::operations_service_client::OperationsServiceClient;
+
+    let env = Env::new();
+    env.set_tls_watch(false);
+    let gw = env.start().await;
+    let old_ca_pem = env.ca_pem();
+    let new_ca = Ca::generate("agency CA 2027", 365).unwrap();
+    let from_new = new_ca
+        .issue(&CertSpec::client(common::TD, Role::Agency, "nhs-guys", 30))
+        .unwrap();
+    let refused = |r: Result<i32, tonic::Status>| r.is_err();
+
+    // Before the rollover, the new CA's client is refused.
+    let before = match gw.connect(&from_new.cert_pem, &from_new.key_pem).await {
+        Err(_) => true,
+        Ok(ch) => refused(common::health(ch).await),
+    };
+    assert!(before, "a client of an untrusted CA must be refused");
+
+    // Add the new CA to the bundle and reload: both CAs' clients are admitted.
+    let bundle = env.pki_dir().join("ca.pem");
+    std::fs::write(&bundle, format!("{old_ca_pem}{}", new_ca.cert_pem())).unwrap();
+    let mut ops = OperationsServiceClient::new(gw.connect_as(&env, Role::Operator, "ops").await);
+    let status = ops
+        .reload_tls(ReloadTlsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.client_cas.len(), 2);
+    let ch = gw
+        .connect(&from_new.cert_pem, &from_new.key_pem)
+        .await
+        .expect("new CA admitted");
+    assert_eq!(common::health(ch).await.unwrap(), 1);
+    let (old_cert, old_key) = env.identity(Role::Agency, "police-met");
+    let old_open = gw.connect(&old_cert, &old_key).await.unwrap();
+    assert_eq!(common::health(old_open.clone()).await.unwrap(), 1);
+
+    // Remove the old CA: its clients are refused on new connections.
+    std::fs::write(&bundle, new_ca.cert_pem()).unwrap();
+    // The operator's own certificate comes from the old CA, so reload over the
+    // connection it already has: open connections carry on.
+    let status = ops
+        .reload_tls(ReloadTlsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.client_cas.len(), 1);
+    let old_new_conn = match gw.connect(&old_cert, &old_key).await {
+        Err(_) => true,
+        Ok(ch) => refused(common::health(ch).await),
+    };
+    assert!(
+        old_new_conn,
+        "the old CA's client is refused on a new connection"
+    );
+    let ch = gw
+        .connect(&from_new.cert_pem, &from_new.key_pem)
+        .await
+        .expect("new CA still admitted");
+    assert_eq!(common::health(ch).await.unwrap(), 1);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_crl_ends_open_streams_of_the_certificates_it_lists() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let env = Env::new();
+    let gw = env.start().await; // [tls] watch = true: the new CRL file is picked up by itself
+    let (cert, key) = env.identity(Role::Agency, "school-oakfield");
+    let channel = gw.connect(&cert, &key).await.unwrap();
+    let mut stream = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+
+    let serial = sgw::pki::serial_hex_of_pem(&cert).unwrap();
+    sgw::pki::revoke_in_dir(&env.pki_dir(), &serial).expect("CRL updated");
+
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends once the CRL is loaded");
+    assert_eq!(
+        ended.expect_err("error status").code(),
+        tonic::Code::Unauthenticated
+    );
+    let err = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect_err("refused on the open connection");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    gw.stop().await;
+}
