@@ -50,15 +50,23 @@ pub struct AuthContext {
     config: Arc<Config>,
     revocations: Arc<Revocations>,
     ids: RequestIds,
+    draining: tokio_util::sync::CancellationToken,
 }
 
 impl AuthContext {
     /// Builds the context from the registry and the live revocation set.
-    pub fn new(config: Arc<Config>, revocations: Arc<Revocations>) -> Self {
+    /// `draining` is cancelled when the gateway starts shutting down: open response
+    /// streams then end with UNAVAILABLE so clients reconnect elsewhere or later.
+    pub fn new(
+        config: Arc<Config>,
+        revocations: Arc<Revocations>,
+        draining: tokio_util::sync::CancellationToken,
+    ) -> Self {
         AuthContext {
             config,
             revocations,
             ids: RequestIds::new(),
+            draining,
         }
     }
 
@@ -209,6 +217,7 @@ where
             }
             Ok(caller) => {
                 let revocations = self.ctx.revocations.clone();
+                let draining = Box::pin(self.ctx.draining.clone().cancelled_owned());
                 let serial = caller.serial_hex.clone();
                 req.extensions_mut().insert(caller);
                 req.extensions_mut().insert(RequestId(request_id));
@@ -231,6 +240,7 @@ where
                         ),
                         revocations,
                         serial,
+                        draining,
                     };
                     Ok(resp.map(|body| {
                         Body::new(LoggedBody {
@@ -281,22 +291,32 @@ impl CallLog {
 
 /// Ends a response stream with UNAUTHENTICATED as soon as the caller's certificate
 /// is revoked (by an operator or a newly loaded CRL), whatever the stream is doing.
+/// It also ends the stream with UNAVAILABLE when the gateway starts to drain.
 struct RevocationGuard {
     changes: tokio_stream::wrappers::WatchStream<u64>,
     revocations: Arc<Revocations>,
     serial: String,
+    draining: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
 impl RevocationGuard {
-    /// Ready with `true` once the certificate is revoked.
-    fn poll_revoked(&mut self, cx: &mut Context<'_>) -> bool {
+    /// The status to end the stream with, once there is a reason to.
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Option<Status> {
         use tokio_stream::Stream;
         while let Poll::Ready(Some(_)) = Pin::new(&mut self.changes).poll_next(cx) {
             if self.revocations.is_revoked(&self.serial) {
-                return true;
+                return Some(Status::unauthenticated(format!(
+                    "client certificate serial {} has been revoked",
+                    self.serial
+                )));
             }
         }
-        false
+        if self.draining.as_mut().poll(cx).is_ready() {
+            return Some(Status::unavailable(
+                "the gateway is shutting down; reconnect and resume from your last cursor",
+            ));
+        }
+        None
     }
 }
 
@@ -318,12 +338,8 @@ impl http_body::Body for LoggedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         if let Some(guard) = self.guard.as_mut() {
-            if guard.poll_revoked(cx) {
-                let serial = guard.serial.clone();
+            if let Some(status) = guard.poll_end(cx) {
                 self.guard = None;
-                let status = Status::unauthenticated(format!(
-                    "client certificate serial {serial} has been revoked"
-                ));
                 let mut trailers = http::HeaderMap::new();
                 if status.add_header(&mut trailers).is_err() {
                     trailers.insert(
@@ -332,7 +348,7 @@ impl http_body::Body for LoggedBody {
                     );
                 }
                 if let Some(log) = self.log.take() {
-                    log.finish(Code::Unauthenticated);
+                    log.finish(status.code());
                 }
                 // Replace the inner body so nothing more is sent after the trailers.
                 self.inner = Body::empty();

@@ -43,6 +43,7 @@ pub struct Bound {
     config: Arc<Config>,
     app: Arc<api::App>,
     auth: Arc<AuthContext>,
+    stop: CancellationToken,
 }
 
 /// Binds the listen address and loads everything the gateway needs. Errors here are
@@ -75,7 +76,8 @@ pub async fn bind(config: Config) -> Result<Bound, ServeError> {
         handshake_timeout: config.limits.handshake_timeout,
     };
     let acceptor = Acceptor::new(listener, tls.clone(), limits);
-    let auth = Arc::new(AuthContext::new(config.clone(), revocations));
+    let stop = CancellationToken::new();
+    let auth = Arc::new(AuthContext::new(config.clone(), revocations, stop.clone()));
     let app = Arc::new(app.with_tls(tls));
     Ok(Bound {
         acceptor,
@@ -83,6 +85,7 @@ pub async fn bind(config: Config) -> Result<Bound, ServeError> {
         config,
         app,
         auth,
+        stop,
     })
 }
 
@@ -101,10 +104,10 @@ impl Bound {
             config,
             app,
             auth,
+            stop,
             ..
         } = self;
         let limits = &config.limits;
-        let stop = CancellationToken::new();
         let incoming = acceptor.incoming(stop.clone());
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();

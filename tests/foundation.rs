@@ -310,3 +310,48 @@ async fn serve_dev_in_an_empty_folder_answers_its_own_dev_certificate() {
         .unwrap();
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_open_streams_with_unavailable_and_exits_promptly() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let env = Env::new();
+    let mut gw = common::spawn_gateway(&env).await;
+    let (cert, key) = env.identity(Role::Agency, "school-oakfield");
+    let channel = connect(gw.addr, &env.ca_pem(), Some((&cert, &key)))
+        .await
+        .unwrap();
+    let mut stream = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    let started = std::time::Instant::now();
+    common::terminate(&mut gw.child).await;
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends during the drain");
+    let status = end.expect_err("ends with a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
+    let exit = tokio::time::timeout(Duration::from_secs(5), gw.child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert!(exit.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "well inside the 10 s grace"
+    );
+}

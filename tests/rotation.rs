@@ -467,3 +467,96 @@ async fn a_new_crl_ends_open_streams_of_the_certificates_it_lists() {
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_under_load_fails_no_call_and_keeps_streams_open() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let env = Env::new();
+    env.set_tls_watch(false);
+    let gw = env.start().await;
+    let before = served_serial(&env, gw.addr).await;
+
+    // A stream that stays open across the rotation.
+    let (cert, key) = env.identity(Role::Agency, "school-oakfield");
+    let mut stream = HealthClient::new(gw.connect(&cert, &key).await.unwrap())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+
+    // Unary callers on their own connections, and callers that reconnect each time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut tasks = Vec::new();
+    for (i, id) in [
+        "police-met",
+        "nhs-guys",
+        "csc-southwark",
+        "housing-southwark",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (cert, key) = env.identity(Role::Agency, id);
+        let (stop, ok, failed, addr, ca) = (
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            gw.addr,
+            env.ca_pem(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut channel = common::connect(addr, &ca, Some((&cert, &key)))
+                .await
+                .unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                if i % 2 == 1 {
+                    channel = common::connect(addr, &ca, Some((&cert, &key)))
+                        .await
+                        .unwrap();
+                }
+                match common::health(channel.clone()).await {
+                    Ok(1) => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let renewed = sgw::pki::renew_server(&env.pki_dir(), 30, &[], &[]).unwrap();
+    let mut ops = sgw::proto::v1::operations_service_client::OperationsServiceClient::new(
+        gw.connect_as(&env, Role::Operator, "ops").await,
+    );
+    ops.reload_tls(ReloadTlsRequest {}).await.expect("reload");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        ok.load(Ordering::Relaxed) > 20,
+        "calls ran: {}",
+        ok.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no call failed during the rotation"
+    );
+    assert_ne!(before, renewed.serial_hex);
+    assert_eq!(served_serial(&env, gw.addr).await, renewed.serial_hex);
+    // The stream opened before the rotation is still open.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), stream.message())
+            .await
+            .is_err(),
+        "the stream is still open and waiting for the next status"
+    );
+    gw.stop().await;
+}

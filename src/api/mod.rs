@@ -411,15 +411,20 @@ async fn track_audit_health(
     reporter: HealthReporter,
     stop: CancellationToken,
 ) {
+    let mut reported = None;
     loop {
         let writable = log.borrow_and_update().writable;
-        let status = if writable {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        for name in SERVICES {
-            reporter.set_service_status(*name, status).await;
+        // The log's size changes with every commit; health only when writability does.
+        if reported != Some(writable) {
+            let status = if writable {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for name in SERVICES {
+                reporter.set_service_status(*name, status).await;
+            }
+            reported = Some(writable);
         }
         tokio::select! {
             _ = stop.cancelled() => break,
