@@ -40,5 +40,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .compile_fds(compiler.file_descriptor_set())?;
 
+    // The benchmark's bare echo baseline, kept out of the gateway's descriptor set.
+    let mut bench = protox::Compiler::new(["proto"])?;
+    bench.open_files(["sgw/bench/v1/echo.proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(bench.file_descriptor_set())?;
+
     Ok(())
 }

@@ -24,3 +24,15 @@ pub mod v1 {
 /// (`google/protobuf/timestamp.proto`), for gRPC server reflection
 /// (`tonic_reflection::server::Builder::register_encoded_file_descriptor_set`).
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("safeguard_descriptor");
+
+/// Package `sgw.bench.v1`: the bare echo service `sgw bench` uses as its baseline.
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic,
+    clippy::nursery
+)]
+pub mod bench {
+    tonic::include_proto!("sgw.bench.v1");
+}

@@ -1,6 +1,7 @@
 //! The command line: one file per subcommand. `anyhow` is used here and only here.
 
 pub mod audit;
+pub mod bench;
 pub mod certs;
 pub mod client;
 pub mod ops;
@@ -38,6 +39,11 @@ pub enum Command {
     /// Operate a running gateway: TLS status, reload, revoke.
     #[command(subcommand)]
     Ops(ops::OpsCommand),
+    /// Load-test a gateway, optionally against a bare mTLS echo baseline.
+    Bench(bench::BenchArgs),
+    /// The bench's echo baseline server (used by `sgw bench --baseline`).
+    #[command(hide = true)]
+    BenchEcho(bench::EchoArgs),
 }
 
 /// Runs a parsed command line.
@@ -47,5 +53,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Certs(cmd) => certs::run(cmd),
         Command::Audit(cmd) => audit::run(cmd),
         Command::Ops(cmd) => ops::run(cmd),
+        Command::Bench(args) => bench::run(args),
+        Command::BenchEcho(args) => bench::run_echo(args),
     }
 }
