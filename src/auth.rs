@@ -51,6 +51,7 @@ pub struct AuthContext {
     revocations: Arc<Revocations>,
     ids: RequestIds,
     draining: tokio_util::sync::CancellationToken,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AuthContext {
@@ -61,12 +62,14 @@ impl AuthContext {
         config: Arc<Config>,
         revocations: Arc<Revocations>,
         draining: tokio_util::sync::CancellationToken,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         AuthContext {
             config,
             revocations,
             ids: RequestIds::new(),
             draining,
+            metrics,
         }
     }
 
@@ -204,6 +207,7 @@ where
             caller_id,
             request_id: request_id.clone(),
             started,
+            metrics: self.ctx.metrics.clone(),
         };
         let header = HeaderValue::from_str(&request_id).ok();
         match decision {
@@ -242,9 +246,11 @@ where
                         serial,
                         draining,
                     };
+                    log.metrics.stream(1);
                     Ok(resp.map(|body| {
                         Body::new(LoggedBody {
                             inner: body,
+                            metrics: log.metrics.clone(),
                             log: Some(log),
                             guard: Some(guard),
                         })
@@ -272,11 +278,14 @@ struct CallLog {
     caller_id: Arc<str>,
     request_id: Arc<str>,
     started: Instant,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl CallLog {
     fn finish(self, code: Code) {
-        let latency_us = self.started.elapsed().as_micros() as u64;
+        let elapsed = self.started.elapsed();
+        self.metrics.call(&self.method, code, elapsed);
+        let latency_us = elapsed.as_micros() as u64;
         tracing::info!(
             target: "sgw::call",
             method = %self.method,
@@ -327,6 +336,7 @@ struct LoggedBody {
     inner: Body,
     log: Option<CallLog>,
     guard: Option<RevocationGuard>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl http_body::Body for LoggedBody {
@@ -390,6 +400,7 @@ impl http_body::Body for LoggedBody {
 
 impl Drop for LoggedBody {
     fn drop(&mut self) {
+        self.metrics.stream(-1);
         if let Some(log) = self.log.take() {
             log.finish(Code::Cancelled);
         }

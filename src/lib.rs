@@ -32,6 +32,7 @@ pub mod config;
 pub mod domain;
 pub mod identity;
 pub mod logging;
+pub mod metrics;
 pub mod pki;
 pub mod proto;
 pub mod server;

@@ -44,6 +44,8 @@ pub struct Bound {
     app: Arc<api::App>,
     auth: Arc<AuthContext>,
     stop: CancellationToken,
+    metrics: Arc<crate::metrics::Metrics>,
+    metrics_listener: Option<TcpListener>,
 }
 
 /// Binds the listen address and loads everything the gateway needs. Errors here are
@@ -77,7 +79,20 @@ pub async fn bind(config: Config) -> Result<Bound, ServeError> {
     };
     let acceptor = Acceptor::new(listener, tls.clone(), limits);
     let stop = CancellationToken::new();
-    let auth = Arc::new(AuthContext::new(config.clone(), revocations, stop.clone()));
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    metrics.watch_audit(app.auditor.stats().clone());
+    let metrics_listener = crate::metrics::bind(config.metrics.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.metrics.listen.unwrap_or(config.listen),
+            source,
+        })?;
+    let auth = Arc::new(AuthContext::new(
+        config.clone(),
+        revocations,
+        stop.clone(),
+        metrics.clone(),
+    ));
     let app = Arc::new(app.with_tls(tls));
     Ok(Bound {
         acceptor,
@@ -86,10 +101,19 @@ pub async fn bind(config: Config) -> Result<Bound, ServeError> {
         app,
         auth,
         stop,
+        metrics,
+        metrics_listener,
     })
 }
 
 impl Bound {
+    /// Where `/metrics` is served, when `[metrics] listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
     /// The address actually bound (the configured one, or the port the OS chose for
     /// port 0).
     pub fn local_addr(&self) -> SocketAddr {
@@ -105,8 +129,13 @@ impl Bound {
             app,
             auth,
             stop,
+            metrics,
+            metrics_listener,
             ..
         } = self;
+        if let Some(listener) = metrics_listener {
+            tokio::spawn(crate::metrics::serve(metrics, listener, stop.clone()));
+        }
         let limits = &config.limits;
         let incoming = acceptor.incoming(stop.clone());
 

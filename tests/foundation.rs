@@ -355,3 +355,44 @@ async fn sigterm_ends_open_streams_with_unavailable_and_exits_promptly() {
         "well inside the 10 s grace"
     );
 }
+
+/// GET a plain-HTTP path and return the whole response.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    sock.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    sock.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn metrics_count_calls_and_audit_commits_on_their_own_listener() {
+    let env = Env::new();
+    env.append_config("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let gw = env.start().await;
+    let metrics = gw.metrics.expect("metrics listener");
+    let channel = gw.connect_as(&env, Role::Agency, "school-oakfield").await;
+    assert_eq!(health(channel).await.unwrap(), SERVING);
+    let mut auditor = sgw::proto::v1::audit_service_client::AuditServiceClient::new(
+        gw.connect_as(&env, Role::Auditor, "dpo").await,
+    );
+    auditor
+        .get_checkpoint(sgw::proto::v1::GetCheckpointRequest {})
+        .await
+        .unwrap();
+    let body = http_get(metrics, "/metrics").await;
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    assert!(
+        body.contains("sgw_calls_total{method=\"/grpc.health.v1.Health/Check\",code=\"Ok\"} 1"),
+        "{body}"
+    );
+    assert!(body.contains("sgw_call_duration_seconds_count{method=\"/safeguard.v1.AuditService/GetCheckpoint\"} 1"), "{body}");
+    assert!(body.contains("sgw_audit_entries_total 1"), "{body}");
+    assert!(body.contains("sgw_audit_commits_total"), "{body}");
+    // Nothing else is served there, and the gRPC port does not serve metrics.
+    assert!(http_get(metrics, "/").await.starts_with("HTTP/1.1 404"));
+    gw.stop().await;
+}

@@ -80,6 +80,7 @@ impl Env {
         let config = sgw::config::Config::load(&self.config_path()).expect("config loads");
         let bound = sgw::server::bind(config).await.expect("server binds");
         let addr = bound.local_addr();
+        let metrics = bound.metrics_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
             bound
@@ -91,6 +92,7 @@ impl Env {
         });
         Gateway {
             addr,
+            metrics,
             stop: Some(stop),
             handle: Some(handle),
             ca_pem: self.ca_pem(),
@@ -101,6 +103,8 @@ impl Env {
 /// A running in-process gateway.
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served, when the config sets `[metrics] listen`.
+    pub metrics: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), String>>>,
     ca_pem: String,

@@ -1,0 +1,190 @@
+//! Prometheus metrics on a separate plain-HTTP listener (`[metrics] listen`, off by
+//! default): calls by method and code, call latency histograms, audit group-commit
+//! sizes and fsync time, open streams. Text exposition format 0.0.4, hand-written:
+//! a handful of counters does not need a metrics framework.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::writer::CommitStats;
+
+/// Latency bucket upper bounds, seconds.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// The gateway's metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    calls: Mutex<BTreeMap<(String, String), u64>>,
+    latency: Mutex<BTreeMap<String, Histogram>>,
+    open_streams: AtomicI64,
+    audit: Mutex<Option<Arc<CommitStats>>>,
+}
+
+impl Metrics {
+    /// Counts one finished call.
+    pub fn call(&self, method: &str, code: tonic::Code, latency: Duration) {
+        if let Ok(mut calls) = self.calls.lock() {
+            *calls
+                .entry((method.to_owned(), format!("{code:?}")))
+                .or_default() += 1;
+        }
+        let secs = latency.as_secs_f64();
+        if let Ok(mut hist) = self.latency.lock() {
+            let h = hist.entry(method.to_owned()).or_default();
+            for (i, bound) in BUCKETS.iter().enumerate() {
+                if secs <= *bound {
+                    h.buckets[i] += 1;
+                }
+            }
+            h.count += 1;
+            h.sum += secs;
+        }
+    }
+
+    /// A response stream opened (+1) or ended (-1).
+    pub fn stream(&self, delta: i64) {
+        self.open_streams.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Attaches the audit writer's statistics.
+    pub fn watch_audit(&self, stats: Arc<CommitStats>) {
+        if let Ok(mut a) = self.audit.lock() {
+            *a = Some(stats);
+        }
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP sgw_calls_total gRPC calls by method and status code.\n# TYPE sgw_calls_total counter\n");
+        if let Ok(calls) = self.calls.lock() {
+            for ((method, code), n) in calls.iter() {
+                let _ = writeln!(
+                    out,
+                    "sgw_calls_total{{method=\"{method}\",code=\"{code}\"}} {n}"
+                );
+            }
+        }
+        out.push_str("# HELP sgw_call_duration_seconds gRPC call latency (to trailers for streams).\n# TYPE sgw_call_duration_seconds histogram\n");
+        if let Ok(hist) = self.latency.lock() {
+            for (method, h) in hist.iter() {
+                for (i, bound) in BUCKETS.iter().enumerate() {
+                    let _ = writeln!(
+                        out,
+                        "sgw_call_duration_seconds_bucket{{method=\"{method}\",le=\"{bound}\"}} {}",
+                        h.buckets[i]
+                    );
+                }
+                let _ = writeln!(
+                    out,
+                    "sgw_call_duration_seconds_bucket{{method=\"{method}\",le=\"+Inf\"}} {}",
+                    h.count
+                );
+                let _ = writeln!(
+                    out,
+                    "sgw_call_duration_seconds_sum{{method=\"{method}\"}} {}",
+                    h.sum
+                );
+                let _ = writeln!(
+                    out,
+                    "sgw_call_duration_seconds_count{{method=\"{method}\"}} {}",
+                    h.count
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sgw_open_streams Response streams open now.\n# TYPE sgw_open_streams gauge\nsgw_open_streams {}",
+            self.open_streams.load(Ordering::Relaxed)
+        );
+        if let Ok(audit) = self.audit.lock() {
+            if let Some(s) = audit.as_ref() {
+                let commits = s.commits.load(Ordering::Relaxed);
+                let entries = s.entries.load(Ordering::Relaxed);
+                let sync = s.sync_micros.load(Ordering::Relaxed) as f64 / 1e6;
+                let _ = writeln!(out, "# HELP sgw_audit_commits_total Audit group commits (one durability point each).\n# TYPE sgw_audit_commits_total counter\nsgw_audit_commits_total {commits}");
+                let _ = writeln!(out, "# HELP sgw_audit_entries_total Audit entries committed.\n# TYPE sgw_audit_entries_total counter\nsgw_audit_entries_total {entries}");
+                let _ = writeln!(out, "# HELP sgw_audit_sync_seconds_total Time in the durability point (flush + fdatasync).\n# TYPE sgw_audit_sync_seconds_total counter\nsgw_audit_sync_seconds_total {sync}");
+            }
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `stop`. Prints `sgw: metrics on ADDR`.
+pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener, stop: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        eprintln!("sgw: metrics on http://{addr}/metrics");
+    }
+    loop {
+        let (mut sock, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(_) => continue,
+            },
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            let mut read = 0;
+            let head = tokio::time::timeout(Duration::from_secs(5), async {
+                while read < buf.len() {
+                    match sock.read(&mut buf[read..]).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => read += n,
+                    }
+                    if buf[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await
+            .unwrap_or(false);
+            if !head {
+                return;
+            }
+            let ok = buf.starts_with(b"GET /metrics ") || buf.starts_with(b"GET /metrics?");
+            let (status, body) = if ok {
+                ("200 OK", metrics.render())
+            } else {
+                (
+                    "404 Not Found",
+                    "only GET /metrics is served here\n".to_owned(),
+                )
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(response.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
+
+/// Binds the metrics listener, if configured.
+pub async fn bind(addr: Option<SocketAddr>) -> std::io::Result<Option<TcpListener>> {
+    match addr {
+        Some(a) => TcpListener::bind(a).await.map(Some),
+        None => Ok(None),
+    }
+}
