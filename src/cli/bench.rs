@@ -62,6 +62,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 struct Child {
     child: tokio::process::Child,
     addr: String,
+    metrics: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Child {
@@ -90,12 +91,51 @@ impl Child {
         .ok()
         .flatten()
         .context("the started process did not report its address")?;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Child { child, addr })
+        let metrics = Arc::new(std::sync::Mutex::new(None));
+        let seen = metrics.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.split("metrics on http://").nth(1) {
+                    if let Ok(mut m) = seen.lock() {
+                        *m = rest.split('/').next().map(str::to_owned);
+                    }
+                }
+            }
+        });
+        Ok(Child {
+            child,
+            addr,
+            metrics,
+        })
     }
 
     fn peak_rss(&self) -> Option<u64> {
         self.child.id().and_then(bench::peak_rss)
+    }
+
+    /// Mean audit group-commit size, from the started gateway's metrics.
+    async fn mean_group(&self) -> Option<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics.lock().ok()?.clone()?;
+        let mut sock = tokio::net::TcpStream::connect(&addr).await.ok()?;
+        sock.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        sock.read_to_string(&mut body).await.ok()?;
+        let value = |name: &str| -> Option<f64> {
+            body.lines()
+                .find(|l| l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b' '))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        };
+        let (entries, commits) = (
+            value("sgw_audit_entries_total")?,
+            value("sgw_audit_commits_total")?,
+        );
+        (commits > 0.0).then(|| entries / commits)
     }
 }
 
@@ -212,6 +252,9 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Some(addr) => (None, args.pki_dir.clone(), addr.clone()),
         None => {
             let config = crate::cli::serve::prepare_dev(&scratch)?;
+            let mut text = std::fs::read_to_string(&config)?;
+            text.push_str("\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+            std::fs::write(&config, text)?;
             let child = Child::spawn(
                 &[
                     "serve",
@@ -234,6 +277,10 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let caller = gateway_caller(&args, &addr, &pki).await?;
     let gw = bench::drive(&spec, caller, &progress_bar(&args, "gateway")).await;
     let gw_rss = gateway.as_ref().and_then(Child::peak_rss);
+    let mean_group = match &gateway {
+        Some(g) => g.mean_group().await,
+        None => None,
+    };
 
     let base = if args.baseline {
         let config = crate::cli::serve::prepare_dev(&scratch)?;
@@ -258,7 +305,7 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    report(&args, &gw, gw_rss, base.as_ref());
+    report(&args, &gw, gw_rss, mean_group, base.as_ref());
     drop(gateway);
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(ExitCode::SUCCESS)
@@ -282,12 +329,19 @@ fn figures_json(f: &Figures) -> serde_json::Value {
     })
 }
 
-fn report(args: &BenchArgs, gw: &Figures, rss: Option<u64>, base: Option<&Figures>) {
+fn report(
+    args: &BenchArgs,
+    gw: &Figures,
+    rss: Option<u64>,
+    mean_group: Option<f64>,
+    base: Option<&Figures>,
+) {
     if args.json {
         let mut v = serde_json::json!({
             "ops": args.ops.iter().map(|o| format!("{o:?}")).collect::<Vec<_>>(), "concurrency": args.concurrency, "connections": args.connections,
             "duration_s": args.duration.as_secs_f64(), "payload_bytes": args.payload,
             "gateway": figures_json(gw), "gateway_peak_rss_bytes": rss,
+            "audit_mean_group": mean_group,
         });
         if let Some(b) = base {
             v["baseline"] = figures_json(b);
@@ -329,6 +383,9 @@ fn report(args: &BenchArgs, gw: &Figures, rss: Option<u64>, base: Option<&Figure
     }
     if let Some(rss) = rss {
         println!("gateway peak RSS {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
+    }
+    if let Some(g) = mean_group {
+        println!("audit mean group commit {g:.1} entries per fsync");
     }
 }
 
