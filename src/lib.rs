@@ -14,9 +14,11 @@
 //!    `tonic::Status` in [`api::status`] only.
 //!
 //! ## Map
+//! - [`concerns`]: concern notifications: routing, inboxes, delivery, deadlines.
 //! - [`config`]: TOML to a validated, typed `Config`.
 //! - [`domain`]: plain Rust, no gRPC or storage: NHS numbers, ids, policy enums.
 //! - [`pki`]: development certificates (rcgen).
+//! - [`records`]: consent-bound records: sharing, finding, disclosing, consent, retention.
 //! - [`server`]: assembly, graceful shutdown.
 //! - [`cli`]: the `sgw` command line.
 #![forbid(unsafe_code)]
@@ -28,6 +30,7 @@ pub mod audit;
 pub mod auth;
 pub mod bench;
 pub mod cli;
+pub mod concerns;
 pub mod config;
 pub mod domain;
 pub mod identity;
@@ -35,6 +38,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pki;
 pub mod proto;
+pub mod records;
 pub mod server;
 pub mod store;
 pub mod tls;

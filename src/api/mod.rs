@@ -59,6 +59,12 @@ pub enum AppError {
     /// The audit store could not be opened.
     #[error("audit store: {0}")]
     Audit(#[from] AuditError),
+    /// The concern store could not be opened.
+    #[error("concern store: {0}")]
+    Concerns(#[from] crate::concerns::StoreError),
+    /// The record store could not be opened.
+    #[error("record store: {0}")]
+    Records(#[from] crate::records::StoreError),
     /// Reflection could not be built from the descriptor set (a build problem).
     #[error("reflection: {0}")]
     Reflection(String),
@@ -81,6 +87,10 @@ pub struct App {
     pub auditor: Auditor,
     /// The clock every capability reads.
     pub clock: Arc<dyn Clock>,
+    /// Concern notifications: store, inboxes, deadlines.
+    pub concerns: Arc<crate::concerns::Concerns>,
+    /// Consent-bound records and consent statements.
+    pub records: Arc<crate::records::Records>,
     revocations: Arc<Revocations>,
     tls: Option<Arc<TlsState>>,
 }
@@ -145,11 +155,31 @@ impl App {
                 .await
                 .map_err(|e| AuditError::Unavailable(e.to_string()))??
         };
+        let concerns = {
+            let (config, keys, auditor, clock) =
+                (config.clone(), keys.clone(), auditor.clone(), clock.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::concerns::Concerns::open(config, keys, auditor, clock)
+            })
+            .await
+            .map_err(|e| crate::concerns::StoreError::Io(e.to_string()))??
+        };
+        let records = {
+            let (config, keys, auditor, clock) =
+                (config.clone(), keys.clone(), auditor.clone(), clock.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::records::Records::open(config, keys, auditor, clock)
+            })
+            .await
+            .map_err(|e| crate::records::StoreError::Io(e.to_string()))??
+        };
         Ok(App {
             config,
             keys,
             auditor,
             clock,
+            concerns: Arc::new(concerns),
+            records: Arc::new(records),
             revocations: Arc::new(Revocations::new(revoked)),
             tls: None,
         })
@@ -294,21 +324,31 @@ impl App {
         tokio::spawn(checkpoint_periodically(
             self.auditor.clone(),
             self.config.audit.checkpoint_interval,
-            stop,
+            stop.clone(),
+        ));
+        tokio::spawn(crate::concerns::sweep_periodically(
+            self.concerns.clone(),
+            crate::concerns::sweep_interval(&self.config.deadlines),
+            stop.clone(),
+        ));
+        tokio::spawn(crate::records::purge_periodically(
+            self.records.clone(),
+            crate::records::PURGE_INTERVAL,
+            stop.clone(),
         ));
         server
             .add_service(
-                ConcernServiceServer::new(concerns::Concerns)
+                ConcernServiceServer::new(concerns::ConcernApi::new(self.clone(), stop))
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
             )
             .add_service(
-                ConsentServiceServer::new(consents::Consents)
+                ConsentServiceServer::new(consents::ConsentApi::new(self.clone()))
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
             )
             .add_service(
-                RecordServiceServer::new(records::Records)
+                RecordServiceServer::new(records::RecordApi::new(self.clone()))
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
             )
@@ -326,6 +366,8 @@ impl App {
 
     /// Flushes and closes stores after the last call, releasing their file locks.
     pub async fn close(&self) {
+        self.concerns.close().await;
+        self.records.close().await;
         self.auditor.close().await;
     }
 }
@@ -447,11 +489,4 @@ fn create_private_dir(path: &std::path::Path) -> std::io::Result<()> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
-}
-
-/// The answer of a method whose capability has not landed in this build.
-fn not_yet(method: &str, capability: &str) -> tonic::Status {
-    tonic::Status::unimplemented(format!(
-        "{method} is not available in this build of sgw: it arrives with the {capability} capability"
-    ))
 }

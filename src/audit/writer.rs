@@ -350,6 +350,12 @@ impl Writer {
         self.store = Some(store);
         match result {
             Ok((durable, checkpoint)) => {
+                // Publish the new size first: a caller holding its receipt must be
+                // able to read its own entry and prove it at once.
+                self.health.send_replace(LogHealth {
+                    writable: true,
+                    size: self.size,
+                });
                 let mut di = durable.into_iter();
                 for c in commands.drain(..) {
                     match c {
@@ -370,10 +376,6 @@ impl Writer {
                         }
                     }
                 }
-                self.health.send_replace(LogHealth {
-                    writable: true,
-                    size: self.size,
-                });
             }
             Err(e) => {
                 tracing::error!(error = %e, "audit commit failed: failing closed until the store recovers");

@@ -1,0 +1,552 @@
+//! The unary calls: raise, get, list, acknowledge, decide; and delivery, the
+//! audited first disclosure of a narrative to a recipient.
+
+use std::sync::Arc;
+
+use super::model::{
+    check_text, rfc3339, route, Concern, ConcernId, ConcernStatus, Decision, DecisionRecord,
+    Delivery, InboxEvent, MAX_LEAD_PRACTITIONER_CHARS,
+};
+use super::store::{from_micros, micros, Edit, IdempotencyKey, Raised};
+use super::{agency_of, ConcernError, Concerns};
+use crate::audit::{Actor, NewEntry};
+use crate::config::MESSAGE_HEADROOM_BYTES;
+use crate::domain::deadline::is_encompass;
+use crate::domain::{AgencyId, ConcernCategory, NhsNumber, Urgency};
+use crate::identity::Caller;
+use crate::proto::v1::{AuditAction, AuditOutcome};
+use base64::Engine;
+
+/// Longest idempotency key (`RaiseConcernRequest.request_id`), in characters.
+pub const MAX_REQUEST_ID_CHARS: usize = 128;
+
+/// A RaiseConcern request, its enums and NHS number already parsed.
+#[derive(Debug, Clone)]
+pub struct RaiseRequest {
+    /// The child.
+    pub subject: NhsNumber,
+    /// The kind of harm.
+    pub category: ConcernCategory,
+    /// How soon it must be acknowledged.
+    pub urgency: Urgency,
+    /// The account, checked here against `limits.max_narrative_chars`.
+    pub narrative: String,
+    /// The requested recipients, as given.
+    pub recipients: Vec<String>,
+    /// The idempotency key; empty for none.
+    pub request_id: String,
+}
+
+/// One page of ListInbox.
+#[derive(Debug, Clone)]
+pub struct InboxPage {
+    /// The concerns, oldest first.
+    pub concerns: Vec<Concern>,
+    /// The token of the next page, when there may be one.
+    pub next_page_token: Option<String>,
+}
+
+impl Concerns {
+    /// RaiseConcern: validates, routes, audits (CONCERN_RAISED), stores the concern
+    /// and an event in each recipient's inbox durably, and returns the concern. A
+    /// repeated idempotency key returns the first concern instead.
+    pub async fn raise(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: RaiseRequest,
+        request_id: &str,
+    ) -> Result<Concern, ConcernError> {
+        let (sender, sender_sector) = agency_of(caller)?;
+        check_text(
+            "narrative",
+            &req.narrative,
+            1,
+            self.config.limits.max_narrative_chars,
+        )
+        .map_err(ConcernError::Invalid)?;
+        if req.request_id.chars().count() > MAX_REQUEST_ID_CHARS {
+            return Err(ConcernError::Invalid(format!(
+                "request_id is longer than {MAX_REQUEST_ID_CHARS} characters"
+            )));
+        }
+        let registry = self.config.registry();
+        let recipients = route(&sender, &req.recipients, &self.config.front_door, |id| {
+            registry.agency(id).map(|a| a.sector)
+        })
+        .map_err(ConcernError::Invalid)?;
+
+        let key =
+            (!req.request_id.is_empty()).then(|| IdempotencyKey::new(&sender, &req.request_id));
+        // One raise per key at a time, so a retry racing the first call neither
+        // raises twice nor audits a raise that does not happen.
+        let _one_at_a_time = match &key {
+            Some(k) => Some(self.locks.lock(&format!("raise/{}", k.hex())).await),
+            None => None,
+        };
+        if let Some(k) = key.clone() {
+            if let Some(id) = self.blocking(move |s| s.raised_by_key(&k)).await? {
+                return self.existing(&id).await;
+            }
+        }
+
+        let raised_at = from_micros(micros(self.clock.now()));
+        let deliveries: Vec<Delivery> = recipients
+            .into_iter()
+            .map(|(agency, sector)| Delivery {
+                due_at: self.calendar.ack_due(
+                    raised_at,
+                    req.urgency,
+                    is_encompass(sender_sector, sector, req.category),
+                ),
+                agency,
+                delivered_at: None,
+                acknowledged_at: None,
+                note: String::new(),
+                escalated: false,
+            })
+            .collect();
+        let concern = Concern {
+            id: self.new_id()?,
+            subject_ref: self.keys.subject_ref(&req.subject),
+            subject: req.subject,
+            raised_by: sender,
+            category: req.category,
+            urgency: req.urgency,
+            narrative: req.narrative,
+            recipients: deliveries,
+            raised_at,
+            decision: None,
+        };
+
+        let mut entry = NewEntry::new(
+            Actor::from(caller),
+            AuditAction::ConcernRaised,
+            AuditOutcome::Allowed,
+            request_id,
+        );
+        entry.subject = Some(concern.subject_ref.clone());
+        entry.object_id = concern.id.to_string();
+        entry.reason = format!(
+            "{} {} concern for {}; acknowledgement due {}",
+            concern.urgency,
+            concern.category,
+            concern
+                .recipients
+                .iter()
+                .map(|d| d.agency.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            rfc3339(concern.ack_due_at()),
+        );
+        self.auditor.append(entry).await?;
+
+        let stored = concern.clone();
+        match self
+            .blocking(move |s| s.raise(&stored, key.as_ref()))
+            .await?
+        {
+            Raised::New => Ok(concern),
+            // Only if another gateway process shares the store; kept for safety.
+            Raised::Existing(id) => self.existing(&id).await,
+        }
+    }
+
+    /// The concern an idempotency key raised before, as it stands now.
+    async fn existing(&self, id: &ConcernId) -> Result<Concern, ConcernError> {
+        self.load(id).await?.ok_or_else(|| {
+            ConcernError::Internal(format!("idempotency key names missing concern {id}"))
+        })
+    }
+
+    /// GetConcern: the concern, for its sender or a recipient (delivered first).
+    pub async fn get(
+        self: &Arc<Self>,
+        caller: &Caller,
+        concern_id: &str,
+        request_id: &str,
+    ) -> Result<Concern, ConcernError> {
+        let (agency, _) = agency_of(caller)?;
+        let id = ConcernId::parse(concern_id).map_err(ConcernError::Invalid)?;
+        let concern = self.visible(&agency, &id).await?;
+        self.deliver(caller, &agency, concern, request_id).await
+    }
+
+    /// ListInbox: the concerns delivered to the caller, oldest first, each delivered
+    /// (and so audited) before it is returned.
+    pub async fn list_inbox(
+        self: &Arc<Self>,
+        caller: &Caller,
+        page_size: usize,
+        page_token: &str,
+        status: Option<ConcernStatus>,
+        request_id: &str,
+    ) -> Result<InboxPage, ConcernError> {
+        let (agency, _) = agency_of(caller)?;
+        let after = parse_page_token(page_token, status)?;
+        let upto = *self
+            .store
+            .durable_cursor(&agency)
+            .ok_or_else(|| ConcernError::Internal(format!("no inbox for {agency}")))?
+            .borrow();
+        let now = self.clock.now();
+        let page_size = page_size.max(1);
+        let max_scan = page_size.saturating_mul(20).max(10_000);
+        // A page must also fit in one response message.
+        let budget = self
+            .config
+            .limits
+            .max_message_bytes
+            .saturating_sub(MESSAGE_HEADROOM_BYTES);
+        let reader = agency.clone();
+        let (found, next) = self
+            .blocking(move |s| {
+                let mut found = Vec::new();
+                let mut bytes = 0usize;
+                let mut scanned = 0usize;
+                let mut last = after;
+                loop {
+                    let batch = s.events(&reader, last, upto, 256)?;
+                    if batch.is_empty() {
+                        return Ok((found, None));
+                    }
+                    for (cursor, event) in batch {
+                        if let InboxEvent::Concern(id) = event {
+                            if let Some(c) = s.get(&id)? {
+                                let shown = c.status_once_delivered_to(&reader, now);
+                                if status.is_none_or(|want| want == shown) {
+                                    let size = encoded_size_bound(&c);
+                                    if !found.is_empty() && bytes + size > budget {
+                                        // Full: the next page starts with this event.
+                                        return Ok((found, Some(last)));
+                                    }
+                                    bytes += size;
+                                    found.push(c);
+                                }
+                            }
+                        }
+                        last = cursor;
+                        scanned += 1;
+                        if found.len() == page_size || scanned >= max_scan {
+                            return Ok((found, (last < upto).then_some(last)));
+                        }
+                    }
+                }
+            })
+            .await?;
+        let concerns = self.deliver_all(caller, &agency, found, request_id).await?;
+        Ok(InboxPage {
+            concerns,
+            next_page_token: next.map(|cursor| page_token_for(cursor, status)),
+        })
+    }
+
+    /// AcknowledgeConcern: records the recipient's acknowledgement (audited
+    /// CONCERN_ACKNOWLEDGED); acknowledging again changes nothing.
+    pub async fn acknowledge(
+        self: &Arc<Self>,
+        caller: &Caller,
+        concern_id: &str,
+        note: &str,
+        request_id: &str,
+    ) -> Result<Concern, ConcernError> {
+        let (agency, _) = agency_of(caller)?;
+        let id = ConcernId::parse(concern_id).map_err(ConcernError::Invalid)?;
+        check_text("note", note, 0, self.config.limits.max_note_chars)
+            .map_err(ConcernError::Invalid)?;
+        let concern = self.visible(&agency, &id).await?;
+        if concern.delivery(&agency).is_none() {
+            return Err(ConcernError::Denied(format!(
+                "{agency} sent concern {id} and is not one of its recipients; only recipients acknowledge a concern"
+            )));
+        }
+        // The answer carries the narrative: deliver first.
+        let concern = self.deliver(caller, &agency, concern, request_id).await?;
+        if acknowledged(&concern, &agency) {
+            return Ok(concern);
+        }
+        let _one_at_a_time = self.locks.lock(&format!("ack/{id}/{agency}")).await;
+        let concern = self.existing(&id).await?;
+        if acknowledged(&concern, &agency) {
+            return Ok(concern);
+        }
+        let mut entry = NewEntry::new(
+            Actor::from(caller),
+            AuditAction::ConcernAcknowledged,
+            AuditOutcome::Allowed,
+            request_id,
+        );
+        entry.subject = Some(concern.subject_ref.clone());
+        entry.target_agency_id = concern.raised_by.to_string();
+        entry.object_id = id.to_string();
+        entry.reason = format!("acknowledged by {agency}");
+        entry.justification = note.to_owned();
+        let at = from_micros(self.auditor.append(entry).await?.time_micros());
+        let note = note.to_owned();
+        self.blocking(move |s| {
+            s.update(&id, |c| Edit {
+                record: c.acknowledge(&agency, at, &note),
+                ..Edit::default()
+            })
+        })
+        .await?
+        .ok_or_else(|| ConcernError::Internal("acknowledged concern vanished".into()))
+    }
+
+    /// RecordDecision: the front door's decision and lead practitioner (audited
+    /// CONCERN_DECIDED). Recording the same decision again changes nothing; a
+    /// different one is FAILED_PRECONDITION.
+    pub async fn decide(
+        self: &Arc<Self>,
+        caller: &Caller,
+        concern_id: &str,
+        decision: Decision,
+        lead_practitioner: &str,
+        note: &str,
+        request_id: &str,
+    ) -> Result<Concern, ConcernError> {
+        let (agency, _) = agency_of(caller)?;
+        let id = ConcernId::parse(concern_id).map_err(ConcernError::Invalid)?;
+        check_text(
+            "lead_practitioner",
+            lead_practitioner,
+            1,
+            MAX_LEAD_PRACTITIONER_CHARS,
+        )
+        .map_err(ConcernError::Invalid)?;
+        check_text("note", note, 0, self.config.limits.max_note_chars)
+            .map_err(ConcernError::Invalid)?;
+        let concern = self.visible(&agency, &id).await?;
+        let front_door = &self.config.front_door;
+        if &agency != front_door {
+            return Err(ConcernError::Denied(format!(
+                "only the front door ({front_door}) records decisions on concerns"
+            )));
+        }
+        // The answer carries the narrative: deliver first (the front door is
+        // usually a recipient).
+        self.deliver(caller, &agency, concern, request_id).await?;
+        let _one_at_a_time = self.locks.lock(&format!("decide/{id}")).await;
+        let concern = self.existing(&id).await?;
+        if let Some(made) = &concern.decision {
+            if made.decision == decision
+                && made.lead_practitioner == lead_practitioner
+                && made.note == note
+            {
+                return Ok(concern);
+            }
+            return Err(ConcernError::Precondition(format!(
+                "concern {id} already has a decision ({}, recorded {})",
+                made.decision.as_str(),
+                rfc3339(made.decided_at)
+            )));
+        }
+        let mut entry = NewEntry::new(
+            Actor::from(caller),
+            AuditAction::ConcernDecided,
+            AuditOutcome::Allowed,
+            request_id,
+        );
+        entry.subject = Some(concern.subject_ref.clone());
+        entry.target_agency_id = concern.raised_by.to_string();
+        entry.object_id = id.to_string();
+        entry.reason = format!(
+            "decision {}; lead practitioner {lead_practitioner}",
+            decision.as_str()
+        );
+        entry.justification = note.to_owned();
+        let at = from_micros(self.auditor.append(entry).await?.time_micros());
+        let record = DecisionRecord {
+            decision,
+            lead_practitioner: lead_practitioner.to_owned(),
+            note: note.to_owned(),
+            decided_at: at,
+            decided_by: agency,
+        };
+        self.blocking(move |s| {
+            s.update(&id, |c| {
+                let first = c.decision.is_none();
+                if first {
+                    c.decision = Some(record);
+                }
+                Edit {
+                    record: first,
+                    ..Edit::default()
+                }
+            })
+        })
+        .await?
+        .ok_or_else(|| ConcernError::Internal("decided concern vanished".into()))
+    }
+
+    /// The concern, if `agency` is a party to it; NOT_FOUND otherwise, exactly as
+    /// for an id that does not exist.
+    async fn visible(&self, agency: &AgencyId, id: &ConcernId) -> Result<Concern, ConcernError> {
+        match self.load(id).await? {
+            Some(c) if c.is_party(agency) => Ok(c),
+            _ => Err(ConcernError::NotFound(id.to_string())),
+        }
+    }
+
+    /// Makes sure `agency` has been delivered `concern` before its narrative is sent
+    /// to it: the first time, appends CONCERN_DELIVERED and waits until it is durable,
+    /// then records `delivered_at`. The sender and later deliveries pass straight
+    /// through. Returns the concern as it now stands.
+    pub(super) async fn deliver(
+        &self,
+        caller: &Caller,
+        agency: &AgencyId,
+        concern: Concern,
+        request_id: &str,
+    ) -> Result<Concern, ConcernError> {
+        if !undelivered(&concern, agency) {
+            return Ok(concern);
+        }
+        let id = concern.id.clone();
+        let _one_at_a_time = self.locks.lock(&format!("deliver/{id}/{agency}")).await;
+        let concern = self.existing(&id).await?;
+        if !undelivered(&concern, agency) {
+            return Ok(concern);
+        }
+        let mut entry = NewEntry::new(
+            Actor::from(caller),
+            AuditAction::ConcernDelivered,
+            AuditOutcome::Allowed,
+            request_id,
+        );
+        entry.subject = Some(concern.subject_ref.clone());
+        entry.target_agency_id = agency.to_string();
+        entry.object_id = id.to_string();
+        entry.reason = format!(
+            "narrative delivered to {agency}; raised by {}",
+            concern.raised_by
+        );
+        let at = from_micros(self.auditor.append(entry).await?.time_micros());
+        let agency = agency.clone();
+        self.blocking(move |s| {
+            s.update(&id, |c| Edit {
+                record: c.mark_delivered(&agency, at),
+                ..Edit::default()
+            })
+        })
+        .await?
+        .ok_or_else(|| ConcernError::Internal("delivered concern vanished".into()))
+    }
+
+    /// Delivers several concerns to `agency` at once (their audit entries share
+    /// group commits), keeping their order.
+    pub(super) async fn deliver_all(
+        self: &Arc<Self>,
+        caller: &Caller,
+        agency: &AgencyId,
+        concerns: Vec<Concern>,
+        request_id: &str,
+    ) -> Result<Vec<Concern>, ConcernError> {
+        let mut out: Vec<Option<Concern>> = vec![None; concerns.len()];
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, concern) in concerns.into_iter().enumerate() {
+            if !undelivered(&concern, agency) {
+                out[i] = Some(concern);
+                continue;
+            }
+            let (this, caller, agency, request_id) = (
+                self.clone(),
+                caller.clone(),
+                agency.clone(),
+                request_id.to_owned(),
+            );
+            tasks.spawn(async move {
+                (
+                    i,
+                    this.deliver(&caller, &agency, concern, &request_id).await,
+                )
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            let (i, delivered) =
+                done.map_err(|e| ConcernError::Internal(format!("delivery task: {e}")))?;
+            out[i] = Some(delivered?);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+}
+
+/// An upper bound on a concern's size in a response: its narrative (up to 4 bytes
+/// a character), and generously for every other field.
+fn encoded_size_bound(concern: &Concern) -> usize {
+    concern.narrative.len() + 1024 + 128 * concern.recipients.len()
+}
+
+fn undelivered(concern: &Concern, agency: &AgencyId) -> bool {
+    concern
+        .delivery(agency)
+        .is_some_and(|d| d.delivered_at.is_none())
+}
+
+fn acknowledged(concern: &Concern, agency: &AgencyId) -> bool {
+    concern
+        .delivery(agency)
+        .is_some_and(|d| d.acknowledged_at.is_some())
+}
+
+// === page tokens ===
+
+/// A ListInbox token: the last cursor looked at, bound to the status filter.
+fn page_token_for(cursor: u64, status: Option<ConcernStatus>) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("inbox.{}.{cursor}", status_name(status)))
+}
+
+fn parse_page_token(token: &str, status: Option<ConcernStatus>) -> Result<u64, ConcernError> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    let bad = || ConcernError::Invalid("page_token is not valid for this query".into());
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let rest = text
+        .strip_prefix("inbox.")
+        .and_then(|r| r.strip_prefix(status_name(status)))
+        .and_then(|r| r.strip_prefix('.'))
+        .ok_or_else(bad)?;
+    let cursor: u64 = rest.parse().map_err(|_| bad())?;
+    if cursor == 0 || rest != cursor.to_string() {
+        return Err(bad());
+    }
+    Ok(cursor)
+}
+
+fn status_name(status: Option<ConcernStatus>) -> &'static str {
+    match status {
+        None => "any",
+        Some(ConcernStatus::Raised) => "raised",
+        Some(ConcernStatus::Delivered) => "delivered",
+        Some(ConcernStatus::Acknowledged) => "acknowledged",
+        Some(ConcernStatus::Decided) => "decided",
+        Some(ConcernStatus::Closed) => "closed",
+        Some(ConcernStatus::Overdue) => "overdue",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_are_bound_to_their_filter() {
+        let t = page_token_for(42, Some(ConcernStatus::Delivered));
+        assert_eq!(
+            parse_page_token(&t, Some(ConcernStatus::Delivered)).unwrap(),
+            42
+        );
+        assert!(parse_page_token(&t, None).is_err());
+        assert!(parse_page_token(&t, Some(ConcernStatus::Raised)).is_err());
+        assert_eq!(parse_page_token("", None).unwrap(), 0);
+        for bad in ["x", "aW5ib3guYW55LjA", "aW5ib3guYW55LjAx", "!!"] {
+            assert!(parse_page_token(bad, None).is_err(), "{bad:?} accepted");
+        }
+        let any = page_token_for(7, None);
+        assert_eq!(parse_page_token(&any, None).unwrap(), 7);
+    }
+}

@@ -1,0 +1,287 @@
+//! SubscribeInbox: replay from a cursor, then live events, at least once.
+//!
+//! Each subscription is one task that reads its agency's inbox from the store, from
+//! its own cursor up to the agency's *durable* cursor, and waits on a watch of that
+//! cursor when it has caught up. Nothing is pushed to subscribers, so the sender of
+//! an event never waits for one, and a slow subscriber costs no memory: it simply
+//! reads later. Between the task and the client sits a small bounded channel; when
+//! the client takes nothing for `stall_after`, the stream ends with
+//! RESOURCE_EXHAUSTED naming the cursor to resume from (the last event already
+//! queued to it, which it still receives before the status).
+//!
+//! Concern events are delivered (audited, see `Concerns::deliver`) before they are
+//! queued. The task stops when the client goes away and when the gateway drains
+//! (`stop`); the client then sees UNAVAILABLE, which the auth layer puts on every
+//! open response stream at drain time, as it puts UNAUTHENTICATED on the streams
+//! of a revoked certificate. Cursors are per agency, start at 1 and never repeat,
+//! so a client that resumes with the last cursor it received sees no gap and no
+//! repeat.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+
+use super::model::{Concern, Escalation, InboxEvent};
+use super::{agency_of, ConcernError, Concerns};
+use crate::domain::AgencyId;
+use crate::identity::Caller;
+
+/// Events queued between a subscription's task and its client.
+const STREAM_BUFFER: usize = 32;
+
+/// Events read, and delivered together, in one go.
+const READ_BATCH: usize = 32;
+
+/// One event of a subscription, as sent.
+#[derive(Debug, Clone)]
+pub enum InboxItem {
+    /// A concern delivered to the subscriber, as it stands when sent.
+    Concern(Concern),
+    /// An escalation of an overdue concern.
+    Escalation(Escalation),
+}
+
+/// A subscription's events with their cursors; it ends with an error when the
+/// gateway gives up on it (stalled client, audit failure).
+pub type InboxStream = Pin<Box<dyn Stream<Item = Result<(u64, InboxItem), ConcernError>> + Send>>;
+
+impl Concerns {
+    /// SubscribeInbox: replays the caller's events after `after_cursor`, then pushes
+    /// new ones until `stop`, the client leaving, or a stall.
+    pub async fn subscribe(
+        self: &Arc<Self>,
+        caller: &Caller,
+        after_cursor: u64,
+        request_id: &str,
+        stop: CancellationToken,
+    ) -> Result<InboxStream, ConcernError> {
+        let (agency, _) = agency_of(caller)?;
+        let durable = self
+            .store
+            .durable_cursor(&agency)
+            .ok_or_else(|| ConcernError::Internal(format!("no inbox for {agency}")))?;
+        let newest = *durable.borrow();
+        if after_cursor > newest {
+            return Err(ConcernError::OutOfRange(format!(
+                "after_cursor {after_cursor} is beyond the newest event of this inbox ({newest})"
+            )));
+        }
+        let slot = self.subscribers.claim(&agency)?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let (end_tx, end_rx) = oneshot::channel();
+        let (this, caller, request_id) = (self.clone(), caller.clone(), request_id.to_owned());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let ended = this
+                .pump(
+                    &caller,
+                    &agency,
+                    after_cursor,
+                    &request_id,
+                    &tx,
+                    durable,
+                    &stop,
+                )
+                .await;
+            drop(tx);
+            if let Some(e) = ended {
+                let _ = end_tx.send(e);
+            }
+        });
+        Ok(Box::pin(Ending {
+            events: rx,
+            end: Some(end_rx),
+        }))
+    }
+
+    /// The subscription's loop. Returns the error to end the stream with, or `None`
+    /// to end it cleanly (shutdown, client gone).
+    #[allow(clippy::too_many_arguments)]
+    async fn pump(
+        self: &Arc<Self>,
+        caller: &Caller,
+        agency: &AgencyId,
+        mut last: u64,
+        request_id: &str,
+        tx: &mpsc::Sender<Result<(u64, InboxItem), ConcernError>>,
+        mut durable: watch::Receiver<u64>,
+        stop: &CancellationToken,
+    ) -> Option<ConcernError> {
+        loop {
+            let newest = *durable.borrow_and_update();
+            if last < newest {
+                let reader = agency.clone();
+                let batch = match self
+                    .blocking(move |s| s.events(&reader, last, newest, READ_BATCH))
+                    .await
+                {
+                    Ok(batch) => batch,
+                    Err(e) => return Some(e),
+                };
+                let items = match self.render(caller, agency, batch, request_id).await {
+                    Ok(items) => items,
+                    Err(e) => return Some(e),
+                };
+                for (cursor, item) in items {
+                    let Some(item) = item else {
+                        last = cursor;
+                        continue;
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => return None,
+                        sent = tokio::time::timeout(self.stall_after, tx.send(Ok((cursor, item)))) => match sent {
+                            Ok(Ok(())) => last = cursor,
+                            Ok(Err(_)) => return None,
+                            Err(_) => return Some(ConcernError::Exhausted(format!(
+                                "this inbox stream took no event for {} s; resume with after_cursor={last}",
+                                self.stall_after.as_secs_f32()
+                            ))),
+                        }
+                    }
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = tx.closed() => return None,
+                changed = durable.changed() => if changed.is_err() { return None },
+            }
+        }
+    }
+
+    /// Turns stored events into items, delivering each concern first. An event
+    /// whose concern is missing yields `None` (it is skipped, its cursor passed).
+    async fn render(
+        self: &Arc<Self>,
+        caller: &Caller,
+        agency: &AgencyId,
+        batch: Vec<(u64, InboxEvent)>,
+        request_id: &str,
+    ) -> Result<Vec<(u64, Option<InboxItem>)>, ConcernError> {
+        let ids: Vec<_> = batch
+            .iter()
+            .filter_map(|(_, e)| match e {
+                InboxEvent::Concern(id) => Some(id.clone()),
+                InboxEvent::Escalation(_) => None,
+            })
+            .collect();
+        let loaded = self
+            .blocking(move |s| {
+                let mut found = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if let Some(c) = s.get(&id)? {
+                        found.push(c);
+                    }
+                }
+                Ok(found)
+            })
+            .await?;
+        let delivered: HashMap<_, _> = self
+            .deliver_all(caller, agency, loaded, request_id)
+            .await?
+            .into_iter()
+            .map(|c| (c.id.clone(), c))
+            .collect();
+        Ok(batch
+            .into_iter()
+            .map(|(cursor, event)| {
+                let item = match event {
+                    InboxEvent::Concern(id) => delivered.get(&id).cloned().map(InboxItem::Concern),
+                    InboxEvent::Escalation(e) => Some(InboxItem::Escalation(e)),
+                };
+                (cursor, item)
+            })
+            .collect())
+    }
+}
+
+/// Open subscriptions per agency, against `limits.max_subscribers_per_agency`.
+pub(super) struct Subscribers {
+    max: usize,
+    open: Mutex<HashMap<AgencyId, usize>>,
+}
+
+impl Subscribers {
+    pub(super) fn new(max: usize) -> Self {
+        Subscribers {
+            max,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A slot for one more subscription of `agency`, or RESOURCE_EXHAUSTED.
+    fn claim(self: &Arc<Self>, agency: &AgencyId) -> Result<Slot, ConcernError> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(agency.clone()).or_default();
+        if *n >= self.max {
+            return Err(ConcernError::Exhausted(format!(
+                "{agency} already has {} open inbox subscriptions, the most allowed; close one first",
+                self.max
+            )));
+        }
+        *n += 1;
+        Ok(Slot {
+            subscribers: self.clone(),
+            agency: agency.clone(),
+        })
+    }
+}
+
+/// One subscription's place; given back when dropped.
+struct Slot {
+    subscribers: Arc<Subscribers>,
+    agency: AgencyId,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self
+            .subscribers
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.agency) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// The queued events, then the error the subscription ended with, if any.
+struct Ending<T, E> {
+    events: mpsc::Receiver<Result<T, E>>,
+    end: Option<oneshot::Receiver<E>>,
+}
+
+impl<T, E> Stream for Ending<T, E> {
+    type Item = Result<T, E>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        match this.events.poll_recv(cx) {
+            Poll::Ready(Some(item)) => return Poll::Ready(Some(item)),
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => {}
+        }
+        let Some(end) = this.end.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(end).poll(cx) {
+            Poll::Ready(Ok(e)) => {
+                this.end = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(Err(_)) => {
+                this.end = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}

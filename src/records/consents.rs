@@ -1,0 +1,178 @@
+//! RecordConsent, WithdrawConsent, ListConsents.
+
+use super::model::{Consent, ConsentId, NewConsent};
+use super::store::stored_time;
+use super::{agency_of, check_text, RecordError, Records};
+use crate::domain::consent::{ConsentScope, ConsentState, ConsentStatement};
+use crate::domain::{AgencyId, NhsNumber};
+use crate::identity::Caller;
+use crate::proto::v1::{AuditAction, AuditOutcome};
+
+impl Records {
+    /// RecordConsent: validates the statement (scope rules in
+    /// [`crate::domain::consent`]; every recipient agency registered; at least one
+    /// category), audits it (CONSENT_RECORDED, the note sealed with the entry) and
+    /// stores it durably. From then on it counts for every disclosure.
+    pub async fn record_consent(
+        &self,
+        caller: &Caller,
+        req: NewConsent,
+        request_id: &str,
+    ) -> Result<Consent, RecordError> {
+        let (recorder, _) = agency_of(caller)?;
+        check_text("note", &req.note, 0, self.config.limits.max_note_chars)?;
+        if req.categories.is_empty() {
+            return Err(RecordError::Invalid(
+                "categories must name at least one record category".into(),
+            ));
+        }
+        let registry = self.config.registry();
+        let mut agencies = std::collections::BTreeSet::new();
+        for id in &req.recipient_agency_ids {
+            let agency = AgencyId::parse(id)
+                .ok()
+                .filter(|a| registry.agency(a.as_str()).is_some())
+                .ok_or_else(|| {
+                    RecordError::Invalid(format!(
+                        "recipient_agency_ids: {id:?} is not a registered agency"
+                    ))
+                })?;
+            agencies.insert(agency);
+        }
+        let scope = ConsentScope::parse(
+            req.purposes.into_iter().collect(),
+            req.recipient_sectors.into_iter().collect(),
+            agencies,
+            req.categories.into_iter().collect(),
+            req.valid_until.map(stored_time),
+        )
+        .map_err(|e| RecordError::Invalid(e.to_string()))?;
+        let subject_ref = self.keys.subject_ref(&req.subject);
+        let id = ConsentId::from_random(self.random_bytes()?);
+        let statement = ConsentStatement::record(
+            id.to_string(),
+            subject_ref.as_str().to_owned(),
+            req.state,
+            req.given_by,
+            scope,
+            recorder,
+            stored_time(self.clock.now()),
+        )
+        .map_err(|e| RecordError::Invalid(e.to_string()))?;
+        let consent = Consent {
+            statement,
+            subject: req.subject,
+            note: req.note,
+            withdrawal_note: String::new(),
+        };
+
+        // A new statement may be a refusal, which must bind the very next request
+        // as a withdrawal does.
+        let _changing = self.locks.changing_consent(&subject_ref).await;
+        let mut entry = Self::entry(
+            caller,
+            AuditAction::ConsentRecorded,
+            AuditOutcome::Allowed,
+            &subject_ref,
+            request_id,
+        );
+        entry.object_id = id.to_string();
+        entry.consent_id = id.to_string();
+        entry.reason = format!(
+            "{} by {}",
+            consent.statement.state, consent.statement.given_by
+        );
+        entry.justification = consent.note.clone();
+        self.auditor.append(entry).await?;
+        let stored = consent.clone();
+        self.blocking(move |s| s.put_consent(&stored)).await?;
+        tracing::info!(consent = %id, state = %consent.statement.state, "consent recorded");
+        Ok(consent)
+    }
+
+    /// WithdrawConsent: only the agency that recorded a GIVEN statement may withdraw
+    /// it; it is audited (CONSENT_WITHDRAWN) and stored durably while no disclosure
+    /// about the child is between its consent check and its audit entry, so it
+    /// applies to every later request. One already withdrawn is returned unchanged.
+    pub async fn withdraw_consent(
+        &self,
+        caller: &Caller,
+        id: &ConsentId,
+        note: &str,
+        request_id: &str,
+    ) -> Result<Consent, RecordError> {
+        let (agency, _) = agency_of(caller)?;
+        check_text("note", note, 0, self.config.limits.max_note_chars)?;
+        let Some(found) = self.load_consent(id).await? else {
+            return Err(RecordError::NotFound(format!("consent {id} not found")));
+        };
+        let subject_ref = found.subject_ref();
+        let _changing = self.locks.changing_consent(&subject_ref).await;
+        // Read again under the lock: another withdrawal may have come first.
+        let Some(mut consent) = self.load_consent(id).await? else {
+            return Err(RecordError::NotFound(format!("consent {id} not found")));
+        };
+        if consent.statement.recorded_by != agency {
+            return Err(RecordError::Denied(format!(
+                "consent {id} was recorded by another agency, which alone may withdraw it; \
+                 to record that consent is no longer given, record a statement with state \
+                 REFUSED (the newest statement in scope wins)"
+            )));
+        }
+        match consent.statement.state {
+            ConsentState::Withdrawn => return Ok(consent),
+            ConsentState::Refused | ConsentState::Given => {}
+        }
+        consent
+            .statement
+            .withdraw(stored_time(self.clock.now()))
+            .map_err(|e| RecordError::Precondition(e.to_string()))?;
+        consent.withdrawal_note = note.to_owned();
+
+        let mut entry = Self::entry(
+            caller,
+            AuditAction::ConsentWithdrawn,
+            AuditOutcome::Allowed,
+            &subject_ref,
+            request_id,
+        );
+        entry.object_id = id.to_string();
+        entry.consent_id = id.to_string();
+        entry.reason = "WITHDRAWN".into();
+        entry.justification = note.to_owned();
+        self.auditor.append(entry).await?;
+        let stored = consent.clone();
+        self.blocking(move |s| s.put_consent(&stored)).await?;
+        tracing::info!(consent = %id, "consent withdrawn");
+        Ok(consent)
+    }
+
+    /// ListConsents: every statement about the child, newest first, withdrawn ones
+    /// included. Notes are returned only to the agency that wrote them.
+    pub async fn list_consents(
+        &self,
+        caller: &Caller,
+        subject: &NhsNumber,
+    ) -> Result<Vec<Consent>, RecordError> {
+        let (agency, _) = agency_of(caller)?;
+        let subject_ref = self.keys.subject_ref(subject);
+        let mut consents = self
+            .blocking(move |s| s.consents_about(&subject_ref))
+            .await?;
+        consents.sort_by(|a, b| {
+            (b.statement.recorded_at, b.id()).cmp(&(a.statement.recorded_at, a.id()))
+        });
+        for c in &mut consents {
+            if c.statement.recorded_by != agency {
+                c.note.clear();
+                c.withdrawal_note.clear();
+            }
+        }
+        Ok(consents)
+    }
+
+    async fn load_consent(&self, id: &ConsentId) -> Result<Option<Consent>, RecordError> {
+        let id = id.clone();
+        self.blocking(move |s| s.consent(&id)).await
+    }
+}

@@ -1,0 +1,447 @@
+//! ShareRecord, FindRecords, GetRecord.
+
+use time::Duration;
+
+use super::model::{
+    DiscloseRequest, Disclosure, Found, NewRecord, Record, RecordId, MAX_LAWFUL_BASIS_CHARS,
+    MAX_MEDIA_TYPE_BYTES,
+};
+use super::notice::OverrideNotice;
+use super::store::stored_time;
+use super::{agency_of, check_text, pb_basis, pb_purpose, rfc3339, RecordError, Records};
+use crate::domain::consent::ConsentStatement;
+use crate::domain::policy::{self, Basis, Decision, DenyReason, DisclosureRequest};
+use crate::domain::{AgencyId, Purpose, Sector};
+use crate::identity::Caller;
+use crate::proto::v1::{AuditAction, AuditOutcome};
+
+/// Most record ids named in a RECORDS_FOUND entry's reason; the count is always
+/// given.
+const MAX_IDS_IN_REASON: usize = 50;
+
+impl Records {
+    /// ShareRecord: validates every field, audits (RECORD_SHARED), stores the record
+    /// durably and returns it. The caller owns it.
+    pub async fn share(
+        &self,
+        caller: &Caller,
+        req: NewRecord,
+        request_id: &str,
+    ) -> Result<Record, RecordError> {
+        let (owner, owner_sector) = agency_of(caller)?;
+        let limits = &self.config.limits;
+        check_text("summary", &req.summary, 1, limits.max_summary_chars)?;
+        if req.content.is_empty() {
+            return Err(RecordError::Invalid(
+                "content is required (it is empty)".into(),
+            ));
+        }
+        if req.content.len() > limits.max_content_bytes {
+            return Err(RecordError::TooLarge(format!(
+                "content is {} bytes, more than the limit of {} bytes (limits.max_content_bytes)",
+                req.content.len(),
+                limits.max_content_bytes
+            )));
+        }
+        check_media_type(&req.media_type)?;
+        let now = stored_time(self.clock.now());
+        let retain_until =
+            match req.retain_until {
+                Some(t) if t <= now => return Err(RecordError::Invalid(
+                    "retain_until must be in the future; leave it unset for the default retention"
+                        .into(),
+                )),
+                Some(t) => stored_time(t),
+                None => now + Duration::days(i64::from(limits.default_retention_days)),
+            };
+        let record = Record {
+            id: RecordId::from_random(self.random_bytes()?),
+            subject_ref: self.keys.subject_ref(&req.subject),
+            subject: req.subject,
+            owner,
+            owner_sector,
+            category: req.category,
+            summary: req.summary,
+            media_type: req.media_type,
+            content_len: req.content.len() as u64,
+            shared_at: now,
+            retain_until,
+        };
+
+        let mut entry = Self::entry(
+            caller,
+            AuditAction::RecordShared,
+            AuditOutcome::Allowed,
+            &record.subject_ref,
+            request_id,
+        );
+        entry.object_id = record.id.to_string();
+        entry.reason = format!(
+            "{}, {} bytes, retained until {}",
+            record.category,
+            record.content_len,
+            rfc3339(retain_until)
+        );
+        self.auditor.append(entry).await?;
+
+        let stored = record.clone();
+        let content = req.content;
+        self.blocking(move |s| s.put_record(&stored, &content))
+            .await?;
+        tracing::info!(record = %record.id, category = %record.category, "record shared");
+        Ok(record)
+    }
+
+    /// FindRecords: the records about `subject` that some agreement lets the caller's
+    /// sector receive for `purpose`, and the caller's own, newest first, each with
+    /// what the caller may do with it now. Audited (RECORDS_FOUND) before it answers,
+    /// even when nothing is found.
+    pub async fn find(
+        &self,
+        caller: &Caller,
+        subject: &crate::domain::NhsNumber,
+        purpose: Purpose,
+        request_id: &str,
+    ) -> Result<Vec<Found>, RecordError> {
+        let (agency, sector) = agency_of(caller)?;
+        let subject_ref = self.keys.subject_ref(subject);
+        let about = subject_ref.clone();
+        let (records, consents) = self
+            .blocking(move |s| Ok((s.records_about(&about)?, s.consents_about(&about)?)))
+            .await?;
+        let statements: Vec<ConsentStatement> = consents.into_iter().map(|c| c.statement).collect();
+        let now = self.clock.now();
+        let registry = self.config.registry();
+        let mut found: Vec<Found> = records
+            .into_iter()
+            .filter_map(|record| {
+                let req = disclosure_request(&record, &agency, sector, purpose, None);
+                policy::access_for(
+                    registry.agreements_for(record.owner_sector, sector),
+                    &statements,
+                    &req,
+                    now,
+                )
+                .map(|access| Found { record, access })
+            })
+            .collect();
+        found.sort_by(|a, b| {
+            (b.record.shared_at, &b.record.id).cmp(&(a.record.shared_at, &a.record.id))
+        });
+
+        let mut entry = Self::entry(
+            caller,
+            AuditAction::RecordsFound,
+            AuditOutcome::Allowed,
+            &subject_ref,
+            request_id,
+        );
+        entry.purpose = Some(pb_purpose(purpose));
+        entry.reason = found_reason(&found);
+        self.auditor.append(entry).await?;
+        Ok(found)
+    }
+
+    /// GetRecord: decides at this moment, from the agreements and the consent in
+    /// store, whether the caller may read the record for `req.purpose`; audits the
+    /// disclosure (RECORD_DISCLOSED) or the refusal (DISCLOSURE_DENIED) durably;
+    /// for an override, tells the owner; and only then returns the content.
+    pub async fn disclose(
+        &self,
+        caller: &Caller,
+        req: DiscloseRequest,
+        request_id: &str,
+    ) -> Result<Disclosure, RecordError> {
+        let (agency, sector) = agency_of(caller)?;
+        if let Some(o) = &req.r#override {
+            check_text(
+                "override.lawful_basis",
+                &o.lawful_basis,
+                0,
+                MAX_LAWFUL_BASIS_CHARS,
+            )?;
+            check_text(
+                "override.justification",
+                &o.justification,
+                0,
+                self.config.limits.max_note_chars,
+            )?;
+        }
+        let id = req.record_id.clone();
+        let Some(record) = self.blocking(move |s| s.record(&id)).await? else {
+            self.audit_unknown(caller, &req, request_id).await?;
+            return Err(not_found(&req.record_id));
+        };
+        let registry = self.config.registry();
+        let owner = record.owner == agency;
+        if !owner
+            && !receivable(
+                registry.agreements_for(record.owner_sector, sector),
+                &record,
+            )
+        {
+            // A record this sector could never receive is answered like an unknown
+            // id: the caller may not learn that it exists.
+            let mut entry = self.denied_entry(caller, &record, &req, request_id);
+            entry.reason = format!(
+                "{}: no agreement lets sector {sector} receive category {} for any purpose \
+                 (answered NOT_FOUND)",
+                DenyReason::NoAgreement.as_str(),
+                record.category
+            );
+            self.auditor.append(entry).await?;
+            return Err(not_found(&req.record_id));
+        }
+
+        let _disclosing = self.locks.disclosing(&record.subject_ref).await;
+        let about = record.subject_ref.clone();
+        let consents = self.blocking(move |s| s.consents_about(&about)).await?;
+        let statements: Vec<ConsentStatement> = consents.into_iter().map(|c| c.statement).collect();
+        let request = disclosure_request(
+            &record,
+            &agency,
+            sector,
+            req.purpose,
+            req.r#override.clone(),
+        );
+        let decision = policy::decide(
+            registry.agreements_for(record.owner_sector, sector),
+            &statements,
+            &request,
+            self.clock.now(),
+        );
+        let allowed = match decision {
+            Decision::Allow(allowed) => allowed,
+            Decision::Deny(denied) => {
+                let mut entry = self.denied_entry(caller, &record, &req, request_id);
+                entry.reason = denied.reason.as_str().to_owned();
+                if let DenyReason::ConsentRefused { consent_id, .. }
+                | DenyReason::ConsentWithdrawn { consent_id, .. } = &denied.reason
+                {
+                    entry.consent_id = consent_id.clone();
+                }
+                self.auditor.append(entry).await?;
+                return Err(RecordError::Refused(denied));
+            }
+        };
+
+        let id = record.id.clone();
+        let content = self.blocking(move |s| s.content(&id)).await?;
+        let mut entry = Self::entry(
+            caller,
+            AuditAction::RecordDisclosed,
+            AuditOutcome::Allowed,
+            &record.subject_ref,
+            request_id,
+        );
+        entry.target_agency_id = record.owner.to_string();
+        entry.object_id = record.id.to_string();
+        entry.purpose = Some(pb_purpose(req.purpose));
+        entry.basis = pb_basis(allowed.basis);
+        entry.lawful_basis = allowed.lawful_basis.clone();
+        entry.consent_id = allowed.consent_id.clone().unwrap_or_default();
+        entry.justification = allowed.justification.clone().unwrap_or_default();
+        entry.reason = disclosed_reason(&allowed);
+        let durable = self.auditor.append(entry).await?;
+        drop(_disclosing);
+
+        if allowed.basis == Basis::SafeguardingOverride {
+            let notice = OverrideNotice {
+                record_id: record.id.clone(),
+                subject_ref: record.subject_ref.clone(),
+                owner: record.owner.clone(),
+                recipient: agency.clone(),
+                justification: allowed.justification.clone().unwrap_or_default(),
+                audit_seq: durable.seq(),
+            };
+            self.notifier.notify(notice).await?;
+            tracing::warn!(record = %record.id, owner = %record.owner, recipient = %agency, seq = durable.seq(), "record disclosed under a safeguarding override");
+        }
+        Ok(Disclosure {
+            record,
+            content,
+            basis: allowed.basis,
+            audit_seq: durable.seq(),
+            override_ignored: allowed.override_ignored,
+        })
+    }
+
+    /// Audits a request for an id that names no record.
+    async fn audit_unknown(
+        &self,
+        caller: &Caller,
+        req: &DiscloseRequest,
+        request_id: &str,
+    ) -> Result<(), RecordError> {
+        let mut entry = crate::audit::NewEntry::new(
+            crate::audit::Actor::from(caller),
+            AuditAction::DisclosureDenied,
+            AuditOutcome::Denied,
+            request_id,
+        );
+        entry.object_id = req.record_id.to_string();
+        entry.purpose = Some(pb_purpose(req.purpose));
+        entry.reason = "NOT_FOUND: no such record".into();
+        self.auditor.append(entry).await?;
+        Ok(())
+    }
+
+    fn denied_entry(
+        &self,
+        caller: &Caller,
+        record: &Record,
+        req: &DiscloseRequest,
+        request_id: &str,
+    ) -> crate::audit::NewEntry {
+        let mut entry = Self::entry(
+            caller,
+            AuditAction::DisclosureDenied,
+            AuditOutcome::Denied,
+            &record.subject_ref,
+            request_id,
+        );
+        entry.target_agency_id = record.owner.to_string();
+        entry.object_id = record.id.to_string();
+        entry.purpose = Some(pb_purpose(req.purpose));
+        entry
+    }
+}
+
+/// The policy's view of one request for one record.
+fn disclosure_request(
+    record: &Record,
+    recipient: &AgencyId,
+    recipient_sector: Sector,
+    purpose: Purpose,
+    r#override: Option<policy::OverrideRequest>,
+) -> DisclosureRequest {
+    DisclosureRequest {
+        owner_agency: record.owner.clone(),
+        owner_sector: record.owner_sector,
+        recipient_agency: recipient.clone(),
+        recipient_sector,
+        category: record.category,
+        purpose,
+        r#override,
+        retain_until: record.retain_until,
+    }
+}
+
+/// Whether any of the agreements from the owner's sector to the caller's covers the
+/// record's category, for some purpose.
+fn receivable<'a>(
+    agreements: impl IntoIterator<Item = &'a crate::config::Agreement>,
+    record: &Record,
+) -> bool {
+    agreements
+        .into_iter()
+        .any(|a| a.categories.contains(&record.category))
+}
+
+fn not_found(id: &RecordId) -> RecordError {
+    RecordError::NotFound(format!("record {id} not found"))
+}
+
+/// The reason of a RECORDS_FOUND entry: how many, and which.
+fn found_reason(found: &[Found]) -> String {
+    let ids: Vec<&str> = found
+        .iter()
+        .take(MAX_IDS_IN_REASON)
+        .map(|f| f.record.id.as_str())
+        .collect();
+    let more = found.len().saturating_sub(MAX_IDS_IN_REASON);
+    let mut reason = format!("{} found", found.len());
+    if !ids.is_empty() {
+        reason.push_str(": ");
+        reason.push_str(&ids.join(" "));
+    }
+    if more > 0 {
+        reason.push_str(&format!(" and {more} more"));
+    }
+    reason
+}
+
+/// The reason of a RECORD_DISCLOSED entry: for an override, the agreement's lawful
+/// basis (the entry's `lawful_basis` is the override's) and the statement set aside.
+fn disclosed_reason(allowed: &policy::Allowed) -> String {
+    let mut reason = allowed.basis.as_str().to_owned();
+    if allowed.basis == Basis::SafeguardingOverride {
+        if let Some(agreement) = &allowed.agreement_lawful_basis {
+            reason.push_str(&format!("; agreement lawful basis: {agreement}"));
+        }
+        if let Some(id) = &allowed.overridden_consent_id {
+            reason.push_str(&format!("; consent set aside: {id}"));
+        }
+    }
+    if allowed.override_ignored {
+        reason.push_str("; override given but not needed, not relied on");
+    }
+    reason
+}
+
+/// Checks a media type: `type/subtype` of RFC 6838 restricted names, optionally
+/// followed by `;` parameters of printable ASCII.
+fn check_media_type(m: &str) -> Result<(), RecordError> {
+    let bad = || {
+        RecordError::Invalid(
+            "media_type must be a media type such as \"application/pdf\" or \
+             \"text/plain; charset=utf-8\""
+                .into(),
+        )
+    };
+    if m.trim().is_empty() {
+        return Err(RecordError::Invalid("media_type is required".into()));
+    }
+    if m.len() > MAX_MEDIA_TYPE_BYTES {
+        return Err(RecordError::Invalid(format!(
+            "media_type is longer than {MAX_MEDIA_TYPE_BYTES} bytes"
+        )));
+    }
+    let (essence, params) = m.split_once(';').unwrap_or((m, ""));
+    let (kind, sub) = essence.split_once('/').ok_or_else(bad)?;
+    let name = |s: &str| {
+        let mut bytes = s.bytes();
+        bytes.next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && bytes.all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+            && s.len() <= 127
+    };
+    if !name(kind) || !name(sub) || !params.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_types_are_checked() {
+        for ok in [
+            "application/pdf",
+            "text/plain; charset=utf-8",
+            "application/vnd.oasis.opendocument.text",
+            "image/svg+xml",
+        ] {
+            assert!(check_media_type(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            " ",
+            "pdf",
+            "/pdf",
+            "text/",
+            "text/plain\n",
+            "te xt/plain",
+            "text/plain;\u{7}",
+        ] {
+            assert!(check_media_type(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_media_type(&format!("a/{}", "b".repeat(300))).is_err());
+    }
+
+    #[test]
+    fn found_reason_names_count_and_ids() {
+        assert_eq!(found_reason(&[]), "0 found");
+    }
+}

@@ -1,0 +1,302 @@
+//! Consent-bound records: sharing, finding and disclosing records about a child,
+//! consent statements, the safeguarding override, and purging at the end of
+//! retention.
+//!
+//! - [`model`]: what a record and a consent are here, and the requests.
+//! - [`store`]: the sled database `data_dir/records` (sealed metadata and consents,
+//!   indexes) and the sealed content files in `data_dir/record-content`.
+//! - `flow`: ShareRecord, FindRecords, GetRecord.
+//! - `consents`: RecordConsent, WithdrawConsent, ListConsents.
+//! - [`notice`]: the [`OverrideNotifier`] that tells an owner of an override.
+//! - `purge`: the retention sweeper.
+//!
+//! The decision itself is [`crate::domain::policy::decide`], and which consent is in
+//! force is [`crate::domain::consent::consent_in_force`]: this module loads what they
+//! need, calls them, audits, and stores.
+//!
+//! # Rules this capability keeps
+//! - **Audit first.** Sharing (RECORD_SHARED), finding (RECORDS_FOUND: that a record
+//!   about a child exists is itself a disclosure), disclosing (RECORD_DISCLOSED, with
+//!   basis, lawful basis, consent id, and for an override its justification, which is
+//!   sealed with the entry), refusing (DISCLOSURE_DENIED, with the reason),
+//!   recording and withdrawing consent (CONSENT_RECORDED, CONSENT_WITHDRAWN) and
+//!   purging (RECORD_PURGED, actor `system`) are each durably audited before the
+//!   change is stored or the answer is built. A crash between the two leaves an entry
+//!   for something that did not happen, never the reverse.
+//! - **Consent at the moment of disclosure.** Each GetRecord reads the consent
+//!   statements from the store (no cache). Disclosures of a child's records hold a
+//!   shared lock on that child from reading consent until their RECORD_DISCLOSED
+//!   entry is durable; recording or withdrawing consent about the child holds it
+//!   exclusively from its audit entry until the store is durable. So every
+//!   disclosure that relied on a consent has an audit seq below that of the
+//!   consent's withdrawal, and every request that starts after a withdrawal returns
+//!   sees it.
+//! - **Who learns what.** FindRecords lists only the records some agreement lets the
+//!   caller's sector receive for the purpose given, and the caller's own. GetRecord
+//!   answers NOT_FOUND, with the message of an unknown id, for a record of a category
+//!   that no agreement lets the caller's sector receive for any purpose, so its
+//!   existence is not revealed; for a receivable record asked for the wrong purpose
+//!   it answers PERMISSION_DENIED. Past `retain_until` a record is disclosed to no
+//!   one, its owner included (NOT_FOUND), and is purged by the sweeper.
+//! - **Safeguarding override.** Allowed where the agreement allows one; the
+//!   disclosure is audited as SAFEGUARDING_OVERRIDE with the justification, then the
+//!   owner is notified ([`OverrideNotifier`], with the audit seq) before the content
+//!   is returned. If the notice cannot be delivered the call fails.
+//! - **Consent statements** may be withdrawn only by the agency that recorded them
+//!   (another agency records a REFUSED statement instead: the newest statement in
+//!   scope wins). Withdrawing one already withdrawn returns it unchanged. A note is
+//!   shown only to the agency that recorded it.
+//! - **Never logged or in clear at rest:** NHS numbers, summaries, content,
+//!   justifications, notes.
+
+pub mod model;
+pub mod notice;
+pub mod store;
+
+mod consents;
+mod flow;
+mod purge;
+
+use std::sync::Arc;
+
+use ring::rand::{SecureRandom, SystemRandom};
+
+pub use model::{
+    Consent, ConsentId, DiscloseRequest, Disclosure, Found, NewConsent, NewRecord, Record, RecordId,
+};
+pub use notice::{NoNotifier, NoticeError, NoticeFuture, OverrideNotice, OverrideNotifier};
+pub use purge::{purge_periodically, PURGE_INTERVAL};
+pub use store::{Due, RecordStore, StoreError};
+
+use crate::audit::{Actor, AuditError, Auditor, NewEntry};
+use crate::config::Config;
+use crate::domain::policy::{Basis, Denied};
+use crate::domain::{AgencyId, Clock, Purpose, Sector};
+use crate::identity::Caller;
+use crate::proto::v1::{AuditAction, AuditOutcome, DisclosureBasis, Purpose as PbPurpose};
+use crate::store::keys::SubjectRef;
+use crate::store::Keys;
+
+/// Why a records or consent call was refused or failed. Messages are safe to return
+/// to the caller: they never hold content, a summary of a record the caller may not
+/// see, a note, an NHS number or a justification (`Store`, `Notice` and `Internal`
+/// detail is logged, not returned).
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// A field is malformed: INVALID_ARGUMENT.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such record or consent, or one the caller may not learn of: NOT_FOUND.
+    #[error("{0}")]
+    NotFound(String),
+    /// Not the caller's to change: PERMISSION_DENIED.
+    #[error("{0}")]
+    Denied(String),
+    /// The state forbids it (withdrawing a refusal): FAILED_PRECONDITION.
+    #[error("{0}")]
+    Precondition(String),
+    /// Content over `limits.max_content_bytes`: RESOURCE_EXHAUSTED.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The disclosure decision refused; the code follows the reason (see
+    /// [`crate::domain::policy::DenyReason`]).
+    #[error(transparent)]
+    Refused(Denied),
+    /// The audit log could not be written; nothing was disclosed or changed.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// The record store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The owner could not be told of an override, so nothing was disclosed.
+    #[error(transparent)]
+    Notice(#[from] NoticeError),
+    /// Anything else that is the gateway's fault.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The records capability: configuration, keys, the audit writer, the store, the
+/// clock, and who to tell of overrides.
+pub struct Records {
+    config: Arc<Config>,
+    keys: Arc<Keys>,
+    auditor: Auditor,
+    clock: Arc<dyn Clock>,
+    store: RecordStore,
+    locks: SubjectLocks,
+    notifier: Arc<dyn OverrideNotifier>,
+    rng: SystemRandom,
+}
+
+// === impl Records ===
+
+impl Records {
+    /// Opens the store in `data_dir/records` (content in `data_dir/record-content`).
+    /// Blocking (sled). Override notices go nowhere until [`Records::with_notifier`].
+    pub fn open(
+        config: Arc<Config>,
+        keys: Arc<Keys>,
+        auditor: Auditor,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Records, StoreError> {
+        let store = RecordStore::open(
+            &config.data_dir.join("records"),
+            &config.data_dir.join("record-content"),
+            keys.clone(),
+        )?;
+        Ok(Records {
+            config,
+            keys,
+            auditor,
+            clock,
+            store,
+            locks: SubjectLocks::new(256),
+            notifier: Arc::new(NoNotifier),
+            rng: SystemRandom::new(),
+        })
+    }
+
+    /// Sends override notices to `notifier` (the gateway: the owner's inbox).
+    pub fn with_notifier(mut self, notifier: Arc<dyn OverrideNotifier>) -> Self {
+        self.notifier = notifier;
+        self
+    }
+
+    /// The store (read access for tools and tests).
+    pub fn store(&self) -> &RecordStore {
+        &self.store
+    }
+
+    /// Makes everything durable; called once the last call has finished.
+    pub async fn close(&self) {
+        if let Err(e) = self.blocking(|s| s.close()).await {
+            tracing::error!(error = %e, "closing the record store");
+        }
+    }
+
+    /// Runs a store operation on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&RecordStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, RecordError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| RecordError::Internal(format!("store task: {e}")))?
+            .map_err(RecordError::from)
+    }
+
+    fn random_bytes(&self) -> Result<[u8; 16], RecordError> {
+        let mut bytes = [0u8; 16];
+        self.rng.fill(&mut bytes).map_err(|_| {
+            RecordError::Internal("the system random number generator failed".into())
+        })?;
+        Ok(bytes)
+    }
+
+    /// An audit entry by `caller` about `subject`.
+    fn entry(
+        caller: &Caller,
+        action: AuditAction,
+        outcome: AuditOutcome,
+        subject: &SubjectRef,
+        request_id: &str,
+    ) -> NewEntry {
+        let mut entry = NewEntry::new(Actor::from(caller), action, outcome, request_id);
+        entry.subject = Some(subject.clone());
+        entry
+    }
+}
+
+/// The calling agency and its sector; other roles never reach these services (the
+/// auth layer refuses them), but are refused here too.
+fn agency_of(caller: &Caller) -> Result<(AgencyId, Sector), RecordError> {
+    caller.agency().ok_or_else(|| {
+        RecordError::Denied("RecordService and ConsentService are for agencies".into())
+    })
+}
+
+/// Checks a free text's length in characters, after trimming for the minimum.
+fn check_text(field: &str, value: &str, min: usize, max: usize) -> Result<(), RecordError> {
+    let trimmed = value.trim().chars().count();
+    let chars = value.chars().count();
+    if trimmed < min {
+        return Err(RecordError::Invalid(if min == 1 {
+            format!("{field} is required")
+        } else {
+            format!("{field} must have at least {min} characters")
+        }));
+    }
+    if chars > max {
+        return Err(RecordError::Invalid(format!(
+            "{field} has {chars} characters, more than the limit of {max}"
+        )));
+    }
+    Ok(())
+}
+
+/// A time as RFC 3339, for audit reasons and messages.
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| format!("{t:?}"))
+}
+
+/// The audit log's name for a purpose.
+fn pb_purpose(p: Purpose) -> PbPurpose {
+    match p {
+        Purpose::Safeguarding => PbPurpose::Safeguarding,
+        Purpose::EarlyHelp => PbPurpose::EarlyHelp,
+        Purpose::HealthCare => PbPurpose::HealthCare,
+        Purpose::EducationSupport => PbPurpose::EducationSupport,
+        Purpose::CrimePrevention => PbPurpose::CrimePrevention,
+    }
+}
+
+/// The audit log's name for a basis.
+fn pb_basis(b: Basis) -> DisclosureBasis {
+    match b {
+        Basis::Owner => DisclosureBasis::Owner,
+        Basis::Consent => DisclosureBasis::Consent,
+        Basis::AgreementNoConsentNeeded => DisclosureBasis::AgreementNoConsentNeeded,
+        Basis::SafeguardingOverride => DisclosureBasis::SafeguardingOverride,
+    }
+}
+
+/// Read-write locks picked by a child's keyed hash: disclosures of the child's
+/// records share one, consent changes about the child take it alone (see the module
+/// documentation). Striped, so there is no lock per child; a holder never takes a
+/// second stripe. Held across awaits on purpose: the ordering they give is between an
+/// audit append and a store read or write.
+struct SubjectLocks(Vec<tokio::sync::RwLock<()>>);
+
+impl SubjectLocks {
+    fn new(n: usize) -> Self {
+        SubjectLocks(
+            (0..n.max(1))
+                .map(|_| tokio::sync::RwLock::new(()))
+                .collect(),
+        )
+    }
+
+    fn stripe(&self, subject: &SubjectRef) -> &tokio::sync::RwLock<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        subject.as_str().hash(&mut h);
+        &self.0[(h.finish() % self.0.len() as u64) as usize]
+    }
+
+    async fn disclosing(&self, subject: &SubjectRef) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.stripe(subject).read().await
+    }
+
+    async fn changing_consent(
+        &self,
+        subject: &SubjectRef,
+    ) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.stripe(subject).write().await
+    }
+}
+
+#[cfg(test)]
+mod tests;
