@@ -1170,3 +1170,83 @@ async fn sixteen_clients_disclosing_while_consent_is_withdrawn_see_no_disclosure
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_override_disclosure_reaches_the_owners_open_inbox_stream() {
+    use sgw::proto::v1::concern_service_client::ConcernServiceClient;
+    let env = Env::new();
+    let gw = env.start().await;
+
+    // The owner's case system is listening to its inbox.
+    let mut owner_inbox =
+        ConcernServiceClient::new(gw.connect_as(&env, Role::Agency, "nhs-guys").await);
+    let mut stream = owner_inbox
+        .subscribe_inbox(SubscribeInboxRequest { after_cursor: 0 })
+        .await
+        .expect("subscribe")
+        .into_inner();
+
+    let mut owner = records(&gw, &env, "nhs-guys").await;
+    let record = share(
+        &mut owner,
+        RecordCategory::UnscheduledCareAttendance,
+        b"A&E attendance: fracture",
+    )
+    .await;
+    let mut school = records(&gw, &env, "school-oakfield").await;
+    let disclosed = school
+        .get_record(get(
+            &record.record_id,
+            Purpose::Safeguarding,
+            override_with(JUSTIFICATION),
+        ))
+        .await
+        .expect("override disclosure")
+        .into_inner();
+    assert_eq!(
+        disclosed.basis,
+        DisclosureBasis::SafeguardingOverride as i32
+    );
+
+    let msg = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("the notice arrives")
+        .expect("stream")
+        .expect("an event");
+    match msg.event {
+        Some(subscribe_inbox_response::Event::OverrideNotice(n)) => {
+            assert_eq!(n.record_id, record.record_id);
+            assert_eq!(n.recipient_agency_id, "school-oakfield");
+            assert_eq!(n.justification, JUSTIFICATION.trim());
+            assert_eq!(n.audit_seq, disclosed.audit_seq);
+        }
+        other => panic!("expected an OverrideNotice, got {other:?}"),
+    }
+    // A subscriber that comes later replays it from the durable inbox.
+    let mut replay = owner_inbox
+        .subscribe_inbox(SubscribeInboxRequest { after_cursor: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let again = tokio::time::timeout(Duration::from_secs(5), replay.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        again.event,
+        Some(subscribe_inbox_response::Event::OverrideNotice(_))
+    ));
+    gw.stop().await;
+
+    // The justification is sealed in the inbox too.
+    for file in common::files_under(&env.path().join("data")) {
+        let bytes = std::fs::read(&file).unwrap();
+        let needle = JUSTIFICATION.as_bytes();
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "{} holds the justification",
+            file.display()
+        );
+    }
+}

@@ -173,6 +173,14 @@ impl ConcernService for ConcernApi {
                             due_at: Some(timestamp(e.due_at)),
                         })
                     }
+                    InboxItem::OverrideNotice(n) => {
+                        subscribe_inbox_response::Event::OverrideNotice(OverrideNotice {
+                            record_id: n.record_id,
+                            recipient_agency_id: n.recipient.to_string(),
+                            justification: n.justification,
+                            audit_seq: n.audit_seq,
+                        })
+                    }
                 }),
             }),
             Err(e) => Err(ApiError::from(e).into_status(&request_id)),

@@ -173,12 +173,16 @@ impl App {
             .await
             .map_err(|e| crate::records::StoreError::Io(e.to_string()))??
         };
+        // A disclosure under a safeguarding override tells the record's owner through
+        // its concern inbox (DESIGN.md invariant 5).
+        let concerns = Arc::new(concerns);
+        let records = records.with_notifier(Arc::new(OverrideToInbox(concerns.clone())));
         Ok(App {
             config,
             keys,
             auditor,
             clock,
-            concerns: Arc::new(concerns),
+            concerns,
             records: Arc::new(records),
             revocations: Arc::new(Revocations::new(revoked)),
             tls: None,
@@ -369,6 +373,28 @@ impl App {
         self.concerns.close().await;
         self.records.close().await;
         self.auditor.close().await;
+    }
+}
+
+/// Delivers override notices from the records capability to the owner's concern
+/// inbox. Neither capability knows the other; this is the one place they meet.
+struct OverrideToInbox(Arc<crate::concerns::Concerns>);
+
+impl crate::records::OverrideNotifier for OverrideToInbox {
+    fn notify(&self, notice: crate::records::OverrideNotice) -> crate::records::NoticeFuture<'_> {
+        Box::pin(async move {
+            let event = crate::concerns::OverrideNoticeEvent {
+                record_id: notice.record_id.to_string(),
+                recipient: notice.recipient,
+                justification: notice.justification,
+                audit_seq: notice.audit_seq,
+            };
+            self.0
+                .notify_override(&notice.owner, event)
+                .await
+                .map(|_| ())
+                .map_err(|e| crate::records::NoticeError(e.to_string()))
+        })
     }
 }
 

@@ -45,6 +45,8 @@ pub enum InboxItem {
     Concern(Concern),
     /// An escalation of an overdue concern.
     Escalation(Escalation),
+    /// One of the subscriber's records was read under a safeguarding override.
+    OverrideNotice(super::model::OverrideNoticeEvent),
 }
 
 /// A subscription's events with their cursors; it ends with an error when the
@@ -169,7 +171,7 @@ impl Concerns {
             .iter()
             .filter_map(|(_, e)| match e {
                 InboxEvent::Concern(id) => Some(id.clone()),
-                InboxEvent::Escalation(_) => None,
+                InboxEvent::Escalation(_) | InboxEvent::OverrideNotice(_) => None,
             })
             .collect();
         let loaded = self
@@ -195,6 +197,7 @@ impl Concerns {
                 let item = match event {
                     InboxEvent::Concern(id) => delivered.get(&id).cloned().map(InboxItem::Concern),
                     InboxEvent::Escalation(e) => Some(InboxItem::Escalation(e)),
+                    InboxEvent::OverrideNotice(n) => Some(InboxItem::OverrideNotice(n)),
                 };
                 (cursor, item)
             })

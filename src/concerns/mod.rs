@@ -63,7 +63,7 @@ pub use flow::{InboxPage, RaiseRequest};
 pub use inbox::{InboxItem, InboxStream};
 pub use model::{
     overdue, Concern, ConcernId, ConcernStatus, Decision, DecisionRecord, Delivery, Escalation,
-    InboxEvent, Overdue,
+    InboxEvent, Overdue, OverrideNoticeEvent,
 };
 pub use store::{ConcernStore, StoreError};
 pub use sweeper::{sweep_interval, sweep_periodically};
@@ -179,6 +179,18 @@ impl Concerns {
     }
 
     /// Runs a store operation on the blocking pool.
+    /// Puts an override notice in `owner`'s inbox, durably; subscribers get it at
+    /// once. Returns only when it is on disk.
+    pub async fn notify_override(
+        &self,
+        owner: &AgencyId,
+        notice: OverrideNoticeEvent,
+    ) -> Result<u64, ConcernError> {
+        let owner = owner.clone();
+        self.blocking(move |s| s.append_event(&owner, InboxEvent::OverrideNotice(notice)))
+            .await
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&ConcernStore) -> Result<T, StoreError> + Send + 'static,

@@ -276,6 +276,33 @@ pub enum InboxEvent {
     Concern(ConcernId),
     /// A concern the agency sent (or, for the front door, received) is overdue.
     Escalation(Escalation),
+    /// One of the agency's records was disclosed under a safeguarding override.
+    OverrideNotice(OverrideNoticeEvent),
+}
+
+/// Tells a record's owner that another agency read it under a safeguarding
+/// override. The justification is sealed at rest and never logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OverrideNoticeEvent {
+    /// The record disclosed.
+    pub record_id: String,
+    /// The agency that read it.
+    pub recipient: AgencyId,
+    /// The recipient's written justification.
+    pub justification: String,
+    /// The seq of the durable RECORD_DISCLOSED audit entry.
+    pub audit_seq: u64,
+}
+
+impl std::fmt::Debug for OverrideNoticeEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OverrideNoticeEvent")
+            .field("record_id", &self.record_id)
+            .field("recipient", &self.recipient)
+            .field("justification", &"<redacted>")
+            .field("audit_seq", &self.audit_seq)
+            .finish()
+    }
 }
 
 /// An overdue concern's escalation notice.

@@ -33,6 +33,7 @@ use tokio::sync::watch;
 
 use super::model::{
     Concern, ConcernId, Decision, DecisionRecord, Delivery, Escalation, InboxEvent,
+    OverrideNoticeEvent,
 };
 use crate::domain::{AgencyId, ConcernCategory, NhsNumber, Urgency};
 use crate::store::keys::SubjectRef;
@@ -292,9 +293,27 @@ impl ConcernStore {
         for kv in self.tree.range(start..=end).take(limit) {
             let (k, v) = kv?;
             let cursor = read_u64(Some(&k[k.len() - 8..]))?;
-            out.push((cursor, decode_event(&v)?));
+            out.push((cursor, decode_event(&self.keys, &v)?));
         }
         Ok(out)
+    }
+
+    /// Appends one event to `agency`'s inbox durably (flush + fdatasync) and
+    /// announces it to subscribers. Returns its cursor.
+    pub fn append_event(&self, agency: &AgencyId, event: InboxEvent) -> Result<u64, StoreError> {
+        let appended = {
+            let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let mut batch = sled::Batch::default();
+            let appended = self.append_events(&mut batch, &[(agency.clone(), event)])?;
+            self.tree.apply_batch(batch)?;
+            appended
+        };
+        self.sync()?;
+        self.publish(&appended);
+        appended
+            .first()
+            .map(|(_, cursor)| *cursor)
+            .ok_or_else(|| StoreError::Corrupt("event not appended".into()))
     }
 
     /// A watch on `agency`'s durable cursor: the newest event a reader may see.
@@ -325,7 +344,7 @@ impl ConcernStore {
             };
             let cursor = last + 1;
             next.insert(agency, cursor);
-            batch.insert(inbox_key(agency, cursor), encode_event(event)?);
+            batch.insert(inbox_key(agency, cursor), encode_event(&self.keys, event)?);
             appended.push((agency.clone(), cursor));
         }
         for (agency, cursor) in next {
@@ -513,6 +532,18 @@ enum StoredEvent {
         reason: String,
         due_at: i64,
     },
+    OverrideNotice {
+        record_id: String,
+        recipient: String,
+        /// The justification, sealed (base64): it is free text.
+        justification: String,
+        audit_seq: u64,
+    },
+}
+
+/// The sealing context of an override notice's justification.
+fn notice_context(record_id: &str, audit_seq: u64) -> Vec<u8> {
+    format!("override-notice:{record_id}:{audit_seq}").into_bytes()
 }
 
 impl From<&Concern> for StoredConcern {
@@ -587,7 +618,8 @@ impl StoredConcern {
     }
 }
 
-fn encode_event(event: &InboxEvent) -> Result<Vec<u8>, StoreError> {
+fn encode_event(keys: &Keys, event: &InboxEvent) -> Result<Vec<u8>, StoreError> {
+    use base64::Engine as _;
     let stored = match event {
         InboxEvent::Concern(id) => StoredEvent::Concern {
             concern_id: id.as_str().to_owned(),
@@ -597,11 +629,27 @@ fn encode_event(event: &InboxEvent) -> Result<Vec<u8>, StoreError> {
             reason: e.reason.clone(),
             due_at: micros(e.due_at),
         },
+        InboxEvent::OverrideNotice(n) => {
+            let sealed = keys
+                .data_seal
+                .seal(
+                    &notice_context(&n.record_id, n.audit_seq),
+                    n.justification.as_bytes(),
+                )
+                .map_err(|e| StoreError::Io(e.to_string()))?;
+            StoredEvent::OverrideNotice {
+                record_id: n.record_id.clone(),
+                recipient: n.recipient.as_str().to_owned(),
+                justification: base64::engine::general_purpose::STANDARD.encode(sealed),
+                audit_seq: n.audit_seq,
+            }
+        }
     };
     serde_json::to_vec(&stored).map_err(|e| StoreError::Corrupt(format!("encoding an event: {e}")))
 }
 
-fn decode_event(v: &[u8]) -> Result<InboxEvent, StoreError> {
+fn decode_event(keys: &Keys, v: &[u8]) -> Result<InboxEvent, StoreError> {
+    use base64::Engine as _;
     let corrupt = || StoreError::Corrupt("malformed inbox event".into());
     let stored: StoredEvent = serde_json::from_slice(v).map_err(|_| corrupt())?;
     Ok(match stored {
@@ -617,6 +665,26 @@ fn decode_event(v: &[u8]) -> Result<InboxEvent, StoreError> {
             reason,
             due_at: from_micros(due_at),
         }),
+        StoredEvent::OverrideNotice {
+            record_id,
+            recipient,
+            justification,
+            audit_seq,
+        } => {
+            let sealed = base64::engine::general_purpose::STANDARD
+                .decode(justification)
+                .map_err(|_| corrupt())?;
+            let plain = keys
+                .data_seal
+                .open(&notice_context(&record_id, audit_seq), &sealed)
+                .map_err(|_| corrupt())?;
+            InboxEvent::OverrideNotice(OverrideNoticeEvent {
+                recipient: AgencyId::parse(&recipient).map_err(|_| corrupt())?,
+                justification: String::from_utf8(plain).map_err(|_| corrupt())?,
+                record_id,
+                audit_seq,
+            })
+        }
     })
 }
 
