@@ -250,6 +250,12 @@ async fn a_revoked_agency_is_cut_off_at_once_and_after_a_restart() {
         .expect("watch")
         .into_inner();
     assert!(stream.message().await.expect("first status").is_some());
+    let mut police_inbox =
+        sgw::proto::v1::concern_service_client::ConcernServiceClient::new(police.clone())
+            .subscribe_inbox(SubscribeInboxRequest { after_cursor: 0 })
+            .await
+            .expect("subscribe")
+            .into_inner();
 
     let (ops_cert, ops_key) = env.identity(Role::Operator, "ops");
     let ops_channel = common::connect(gw.addr, &ca, Some((&ops_cert, &ops_key)))
@@ -291,6 +297,22 @@ async fn a_revoked_agency_is_cut_off_at_once_and_after_a_restart() {
     let err = ended.expect_err("ends with an error status");
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
     assert!(err.message().contains("revoked"), "{err:?}");
+
+    // Its inbox stream ends the same way.
+    let inbox_end = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match police_inbox.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the inbox stream ends within a second");
+    assert_eq!(
+        inbox_end.expect_err("error status").code(),
+        tonic::Code::Unauthenticated
+    );
 
     // The next call on the open connection is refused; others carry on.
     let err = police_health
@@ -489,6 +511,13 @@ async fn rotating_under_load_fails_no_call_and_keeps_streams_open() {
         .unwrap()
         .into_inner();
     assert!(stream.message().await.unwrap().is_some());
+    let mut inbox = sgw::proto::v1::concern_service_client::ConcernServiceClient::new(
+        gw.connect(&cert, &key).await.unwrap(),
+    )
+    .subscribe_inbox(SubscribeInboxRequest { after_cursor: 0 })
+    .await
+    .expect("subscribe")
+    .into_inner();
 
     // Unary callers on their own connections, and callers that reconnect each time.
     let stop = Arc::new(AtomicBool::new(false));
@@ -558,5 +587,35 @@ async fn rotating_under_load_fails_no_call_and_keeps_streams_open() {
             .is_err(),
         "the stream is still open and waiting for the next status"
     );
+    // An inbox stream opened before the rotation keeps delivering after it.
+    let concern = sgw::proto::v1::concern_service_client::ConcernServiceClient::new(
+        gw.connect_as(&env, Role::Agency, "police-met").await,
+    )
+    .raise_concern(RaiseConcernRequest {
+        subject: Some(Subject {
+            nhs_number: "943 476 5919".into(),
+        }),
+        category: ConcernCategory::DomesticAbuse as i32,
+        urgency: Urgency::Urgent as i32,
+        narrative: "Police attended a domestic incident at the child's home overnight.".into(),
+        recipient_agency_ids: vec!["school-oakfield".into()],
+        request_id: "after-rotation".into(),
+    })
+    .await
+    .expect("raise after rotation")
+    .into_inner()
+    .concern
+    .unwrap();
+    let delivered = tokio::time::timeout(Duration::from_secs(5), inbox.message())
+        .await
+        .expect("delivered after the rotation")
+        .expect("stream")
+        .expect("event");
+    match delivered.event {
+        Some(subscribe_inbox_response::Event::Concern(c)) => {
+            assert_eq!(c.concern_id, concern.concern_id)
+        }
+        other => panic!("expected the concern, got {other:?}"),
+    }
     gw.stop().await;
 }
