@@ -1,5 +1,7 @@
 //! The foundation, end to end: mutual TLS, identities, roles, health, the dev set-up
 //! and config validation, against a real gateway on loopback.
+// Certificates for the tests are made at wall-clock time, like a real CA's.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 
