@@ -222,6 +222,8 @@ pub fn run(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<Exi
         // with SIGXFSZ: listening for the signal replaces its default action.
         #[cfg(target_os = "linux")]
         let _xfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(25));
+        // Before anyone can learn the address: a SIGTERM from then on drains.
+        let shutdown = server::shutdown_signal();
         let bound = server::bind(config).await?;
         let addr = bound.local_addr();
         // A plain line on stderr whatever the log format: scripts and tests wait for it.
@@ -229,7 +231,7 @@ pub fn run(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<Exi
         if args.dev {
             print_dev_help(addr);
         }
-        bound.serve(server::shutdown_signal()).await?;
+        bound.serve(shutdown).await?;
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)

@@ -178,7 +178,6 @@ impl Concerns {
         }
     }
 
-    /// Runs a store operation on the blocking pool.
     /// Puts an override notice in `owner`'s inbox, durably; subscribers get it at
     /// once. Returns only when it is on disk.
     pub async fn notify_override(
@@ -191,6 +190,7 @@ impl Concerns {
             .await
     }
 
+    /// Runs a store operation on the blocking pool.
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&ConcernStore) -> Result<T, StoreError> + Send + 'static,

@@ -103,9 +103,8 @@ const TREE: &str = "concerns";
 /// The concern store. Cheap to clone.
 #[derive(Clone)]
 pub struct ConcernStore {
-    db: sled::Db,
     tree: sled::Tree,
-    data_file: Arc<File>,
+    sync_point: Arc<crate::store::SyncPoint>,
     keys: Arc<Keys>,
     writer: Arc<Mutex<()>>,
     durable: Arc<HashMap<AgencyId, watch::Sender<u64>>>,
@@ -128,15 +127,16 @@ impl ConcernStore {
         let tree = db.open_tree(TREE)?;
         let data_file = File::open(dir.join("db"))
             .map_err(|e| StoreError::Io(format!("cannot open the store's database file: {e}")))?;
+        // The sync point keeps the database open for as long as the store lives.
+        let sync_point = Arc::new(crate::store::SyncPoint::new(db.clone(), data_file));
         let mut durable = HashMap::new();
         for agency in agencies {
             let last = read_u64(tree.get(cursor_key(&agency))?.as_deref())?;
             durable.insert(agency, watch::channel(last).0);
         }
         Ok(ConcernStore {
-            db,
             tree,
-            data_file: Arc::new(data_file),
+            sync_point,
             keys,
             writer: Arc::new(Mutex::new(())),
             durable: Arc::new(durable),
@@ -145,10 +145,10 @@ impl ConcernStore {
 
     /// The durability point: sled's flush, then fdatasync of its file.
     pub fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        self.data_file
-            .sync_data()
-            .map_err(|e| StoreError::Io(format!("fdatasync: {e}")))
+        // Concurrent writers share one flush + fdatasync (group commit).
+        self.sync_point
+            .sync()
+            .map_err(|e| StoreError::Io(format!("flush + fdatasync: {e}")))
     }
 
     /// The concern with this id.

@@ -73,9 +73,8 @@ pub struct Due {
 /// The record store. Cheap to clone.
 #[derive(Clone)]
 pub struct RecordStore {
-    db: sled::Db,
     tree: sled::Tree,
-    data_file: Arc<File>,
+    sync_point: Arc<crate::store::SyncPoint>,
     content_dir: PathBuf,
     keys: Arc<Keys>,
 }
@@ -98,11 +97,12 @@ impl RecordStore {
         let tree = db.open_tree(TREE)?;
         let data_file = File::open(dir.join("db"))
             .map_err(|e| StoreError::Io(format!("cannot open the record database file: {e}")))?;
+        // The sync point keeps the database open for as long as the store lives.
+        let sync_point = Arc::new(crate::store::SyncPoint::new(db.clone(), data_file));
         create_private_dir(content_dir)?;
         let store = RecordStore {
-            db,
             tree,
-            data_file: Arc::new(data_file),
+            sync_point,
             content_dir: content_dir.to_owned(),
             keys,
         };
@@ -112,10 +112,10 @@ impl RecordStore {
 
     /// The durability point: sled's flush, then fdatasync of its file.
     pub fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        self.data_file
-            .sync_data()
-            .map_err(|e| StoreError::Io(format!("fdatasync: {e}")))
+        // Concurrent writers share one flush + fdatasync (group commit).
+        self.sync_point
+            .sync()
+            .map_err(|e| StoreError::Io(format!("flush + fdatasync: {e}")))
     }
 
     /// Makes everything durable; called at shutdown.

@@ -3,6 +3,8 @@
 
 pub mod keys;
 pub mod seal;
+pub mod sync;
 
 pub use keys::{KeyError, Keys};
 pub use seal::{SealError, Sealer};
+pub use sync::SyncPoint;
