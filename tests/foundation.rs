@@ -334,17 +334,13 @@ async fn sigterm_ends_open_streams_with_unavailable_and_exits_promptly() {
     assert!(stream.message().await.unwrap().is_some());
     let started = std::time::Instant::now();
     common::terminate(&mut gw.child).await;
-    let end = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                other => return other,
-            }
-        }
-    })
-    .await
-    .expect("the stream ends during the drain");
-    let status = end.expect_err("ends with a status");
+    let end = common::stream_end_status(
+        &mut stream,
+        Duration::from_secs(5),
+        "the stream ends during the drain",
+    )
+    .await;
+    let status = end;
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("shutting down"), "{status:?}");
     let exit = tokio::time::timeout(Duration::from_secs(5), gw.child.wait())

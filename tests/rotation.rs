@@ -284,35 +284,24 @@ async fn a_revoked_agency_is_cut_off_at_once_and_after_a_restart() {
     assert!(status.revoked_serials.contains(&serial), "{status:?}");
 
     // The open stream ends with UNAUTHENTICATED within a second.
-    let ended = tokio::time::timeout(Duration::from_secs(1), async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                other => return other,
-            }
-        }
-    })
-    .await
-    .expect("the stream ends within a second");
-    let err = ended.expect_err("ends with an error status");
+    let ended = common::stream_end_status(
+        &mut stream,
+        Duration::from_secs(1),
+        "the stream ends within a second",
+    )
+    .await;
+    let err = ended;
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
     assert!(err.message().contains("revoked"), "{err:?}");
 
     // Its inbox stream ends the same way.
-    let inbox_end = tokio::time::timeout(Duration::from_secs(1), async {
-        loop {
-            match police_inbox.message().await {
-                Ok(Some(_)) => continue,
-                other => return other,
-            }
-        }
-    })
-    .await
-    .expect("the inbox stream ends within a second");
-    assert_eq!(
-        inbox_end.expect_err("error status").code(),
-        tonic::Code::Unauthenticated
-    );
+    let inbox_end = common::stream_end_status(
+        &mut police_inbox,
+        Duration::from_secs(1),
+        "the inbox stream ends within a second",
+    )
+    .await;
+    assert_eq!(inbox_end.code(), tonic::Code::Unauthenticated);
 
     // The next call on the open connection is refused; others carry on.
     let err = police_health
@@ -466,20 +455,13 @@ async fn a_new_crl_ends_open_streams_of_the_certificates_it_lists() {
     let serial = sgw::pki::serial_hex_of_pem(&cert).unwrap();
     sgw::pki::revoke_in_dir(&env.pki_dir(), &serial).expect("CRL updated");
 
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                other => return other,
-            }
-        }
-    })
-    .await
-    .expect("the stream ends once the CRL is loaded");
-    assert_eq!(
-        ended.expect_err("error status").code(),
-        tonic::Code::Unauthenticated
-    );
+    let ended = common::stream_end_status(
+        &mut stream,
+        Duration::from_secs(10),
+        "the stream ends once the CRL is loaded",
+    )
+    .await;
+    assert_eq!(ended.code(), tonic::Code::Unauthenticated);
     let err = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: String::new(),

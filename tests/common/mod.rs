@@ -294,3 +294,24 @@ impl Env {
         std::fs::write(self.config_path(), text).expect("write config");
     }
 }
+
+/// Reads a server stream until it ends, for at most `within`, and returns the status
+/// it ended with (panics with `what` if it does not end in time, or ends cleanly).
+pub async fn stream_end_status<T>(
+    stream: &mut tonic::Streaming<T>,
+    within: Duration,
+    what: &str,
+) -> tonic::Status {
+    let end = tokio::time::timeout(within, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: the stream did not end within {within:?}"));
+    end.unwrap_or_else(|| panic!("{what}: the stream ended without an error status"))
+}
