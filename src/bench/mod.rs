@@ -1,10 +1,22 @@
 //! `sgw bench`: drives a gateway over mutual TLS with a mix of calls and reports
 //! throughput, latency percentiles and errors, optionally side by side with a bare
 //! echo service on the same TLS configuration (the baseline), as ratios.
+//!
+//! - [`drive`] runs the workers and measures; it knows nothing of the calls.
+//! - [`seed`] shares the records and consents the mix reads, and checks them once.
+//! - [`mix`] makes each call of the gateway mix as the right dev identity.
+//! - [`inbox`] holds SubscribeInbox streams open and measures raise-to-receive.
+//! - [`echo`] is the baseline server.
+//!
+//! The method and the latest figures are in `benches/README.md`.
 
 pub mod echo;
+pub mod inbox;
+pub mod mix;
+pub mod seed;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,16 +29,32 @@ use tonic::transport::Channel;
 /// One kind of call the load mixes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Op {
-    /// RecordService.GetRecord of a seeded record, durably audited.
+    /// RecordService.GetRecord of a seeded record as school-oakfield, durably audited.
     GetRecord,
-    /// ConcernService.RaiseConcern, durably audited and stored.
+    /// ConcernService.RaiseConcern as police-met to school-oakfield (and the front
+    /// door), durably audited and stored.
     RaiseConcern,
-    /// RecordService.FindRecords for a seeded child, durably audited.
+    /// RecordService.FindRecords for a seeded child as school-oakfield, durably
+    /// audited.
     FindRecords,
-    /// AuditService.QueryDisclosures (one page), itself audited.
+    /// AuditService.QueryDisclosures (one page of 10) as the auditor dpo, itself
+    /// audited.
     QueryDisclosures,
     /// The baseline's bare echo.
     Echo,
+}
+
+impl Op {
+    /// The RPC's name, as printed.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::GetRecord => "GetRecord",
+            Op::RaiseConcern => "RaiseConcern",
+            Op::FindRecords => "FindRecords",
+            Op::QueryDisclosures => "QueryDisclosures",
+            Op::Echo => "Echo",
+        }
+    }
 }
 
 /// How hard and how long to drive.
@@ -40,23 +68,110 @@ pub struct LoadSpec {
     pub warmup: Duration,
 }
 
-/// A boxed call: returns Ok or the gRPC code name.
-pub type CallFuture = Pin<Box<dyn Future<Output = Result<(), tonic::Code>> + Send>>;
+impl LoadSpec {
+    /// The run's window if it starts at `start`.
+    pub fn window(&self, start: Instant) -> Window {
+        Window {
+            start,
+            measure_from: start + self.warmup,
+            end: start + self.warmup + self.duration,
+        }
+    }
+}
+
+/// When a run starts, when its measurement starts, and when it ends. Calls that
+/// start in `measure_from..end` are measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    /// Workers start.
+    pub start: Instant,
+    /// Warm-up over.
+    pub measure_from: Instant,
+    /// No call starts from here on.
+    pub end: Instant,
+}
+
+impl Window {
+    /// Whether a call started at `t` is measured.
+    pub fn measures(&self, t: Instant) -> bool {
+        t >= self.measure_from && t < self.end
+    }
+}
+
+/// Why a call did not count as a success.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The gateway answered with a gRPC status other than OK.
+    Status(tonic::Code),
+    /// OK, but not the answer the seeded data implies (e.g. the wrong disclosure
+    /// basis or a truncated content).
+    Unexpected(&'static str),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Status(code) => write!(f, "{code:?}"),
+            Failure::Unexpected(what) => write!(f, "unexpected: {what}"),
+        }
+    }
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Self {
+        Failure::Status(status.code())
+    }
+}
+
+/// A boxed call: which op it made, and whether it succeeded.
+pub type CallFuture = Pin<Box<dyn Future<Output = (Op, Result<(), Failure>)> + Send>>;
 
 /// Makes the `n`th call of worker `w`.
 pub type Caller = Arc<dyn Fn(usize, u64) -> CallFuture + Send + Sync>;
+
+/// What one op measured.
+#[derive(Debug, Clone)]
+pub struct OpFigures {
+    /// Successful calls in the measured window.
+    pub ok: u64,
+    /// Failed calls by gRPC code (or `unexpected: ...`).
+    pub errors: BTreeMap<String, u64>,
+    /// Latency of successful calls, microseconds.
+    pub latency: Histogram<u64>,
+}
+
+impl OpFigures {
+    fn new() -> Self {
+        OpFigures {
+            ok: 0,
+            errors: BTreeMap::new(),
+            latency: new_histogram(),
+        }
+    }
+
+    fn add(&mut self, other: &OpFigures) {
+        self.ok += other.ok;
+        // Same bounds on both sides, so adding cannot fail.
+        let _ = self.latency.add(&other.latency);
+        for (k, v) in &other.errors {
+            *self.errors.entry(k.clone()).or_default() += v;
+        }
+    }
+}
 
 /// What one run measured.
 #[derive(Debug, Clone)]
 pub struct Figures {
     /// Successful calls in the measured window.
     pub ok: u64,
-    /// Failed calls by gRPC code.
+    /// Failed calls by gRPC code, all ops together.
     pub errors: BTreeMap<String, u64>,
     /// The measured window.
     pub elapsed: Duration,
-    /// Latency of successful calls, microseconds.
+    /// Latency of successful calls, microseconds, all ops together.
     pub latency: Histogram<u64>,
+    /// The same, op by op.
+    pub by_op: BTreeMap<Op, OpFigures>,
 }
 
 impl Figures {
@@ -67,7 +182,7 @@ impl Figures {
 
     /// A latency percentile in milliseconds.
     pub fn ms(&self, q: f64) -> f64 {
-        self.latency.value_at_quantile(q) as f64 / 1000.0
+        ms(&self.latency, q)
     }
 
     /// Total failed calls.
@@ -76,69 +191,108 @@ impl Figures {
     }
 }
 
-/// Runs `spec.concurrency` workers calling `call` until warm-up plus duration have
-/// passed; only calls that start after the warm-up are measured.
-pub async fn drive(spec: &LoadSpec, call: Caller, progress: &indicatif::ProgressBar) -> Figures {
-    let start = Instant::now();
-    let measure_from = start + spec.warmup;
-    let end = measure_from + spec.duration;
-    let shared = Arc::new(Mutex::new(Figures {
-        ok: 0,
-        errors: BTreeMap::new(),
-        elapsed: spec.duration,
-        latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
-    }));
+/// A percentile of a microsecond histogram, in milliseconds.
+pub fn ms(latency: &Histogram<u64>, q: f64) -> f64 {
+    latency.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// A histogram of microseconds from 1 µs to 60 s, 3 significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant, valid histogram bounds")
+}
+
+/// Runs `spec.concurrency` workers calling `call` from `window.start` to
+/// `window.end`; only calls that start after the warm-up are measured.
+pub async fn drive(
+    spec: &LoadSpec,
+    window: Window,
+    call: Caller,
+    progress: &indicatif::ProgressBar,
+) -> Figures {
+    let shared: Arc<Mutex<BTreeMap<Op, OpFigures>>> = Arc::default();
     let mut workers = Vec::with_capacity(spec.concurrency);
     for w in 0..spec.concurrency {
         let (call, shared) = (call.clone(), shared.clone());
         workers.push(tokio::spawn(async move {
-            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                .expect("valid histogram bounds");
-            let mut ok = 0u64;
-            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            let mut local: BTreeMap<Op, OpFigures> = BTreeMap::new();
             let mut n = 0u64;
             loop {
                 let t0 = Instant::now();
-                if t0 >= end {
+                if t0 >= window.end {
                     break;
                 }
-                let result = call(w, n).await;
+                let (op, result) = call(w, n).await;
                 n += 1;
-                if t0 < measure_from {
+                if !window.measures(t0) {
                     continue;
                 }
+                let f = local.entry(op).or_insert_with(OpFigures::new);
                 match result {
                     Ok(()) => {
-                        ok += 1;
-                        let _ = local.record(t0.elapsed().as_micros().max(1) as u64);
+                        f.ok += 1;
+                        let _ = f.latency.record(t0.elapsed().as_micros().max(1) as u64);
                     }
-                    Err(code) => *errors.entry(format!("{code:?}")).or_default() += 1,
+                    Err(failure) => *f.errors.entry(failure.to_string()).or_default() += 1,
                 }
             }
-            let mut f = shared.lock().await;
-            f.ok += ok;
-            let _ = f.latency.add(&local);
-            for (k, v) in errors {
-                *f.errors.entry(k).or_default() += v;
+            let mut all = shared.lock().await;
+            for (op, f) in local {
+                all.entry(op).or_insert_with(OpFigures::new).add(&f);
             }
         }));
     }
-    let total = spec.warmup + spec.duration;
-    while Instant::now() < end {
-        progress.set_position((start.elapsed().as_millis() as u64).min(total.as_millis() as u64));
+    let total = window.end - window.start;
+    while Instant::now() < window.end {
+        progress.set_position(window.start.elapsed().min(total).as_millis() as u64);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for w in workers {
         let _ = w.await;
     }
     progress.finish_and_clear();
-    let figures = shared.lock().await.clone();
-    figures
+    let by_op = std::mem::take(&mut *shared.lock().await);
+    let mut all = OpFigures::new();
+    for f in by_op.values() {
+        all.add(f);
+    }
+    Figures {
+        ok: all.ok,
+        errors: all.errors,
+        elapsed: spec.duration,
+        latency: all.latency,
+        by_op,
+    }
 }
 
 /// Picks channel `w % len` so workers spread over several HTTP/2 connections.
 pub fn pick(channels: &[Channel], w: usize) -> Channel {
     channels[w % channels.len()].clone()
+}
+
+/// CPU time (user + system, all threads, exited ones included) a process has used,
+/// from /proc (Linux), which counts in USER_HZ ticks of 10 ms on every mainstream
+/// Linux build.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may contain spaces: count fields after it.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    // Fields 14 (utime) and 15 (stime) of proc(5); the first after ')' is field 3.
+    Some(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}
+
+/// CPU time used by each of `pids` during the measured part of `window`.
+pub async fn cpu_in_window(window: Window, pids: Vec<u32>) -> Vec<Option<Duration>> {
+    let read = |pids: &[u32]| pids.iter().map(|p| cpu_time(*p)).collect::<Vec<_>>();
+    tokio::time::sleep_until(window.measure_from.into()).await;
+    let before = read(&pids);
+    tokio::time::sleep_until(window.end.into()).await;
+    let after = read(&pids);
+    before
+        .into_iter()
+        .zip(after)
+        .map(|(b, a)| Some(a?.saturating_sub(b?)))
+        .collect()
 }
 
 /// Peak resident set size of a process, from /proc (Linux), in bytes.

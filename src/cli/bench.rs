@@ -4,23 +4,25 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use crate::bench::inbox::{InboxFigures, Subscribers};
+use crate::bench::mix::{self, MixChannels, Narrative};
+use crate::bench::seed::{self, SeedChannels, Seeded};
 use crate::bench::{self, Caller, Figures, LoadSpec, Op};
 use crate::proto::bench::echo_service_client::EchoServiceClient;
 use crate::proto::bench::EchoRequest;
-use crate::proto::v1::audit_service_client::AuditServiceClient;
-use crate::proto::v1::QueryDisclosuresRequest;
 
 /// Arguments of `sgw bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// A running gateway to drive; without it, `sgw bench` starts one on a temporary
-    /// data dir and development PKI, and drives that.
+    /// data dir and development PKI, and drives that. Either way it seeds records
+    /// and consents first (the gateway needs the dev config's agreements).
     #[arg(long)]
     pub addr: Option<String>,
     /// Folder with ca.pem and the dev identities (<role>-<id>.pem/.key) to call as,
@@ -39,12 +41,23 @@ pub struct BenchArgs {
     /// Unmeasured warm-up before it.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub warmup: Duration,
-    /// Payload size in bytes (record content, concern narrative, echo payload).
+    /// Payload size in bytes: seeded record content, concern narrative, echo payload.
     #[arg(long, default_value_t = 1024)]
     pub payload: usize,
     /// The calls to mix, round robin (repeat to weight).
-    #[arg(long = "op", value_enum, default_values_t = vec![Op::QueryDisclosures])]
+    #[arg(long = "op", value_enum, default_values_t = vec![Op::GetRecord])]
     pub ops: Vec<Op>,
+    /// Records to seed (half shared by nhs-guys, read on consent; half by
+    /// police-met, read on the agreement alone).
+    #[arg(long, default_value_t = 64)]
+    pub records: usize,
+    /// Children (valid NHS numbers) the records, consents and concerns are about.
+    #[arg(long, default_value_t = 4)]
+    pub subjects: usize,
+    /// With --op raise-concern: hold this many SubscribeInbox streams open, split
+    /// between school-oakfield and the front door, and measure raise-to-receive.
+    #[arg(long, default_value_t = 0)]
+    pub subscribers: usize,
     /// Also drive a bare echo service on the same TLS configuration and print each
     /// figure as a ratio to it.
     #[arg(long)]
@@ -53,6 +66,15 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// The longest narrative the gateway accepts by default.
+const MAX_NARRATIVE: usize = 20_000;
+
+/// Inbox streams per connection, well under `limits.max_concurrent_streams`.
+const STREAMS_PER_CONNECTION: usize = 32;
+
+/// The agencies whose inboxes a bench concern reaches.
+const INBOXES: [&str; 2] = [mix::CONCERN_RECIPIENT, "csc-southwark"];
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     crate::config::parse_duration(s).map_err(|e| e.to_string())
@@ -109,12 +131,16 @@ impl Child {
         })
     }
 
-    fn peak_rss(&self) -> Option<u64> {
-        self.child.id().and_then(bench::peak_rss)
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
-    /// Mean audit group-commit size, from the started gateway's metrics.
-    async fn mean_group(&self) -> Option<f64> {
+    fn peak_rss(&self) -> Option<u64> {
+        self.pid().and_then(bench::peak_rss)
+    }
+
+    /// The started gateway's audit group-commit figures, from its metrics.
+    async fn audit_stats(&self) -> Option<AuditStats> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let addr = self.metrics.lock().ok()?.clone()?;
         let mut sock = tokio::net::TcpStream::connect(&addr).await.ok()?;
@@ -131,14 +157,24 @@ impl Child {
                 .parse()
                 .ok()
         };
-        let (entries, commits) = (
-            value("sgw_audit_entries_total")?,
-            value("sgw_audit_commits_total")?,
-        );
-        (commits > 0.0).then(|| entries / commits)
+        let commits = value("sgw_audit_commits_total")?;
+        (commits > 0.0).then(|| AuditStats {
+            mean_group: value("sgw_audit_entries_total").unwrap_or(0.0) / commits,
+            mean_sync_ms: value("sgw_audit_sync_seconds_total").unwrap_or(0.0) * 1e3 / commits,
+        })
     }
 }
 
+/// Audit group commit over the gateway's life (seeding and warm-up included).
+#[derive(Debug, Clone, Copy)]
+struct AuditStats {
+    /// Entries per commit.
+    mean_group: f64,
+    /// Time in the durability point (flush + fdatasync) per commit.
+    mean_sync_ms: f64,
+}
+
+/// `n` connections (at least one) to `addr` as the identity `stem` of `pki`.
 async fn channels(addr: &str, pki: &Path, stem: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
     let read = |f: String| {
         std::fs::read(pki.join(&f))
@@ -164,58 +200,90 @@ async fn channels(addr: &str, pki: &Path, stem: &str, n: usize) -> anyhow::Resul
     Ok(out)
 }
 
-fn code(status: tonic::Status) -> tonic::Code {
-    status.code()
+/// The gateway's side of a run, ready to drive.
+struct GatewayRun {
+    caller: Caller,
+    narrative: Arc<Narrative>,
+    subscribers: Option<Subscribers>,
 }
 
-/// The gateway caller for the mix.
-async fn gateway_caller(args: &BenchArgs, addr: &str, pki: &Path) -> anyhow::Result<Caller> {
-    let auditors = channels(addr, pki, "auditor-dpo", args.connections).await?;
-    let ops = args.ops.clone();
-    let unsupported: Vec<Op> = ops
-        .iter()
-        .copied()
-        .filter(|op| !matches!(op, Op::QueryDisclosures))
-        .collect();
-    if !unsupported.is_empty() {
-        anyhow::bail!("this build drives only query-disclosures; {unsupported:?} arrive with the concerns and records capabilities");
+/// Seeds what the ops read, opens the connections each op's identity needs, and
+/// the inbox subscriptions.
+async fn prepare_gateway(args: &BenchArgs, addr: &str, pki: &Path) -> anyhow::Result<GatewayRun> {
+    let wants = |op: Op| args.ops.contains(&op);
+    if wants(Op::Echo) {
+        anyhow::bail!("echo is the baseline's op: use --baseline");
     }
-    Ok(Arc::new(move |w, n| {
-        let op = ops[(w + n as usize) % ops.len()];
-        let auditors = auditors.clone();
-        Box::pin(async move {
-            match op {
-                Op::QueryDisclosures => {
-                    let mut client = AuditServiceClient::new(bench::pick(&auditors, w));
-                    client
-                        .query_disclosures(QueryDisclosuresRequest {
-                            page_size: 10,
-                            ..Default::default()
-                        })
-                        .await
-                        .map(|_| ())
-                        .map_err(code)
-                }
-                _ => Err(tonic::Code::Unimplemented),
-            }
-        })
-    }))
+    if wants(Op::RaiseConcern) && args.payload > MAX_NARRATIVE {
+        anyhow::bail!(
+            "--payload {} is longer than a concern narrative may be ({MAX_NARRATIVE} characters)",
+            args.payload
+        );
+    }
+    if args.subscribers > 0 && !wants(Op::RaiseConcern) {
+        anyhow::bail!("--subscribers measures raise-to-receive: add --op raise-concern");
+    }
+    let conns = args.connections;
+    let subjects = seed::nhs_numbers(args.subjects.max(1));
+    let reads = wants(Op::GetRecord) || wants(Op::FindRecords);
+    let mut ch = MixChannels::default();
+    if reads {
+        ch.school = channels(addr, pki, "agency-school-oakfield", conns).await?;
+    }
+    if wants(Op::RaiseConcern) {
+        ch.police = channels(addr, pki, "agency-police-met", conns).await?;
+    }
+    if wants(Op::QueryDisclosures) {
+        ch.auditor = channels(addr, pki, "auditor-dpo", conns).await?;
+    }
+    let seeded = if reads {
+        let sc = SeedChannels {
+            health: channels(addr, pki, "agency-nhs-guys", 1).await?.remove(0),
+            police: channels(addr, pki, "agency-police-met", 1).await?.remove(0),
+            school: ch.school[0].clone(),
+        };
+        seed::seed(&sc, args.records, args.subjects, args.payload).await?
+    } else {
+        Seeded {
+            subjects: subjects.clone(),
+            records: Vec::new(),
+            content_bytes: args.payload,
+        }
+    };
+    let narrative = Arc::new(Narrative {
+        run: random_hex()?,
+        epoch: Instant::now(),
+        bytes: args.payload,
+        subjects,
+    });
+    let subscribers = if args.subscribers > 0 {
+        let per_agency = args.subscribers.div_ceil(INBOXES.len());
+        let mut agencies = Vec::with_capacity(INBOXES.len());
+        for agency in INBOXES {
+            let n = per_agency.div_ceil(STREAMS_PER_CONNECTION);
+            agencies.push(channels(addr, pki, &format!("agency-{agency}"), n).await?);
+        }
+        Some(Subscribers::open(&agencies, args.subscribers).await?)
+    } else {
+        None
+    };
+    Ok(GatewayRun {
+        caller: mix::caller(args.ops.clone(), ch, Arc::new(seeded), narrative.clone()),
+        narrative,
+        subscribers,
+    })
 }
 
-async fn echo_caller(args: &BenchArgs, addr: &str, pki: &Path) -> anyhow::Result<Caller> {
-    let agencies = channels(addr, pki, "agency-school-oakfield", args.connections).await?;
-    let payload = vec![0x5au8; args.payload];
-    Ok(Arc::new(move |w, _| {
-        let mut client = EchoServiceClient::new(bench::pick(&agencies, w));
+fn echo_caller(channels: Vec<Channel>, payload: usize) -> Caller {
+    let payload = vec![0x5au8; payload];
+    Arc::new(move |w, _| {
+        let mut client = EchoServiceClient::new(bench::pick(&channels, w));
         let payload = payload.clone();
         Box::pin(async move {
-            client
-                .echo(EchoRequest { payload })
-                .await
-                .map(|_| ())
-                .map_err(code)
+            let result = client.echo(EchoRequest { payload }).await;
+            (Op::Echo, result.map(|_| ()).map_err(bench::Failure::from))
         })
-    }))
+    })
 }
 
 fn progress_bar(args: &BenchArgs, label: &str) -> indicatif::ProgressBar {
@@ -241,19 +309,90 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(run_async(args))
 }
 
+/// What a run measured, for the report.
+struct Outcome {
+    gateway: Figures,
+    gateway_cpu: Cpu,
+    inbox: Option<InboxFigures>,
+    rss: Option<u64>,
+    audit: Option<AuditStats>,
+    baseline: Option<Figures>,
+    baseline_cpu: Cpu,
+}
+
+/// CPU time spent during the measured window by the server (when the bench started
+/// it) and by the bench itself: on a machine the two share, their sum per call
+/// bounds throughput.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cpu {
+    server: Option<Duration>,
+    client: Option<Duration>,
+}
+
+impl Cpu {
+    /// Starts measuring the server `pid` and this process over `window`.
+    fn measure(window: bench::Window, pid: Option<u32>) -> tokio::task::JoinHandle<Cpu> {
+        let mut pids = vec![std::process::id()];
+        pids.extend(pid);
+        tokio::spawn(async move {
+            let used = bench::cpu_in_window(window, pids).await;
+            Cpu {
+                client: used.first().copied().flatten(),
+                server: used.get(1).copied().flatten(),
+            }
+        })
+    }
+
+    /// Microseconds of CPU per successful call: (server, client).
+    fn per_call(&self, calls: u64) -> (Option<f64>, Option<f64>) {
+        let per = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e6 / calls.max(1) as f64);
+        (per(self.server), per(self.client))
+    }
+}
+
 async fn run_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let scratch = std::env::temp_dir().join(format!("sgw-bench-{}", random_hex()?));
+    std::fs::create_dir_all(&scratch)?;
+    let outcome = measure(&args, &scratch).await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    let outcome = outcome?;
+    report(&args, &outcome);
+    let clean = outcome.gateway.error_count() == 0
+        && outcome
+            .baseline
+            .as_ref()
+            .is_none_or(|b| b.error_count() == 0)
+        && outcome
+            .inbox
+            .as_ref()
+            .is_none_or(|i| i.missed() == 0 && i.stream_errors.is_empty());
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Drives the gateway, then (with --baseline) the echo, one after the other: the
+/// gateway is stopped before the echo starts, so each has the machine to itself.
+async fn measure(args: &BenchArgs, scratch: &Path) -> anyhow::Result<Outcome> {
     let spec = LoadSpec {
         concurrency: args.concurrency,
         duration: args.duration,
         warmup: args.warmup,
     };
-    let scratch = tempfile_dir()?;
     let (gateway, pki, addr) = match &args.addr {
         Some(addr) => (None, args.pki_dir.clone(), addr.clone()),
         None => {
-            let config = crate::cli::serve::prepare_dev(&scratch)?;
+            let config = crate::cli::serve::prepare_dev(scratch)?;
             let mut text = std::fs::read_to_string(&config)?;
             text.push_str("\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+            let per_agency = args.subscribers.div_ceil(INBOXES.len());
+            if per_agency > 16 {
+                text.push_str(&format!(
+                    "\n[limits]\nmax_subscribers_per_agency = {per_agency}\n"
+                ));
+            }
             std::fs::write(&config, text)?;
             let child = Child::spawn(
                 &[
@@ -263,7 +402,7 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     "--listen",
                     "127.0.0.1:0",
                 ],
-                &scratch,
+                scratch,
             )
             .await?;
             let addr = child.addr.clone();
@@ -274,16 +413,30 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
             )
         }
     };
-    let caller = gateway_caller(&args, &addr, &pki).await?;
-    let gw = bench::drive(&spec, caller, &progress_bar(&args, "gateway")).await;
-    let gw_rss = gateway.as_ref().and_then(Child::peak_rss);
-    let mean_group = match &gateway {
-        Some(g) => g.mean_group().await,
+    let run = prepare_gateway(args, &addr, &pki).await?;
+    let window = spec.window(Instant::now());
+    let probe = run
+        .subscribers
+        .map(|s| s.start(window, run.narrative.clone()));
+    let cpu = Cpu::measure(window, gateway.as_ref().and_then(Child::pid));
+    let gw = bench::drive(&spec, window, run.caller, &progress_bar(args, "gateway")).await;
+    let gateway_cpu = cpu.await.unwrap_or_default();
+    let inbox = match probe {
+        Some(p) => {
+            let raised = gw.by_op.get(&Op::RaiseConcern).map_or(0, |f| f.ok);
+            Some(p.finish(raised, Duration::from_secs(5)).await)
+        }
         None => None,
     };
+    let rss = gateway.as_ref().and_then(Child::peak_rss);
+    let audit = match &gateway {
+        Some(g) => g.audit_stats().await,
+        None => None,
+    };
+    drop(gateway);
 
-    let base = if args.baseline {
-        let config = crate::cli::serve::prepare_dev(&scratch)?;
+    let (baseline, baseline_cpu) = if args.baseline {
+        let config = crate::cli::serve::prepare_dev(scratch)?;
         let echo = Child::spawn(
             &[
                 "bench-echo",
@@ -292,100 +445,194 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 "--listen",
                 "127.0.0.1:0",
             ],
-            &scratch,
+            scratch,
         )
         .await?;
-        let caller = echo_caller(
-            &args,
-            &echo.addr,
-            &scratch.join(crate::cli::serve::DEV_PKI_DIR),
-        )
-        .await?;
-        Some(bench::drive(&spec, caller, &progress_bar(&args, "baseline")).await)
+        let pki = scratch.join(crate::cli::serve::DEV_PKI_DIR);
+        let conns = channels(&echo.addr, &pki, "agency-school-oakfield", args.connections).await?;
+        let window = spec.window(Instant::now());
+        let cpu = Cpu::measure(window, echo.pid());
+        let caller = echo_caller(conns, args.payload);
+        let figures = bench::drive(&spec, window, caller, &progress_bar(args, "baseline")).await;
+        (Some(figures), cpu.await.unwrap_or_default())
     } else {
-        None
+        (None, Cpu::default())
     };
-    report(&args, &gw, gw_rss, mean_group, base.as_ref());
-    drop(gateway);
-    let _ = std::fs::remove_dir_all(&scratch);
-    Ok(ExitCode::SUCCESS)
+    Ok(Outcome {
+        gateway: gw,
+        gateway_cpu,
+        inbox,
+        rss,
+        audit,
+        baseline,
+        baseline_cpu,
+    })
 }
 
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
+fn random_hex() -> anyhow::Result<String> {
     let mut bytes = [0u8; 6];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .map_err(|_| anyhow::anyhow!("system RNG failed"))?;
-    let dir = std::env::temp_dir().join(format!("sgw-bench-{}", crate::tls::hex(&bytes)));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+    Ok(crate::tls::hex(&bytes))
 }
 
-fn figures_json(f: &Figures) -> serde_json::Value {
+fn latency_json(h: &hdrhistogram::Histogram<u64>) -> serde_json::Value {
     serde_json::json!({
+        "p50_ms": bench::ms(h, 0.5), "p90_ms": bench::ms(h, 0.9),
+        "p99_ms": bench::ms(h, 0.99), "p999_ms": bench::ms(h, 0.999),
+    })
+}
+
+fn figures_json(f: &Figures, cpu: &Cpu) -> serde_json::Value {
+    let (server_us, client_us) = cpu.per_call(f.ok);
+    let mut v = serde_json::json!({
+        "server_cpu_us_per_call": server_us, "client_cpu_us_per_call": client_us,
         "requests_per_second": f.rate(),
         "ok": f.ok,
         "errors": f.errors,
         "p50_ms": f.ms(0.5), "p90_ms": f.ms(0.9), "p99_ms": f.ms(0.99), "p999_ms": f.ms(0.999),
-    })
+    });
+    let by_op: serde_json::Map<String, serde_json::Value> = f
+        .by_op
+        .iter()
+        .map(|(op, o)| {
+            let mut v = latency_json(&o.latency);
+            v["requests_per_second"] = (o.ok as f64 / f.elapsed.as_secs_f64().max(1e-9)).into();
+            v["ok"] = o.ok.into();
+            v["errors"] = serde_json::json!(o.errors);
+            (op.name().to_owned(), v)
+        })
+        .collect();
+    v["by_op"] = by_op.into();
+    v
 }
 
-fn report(
-    args: &BenchArgs,
-    gw: &Figures,
-    rss: Option<u64>,
-    mean_group: Option<f64>,
-    base: Option<&Figures>,
-) {
+fn inbox_json(i: &InboxFigures) -> serde_json::Value {
+    let mut v = latency_json(&i.latency);
+    v["subscribers"] = i.subscribers.into();
+    v["received"] = i.received.into();
+    v["expected"] = i.expected.into();
+    v["missed"] = i.missed().into();
+    v["stream_errors"] = serde_json::json!(i.stream_errors);
+    v
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    a / b.max(1e-9)
+}
+
+fn errors_text(errors: &std::collections::BTreeMap<String, u64>) -> String {
+    if errors.is_empty() {
+        "0".to_owned()
+    } else {
+        format!("{errors:?}")
+    }
+}
+
+fn report(args: &BenchArgs, o: &Outcome) {
+    let gw = &o.gateway;
     if args.json {
         let mut v = serde_json::json!({
-            "ops": args.ops.iter().map(|o| format!("{o:?}")).collect::<Vec<_>>(), "concurrency": args.concurrency, "connections": args.connections,
-            "duration_s": args.duration.as_secs_f64(), "payload_bytes": args.payload,
-            "gateway": figures_json(gw), "gateway_peak_rss_bytes": rss,
-            "audit_mean_group": mean_group,
+            "ops": args.ops.iter().map(|o| o.name()).collect::<Vec<_>>(),
+            "concurrency": args.concurrency, "connections": args.connections,
+            "duration_s": args.duration.as_secs_f64(), "warmup_s": args.warmup.as_secs_f64(),
+            "payload_bytes": args.payload, "records": args.records, "subjects": args.subjects,
+            "gateway": figures_json(gw, &o.gateway_cpu), "gateway_peak_rss_bytes": o.rss,
+            "audit_mean_group": o.audit.map(|a| a.mean_group),
+            "audit_mean_sync_ms": o.audit.map(|a| a.mean_sync_ms),
         });
-        if let Some(b) = base {
-            v["baseline"] = figures_json(b);
+        if let Some(i) = &o.inbox {
+            v["raise_to_receive"] = inbox_json(i);
+        }
+        if let Some(b) = &o.baseline {
+            v["baseline"] = figures_json(b, &o.baseline_cpu);
             v["ratio"] = serde_json::json!({
-                "throughput": gw.rate() / b.rate().max(1e-9),
-                "p50": gw.ms(0.5) / b.ms(0.5).max(1e-9),
-                "p99": gw.ms(0.99) / b.ms(0.99).max(1e-9),
+                "throughput": ratio(gw.rate(), b.rate()),
+                "p50": ratio(gw.ms(0.5), b.ms(0.5)),
+                "p90": ratio(gw.ms(0.9), b.ms(0.9)),
+                "p99": ratio(gw.ms(0.99), b.ms(0.99)),
+                "p999": ratio(gw.ms(0.999), b.ms(0.999)),
             });
         }
         println!("{v}");
         return;
     }
+    let ops: Vec<_> = args.ops.iter().map(|o| o.name()).collect();
     println!(
-        "sgw bench: {:?}, {} callers over {} connections, {:?} measured after {:?} warm-up, {} B payload",
-        args.ops, args.concurrency, args.connections, args.duration, args.warmup, args.payload
+        "sgw bench: {}, {} callers over {} connections per identity, {:?} measured after {:?} warm-up, {} B payload",
+        ops.join(" + "), args.concurrency, args.connections, args.duration, args.warmup, args.payload
     );
-    let row = |name: &str, f: &Figures| {
+    let row = |name: &str, rate: f64, h: &hdrhistogram::Histogram<u64>, errors: &str| {
         println!(
-            "{name:<9} {:>10.0} req/s  p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  errors {}",
-            f.rate(),
-            f.ms(0.5),
-            f.ms(0.9),
-            f.ms(0.99),
-            f.ms(0.999),
-            if f.errors.is_empty() { "0".to_owned() } else { format!("{:?}", f.errors) }
+            "{name:<18} {rate:>9.0} req/s  p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  errors {errors}",
+            bench::ms(h, 0.5),
+            bench::ms(h, 0.9),
+            bench::ms(h, 0.99),
+            bench::ms(h, 0.999),
         );
     };
-    row("gateway", gw);
-    if let Some(b) = base {
-        row("baseline", b);
+    row("gateway", gw.rate(), &gw.latency, &errors_text(&gw.errors));
+    if gw.by_op.len() > 1 {
+        for (op, f) in &gw.by_op {
+            let rate = f.ok as f64 / gw.elapsed.as_secs_f64().max(1e-9);
+            row(
+                &format!("  {}", op.name()),
+                rate,
+                &f.latency,
+                &errors_text(&f.errors),
+            );
+        }
+    }
+    if let Some(i) = &o.inbox {
         println!(
-            "ratio     {:>10.2}x      p50 {:>7.2}x     p90 {:>7.2}x     p99 {:>7.2}x     p99.9 {:>7.2}x",
-            gw.rate() / b.rate().max(1e-9),
-            gw.ms(0.5) / b.ms(0.5).max(1e-9),
-            gw.ms(0.9) / b.ms(0.9).max(1e-9),
-            gw.ms(0.99) / b.ms(0.99).max(1e-9),
-            gw.ms(0.999) / b.ms(0.999).max(1e-9),
+            "raise→receive      {:>4} streams  p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  received {}/{} events, stream errors {}",
+            i.subscribers,
+            bench::ms(&i.latency, 0.5),
+            bench::ms(&i.latency, 0.9),
+            bench::ms(&i.latency, 0.99),
+            bench::ms(&i.latency, 0.999),
+            i.received,
+            i.expected,
+            errors_text(&i.stream_errors),
         );
     }
-    if let Some(rss) = rss {
+    if let Some(b) = &o.baseline {
+        row(
+            "baseline (echo)",
+            b.rate(),
+            &b.latency,
+            &errors_text(&b.errors),
+        );
+        println!(
+            "ratio gateway/echo {:>8.2}x        p50 {:>7.2}x     p90 {:>7.2}x     p99 {:>7.2}x     p99.9 {:>7.2}x",
+            ratio(gw.rate(), b.rate()),
+            ratio(gw.ms(0.5), b.ms(0.5)),
+            ratio(gw.ms(0.9), b.ms(0.9)),
+            ratio(gw.ms(0.99), b.ms(0.99)),
+            ratio(gw.ms(0.999), b.ms(0.999)),
+        );
+    }
+    let cpu_row = |name: &str, cpu: &Cpu, calls: u64| {
+        let show = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} µs"));
+        let (server, client) = cpu.per_call(calls);
+        println!(
+            "CPU per call, {name:<8} server {:>8}  bench client {:>8}",
+            show(server),
+            show(client)
+        );
+    };
+    cpu_row("gateway", &o.gateway_cpu, gw.ok);
+    if let Some(b) = &o.baseline {
+        cpu_row("echo", &o.baseline_cpu, b.ok);
+    }
+    if let Some(rss) = o.rss {
         println!("gateway peak RSS {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
     }
-    if let Some(g) = mean_group {
-        println!("audit mean group commit {g:.1} entries per fsync");
+    if let Some(a) = o.audit {
+        println!(
+            "audit mean group commit {:.1} entries per fsync, {:.2} ms in flush + fdatasync per commit",
+            a.mean_group, a.mean_sync_ms
+        );
     }
 }
 
