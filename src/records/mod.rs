@@ -187,6 +187,15 @@ impl Records {
             .map_err(RecordError::from)
     }
 
+    /// Runs a quick store read on the calling task: for sled reads, which are
+    /// served from its page cache. File I/O still goes through [`Self::blocking`].
+    fn inline<T>(
+        &self,
+        f: impl FnOnce(&RecordStore) -> Result<T, StoreError>,
+    ) -> Result<T, RecordError> {
+        f(&self.store).map_err(RecordError::from)
+    }
+
     fn random_bytes(&self) -> Result<[u8; 16], RecordError> {
         let mut bytes = [0u8; 16];
         self.rng.fill(&mut bytes).map_err(|_| {
