@@ -33,12 +33,10 @@
 //! is later than `now` still counts. Only expiry is judged against `now`.
 
 use std::collections::BTreeSet;
-use std::fmt;
-use std::str::FromStr;
 
 use time::OffsetDateTime;
 
-use crate::domain::{AgencyId, Purpose, RecordCategory, Sector, UnknownName};
+use crate::domain::{named_enum, AgencyId, Purpose, RecordCategory, Sector};
 
 /// Why a consent statement, or a change to one, was refused. Messages name the field
 /// and what to do; they never echo the subject.
@@ -92,28 +90,30 @@ pub enum ConsentError {
     },
 }
 
-/// What a statement says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ConsentState {
-    /// Consent is given.
-    Given,
-    /// Consent is refused.
-    Refused,
-    /// Consent was given and has since been withdrawn (see
-    /// [`ConsentStatement::withdrawn_at`]).
-    Withdrawn,
-}
+named_enum!(
+    /// What a statement says.
+    ConsentState {
+        /// Consent is given.
+        Given => "GIVEN",
+        /// Consent is refused.
+        Refused => "REFUSED",
+        /// Consent was given and has since been withdrawn (see
+        /// [`ConsentStatement::withdrawn_at`]).
+        Withdrawn => "WITHDRAWN",
+    }
+);
 
-/// Who gave, refused or withdrew consent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ConsentGiver {
-    /// The child.
-    Child,
-    /// A parent.
-    Parent,
-    /// A carer.
-    Carer,
-}
+named_enum!(
+    /// Who gave, refused or withdrew consent.
+    ConsentGiver {
+        /// The child.
+        Child => "CHILD",
+        /// A parent.
+        Parent => "PARENT",
+        /// A carer.
+        Carer => "CARER",
+    }
+);
 
 /// The purposes, recipients, categories and period a statement covers. One that
 /// exists is valid: build it with [`ConsentScope::parse`]. The meaning of each set is
@@ -349,80 +349,6 @@ impl ConsentStatement {
             ConsentState::Refused => 2,
         };
         (self.recorded_at, restrictive, self.consent_id.as_str())
-    }
-}
-
-// === impl ConsentState, ConsentGiver: canonical names ===
-
-impl ConsentState {
-    /// Every value, in declaration order.
-    pub const ALL: &'static [ConsentState] = &[
-        ConsentState::Given,
-        ConsentState::Refused,
-        ConsentState::Withdrawn,
-    ];
-
-    /// The canonical name, as in API.md: `GIVEN`, `REFUSED`, `WITHDRAWN`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConsentState::Given => "GIVEN",
-            ConsentState::Refused => "REFUSED",
-            ConsentState::Withdrawn => "WITHDRAWN",
-        }
-    }
-}
-
-impl ConsentGiver {
-    /// Every value, in declaration order.
-    pub const ALL: &'static [ConsentGiver] = &[
-        ConsentGiver::Child,
-        ConsentGiver::Parent,
-        ConsentGiver::Carer,
-    ];
-
-    /// The canonical name, as in API.md: `CHILD`, `PARENT`, `CARER`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConsentGiver::Child => "CHILD",
-            ConsentGiver::Parent => "PARENT",
-            ConsentGiver::Carer => "CARER",
-        }
-    }
-}
-
-impl fmt::Display for ConsentState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl fmt::Display for ConsentGiver {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for ConsentState {
-    type Err = UnknownName;
-    fn from_str(s: &str) -> Result<Self, UnknownName> {
-        let found = Self::ALL.iter().copied().find(|v| v.as_str() == s);
-        found.ok_or_else(|| unknown("ConsentState", s, &["GIVEN", "REFUSED", "WITHDRAWN"]))
-    }
-}
-
-impl FromStr for ConsentGiver {
-    type Err = UnknownName;
-    fn from_str(s: &str) -> Result<Self, UnknownName> {
-        let found = Self::ALL.iter().copied().find(|v| v.as_str() == s);
-        found.ok_or_else(|| unknown("ConsentGiver", s, &["CHILD", "PARENT", "CARER"]))
-    }
-}
-
-fn unknown(kind: &'static str, value: &str, expected: &'static [&'static str]) -> UnknownName {
-    UnknownName {
-        kind,
-        value: value.to_owned(),
-        expected,
     }
 }
 

@@ -12,17 +12,14 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use ids::{AgencyId, IdError, PrincipalId};
 pub use subject::{NhsNumber, NhsNumberError};
 
-use std::fmt;
-use std::str::FromStr;
-
 /// Declares a closed domain enum with its canonical upper-snake-case names, which are
 /// the names used in the config file, in API.md (without the protobuf prefix) and in
 /// log lines.
 macro_rules! named_enum {
-    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub enum $name { $(#[doc = $text] $variant),+ }
+        pub enum $name { $(#[doc = $text] $(#[$vmeta])* $variant),+ }
 
         impl $name {
             /// Every value, in declaration order.
@@ -34,18 +31,18 @@ macro_rules! named_enum {
             }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 f.write_str(self.as_str())
             }
         }
 
-        impl FromStr for $name {
-            type Err = UnknownName;
-            fn from_str(s: &str) -> Result<Self, UnknownName> {
+        impl ::std::str::FromStr for $name {
+            type Err = $crate::domain::UnknownName;
+            fn from_str(s: &str) -> Result<Self, $crate::domain::UnknownName> {
                 match s {
                     $($text => Ok($name::$variant),)+
-                    _ => Err(UnknownName {
+                    _ => Err($crate::domain::UnknownName {
                         kind: stringify!($name),
                         value: s.to_owned(),
                         expected: &[$($text),+],
@@ -55,6 +52,8 @@ macro_rules! named_enum {
         }
     };
 }
+
+pub(crate) use named_enum;
 
 /// A name that is not one of an enum's values; the message lists the allowed ones.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

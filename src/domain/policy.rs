@@ -53,7 +53,7 @@ use time::OffsetDateTime;
 
 use super::consent::{consent_in_force, ConsentFinding, ConsentQuery, ConsentStatement};
 use crate::config::Agreement;
-use crate::domain::{AgencyId, Purpose, RecordCategory, Sector};
+use crate::domain::{named_enum, AgencyId, Purpose, RecordCategory, Sector};
 
 /// The fewest characters (Unicode scalar values, after trimming white space) an
 /// override's justification may have.
@@ -93,19 +93,20 @@ pub struct DisclosureRequest {
     pub retain_until: OffsetDateTime,
 }
 
-/// Why a disclosure is allowed (API.md `DisclosureBasis`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Basis {
-    /// The recipient owns the record.
-    Owner,
-    /// The agreement rests on consent, and consent is in force.
-    Consent,
-    /// The agreement does not need consent.
-    AgreementNoConsentNeeded,
-    /// A justified safeguarding override, without consent: flagged, and the owner is
-    /// told.
-    SafeguardingOverride,
-}
+named_enum!(
+    /// Why a disclosure is allowed (API.md `DisclosureBasis`).
+    Basis {
+        /// The recipient owns the record.
+        Owner => "OWNER",
+        /// The agreement rests on consent, and consent is in force.
+        Consent => "CONSENT",
+        /// The agreement does not need consent.
+        AgreementNoConsentNeeded => "AGREEMENT_NO_CONSENT_NEEDED",
+        /// A justified safeguarding override, without consent: flagged, and the owner
+        /// is told.
+        SafeguardingOverride => "SAFEGUARDING_OVERRIDE",
+    }
+);
 
 /// What the decision allowed, and everything the audit entry needs to say why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,18 +193,19 @@ pub enum Decision {
     Deny(Denied),
 }
 
-/// What a caller could do with a record FindRecords lists (API.md `RecordAccess`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RecordAccess {
-    /// The caller owns it.
-    Owner,
-    /// Readable now, by agreement or consent in force.
-    Readable,
-    /// No consent in force, and no override allowed.
-    NeedsConsent,
-    /// No consent in force, but a safeguarding override is allowed.
-    OverrideOnly,
-}
+named_enum!(
+    /// What a caller could do with a record FindRecords lists (API.md `RecordAccess`).
+    RecordAccess {
+        /// The caller owns it.
+        Owner => "OWNER",
+        /// Readable now, by agreement or consent in force.
+        Readable => "READABLE",
+        /// No consent in force, and no override allowed.
+        NeedsConsent => "NEEDS_CONSENT",
+        /// No consent in force, but a safeguarding override is allowed.
+        OverrideOnly => "OVERRIDE_ONLY",
+    }
+);
 
 /// Decides whether `request` may see the record now, and on what basis. Pure: no I/O,
 /// no clock reads. `agreements` are the sharing agreements from the owner's sector to
@@ -490,18 +492,6 @@ impl Decision {
     }
 }
 
-impl Basis {
-    /// The canonical name, as in API.md `DisclosureBasis`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Basis::Owner => "OWNER",
-            Basis::Consent => "CONSENT",
-            Basis::AgreementNoConsentNeeded => "AGREEMENT_NO_CONSENT_NEEDED",
-            Basis::SafeguardingOverride => "SAFEGUARDING_OVERRIDE",
-        }
-    }
-}
-
 impl DenyReason {
     /// A stable upper-snake-case name for the audit entry's `reason` and for logs.
     pub fn as_str(&self) -> &'static str {
@@ -518,31 +508,7 @@ impl DenyReason {
     }
 }
 
-impl RecordAccess {
-    /// The canonical name, as in API.md `RecordAccess`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RecordAccess::Owner => "OWNER",
-            RecordAccess::Readable => "READABLE",
-            RecordAccess::NeedsConsent => "NEEDS_CONSENT",
-            RecordAccess::OverrideOnly => "OVERRIDE_ONLY",
-        }
-    }
-}
-
-impl fmt::Display for Basis {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 impl fmt::Display for DenyReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl fmt::Display for RecordAccess {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
