@@ -36,6 +36,7 @@ pub mod domain;
 pub mod identity;
 pub mod logging;
 pub mod metrics;
+pub mod pg;
 pub mod pki;
 pub mod proto;
 pub mod records;

@@ -1,0 +1,928 @@
+//! The audit log in PostgreSQL, appended to by any number of replicas at once.
+//!
+//! # Tables (migration 1)
+//! | table | rows |
+//! | --- | --- |
+//! | `audit_head` | one row: the committed `size`, the time of the last entry, the origin (`log_id`) |
+//! | `audit_entries` | one per seq: the canonical bytes sealed (AES-256-GCM, the seq as associated data, exactly as in the sled store) and the index columns |
+//! | `audit_tiles` | Merkle nodes, C2SP tlog-tiles shape: `(level, tile_index)` holds the hashes of up to 64 consecutive complete subtrees of one level |
+//! | `audit_checkpoints` | signed checkpoints, by tree size |
+//!
+//! # One group commit = one transaction
+//! [`PgAuditLog::append_batch`] runs at READ COMMITTED:
+//! 1. `SELECT size, last_time_micros FROM audit_head ... FOR UPDATE`: from here on
+//!    this replica is the only writer until it commits or rolls back, and every
+//!    later statement sees everything the previous holder committed;
+//! 2. one query for the tiles the batch touches (the frontier: at most two per
+//!    level, plus the ones the batch fills);
+//! 3. in memory: each entry gets the next seq and the time `max(now, last_time)`
+//!    (so time never decreases with seq, whichever replica's clock is ahead), its
+//!    leaf and the nodes it completes ([`merkle::nodes_completed_by_append`]), and
+//!    its sealed bytes;
+//! 4. three pipelined statements: insert the entries (one `unnest` insert), upsert
+//!    the tiles (a tile may only grow: the stored hashes must be a prefix of the new
+//!    ones), set the new size and time;
+//! 5. COMMIT, with `synchronous_commit=on` (set on every session, see
+//!    [`super::config`]): when it returns the batch is durable.
+//!
+//! Seqs are dense and unique across replicas because they come from the locked
+//! head and the head moves only in the same transaction as the rows; a replica that
+//! dies mid-transaction rolls back (the server aborts the transaction when the
+//! connection drops, or after `idle_in_transaction_session_timeout`).
+//!
+//! # Reads
+//! Which nodes a root or proof needs depends only on sizes and indexes, so a read
+//! first runs the [`merkle`] function against a recorder that answers zeros, fetches
+//! every tile the recorder saw in **one** query, and runs the function again over
+//! those tiles: O(log n) rows, two round trips with the size check.
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use deadpool_postgres::{GenericClient, Pool};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::IsolationLevel;
+
+use super::config::{PgConfig, PgError};
+use super::describe;
+use crate::audit::checkpoint::{self, Checkpoint, SignedCheckpoint};
+use crate::audit::entry::{canonical_bytes, micros_from_timestamp, NewEntry};
+use crate::audit::log::seal_context;
+use crate::audit::merkle::{self, Hash, MemoryTree, NodeSource};
+use crate::audit::AuditError;
+use crate::domain::Clock;
+use crate::proto::v1::AuditEntry;
+use crate::store::Keys;
+
+/// Hashes per tile (C2SP tlog-tiles width; the same as the sled store's tiles).
+pub const TILE_WIDTH: u64 = 64;
+
+/// Entries read per query when verifying.
+const VERIFY_PAGE: i64 = 5_000;
+
+const LOCK_HEAD: &str = "SELECT size, last_time_micros FROM audit_head WHERE id = 1 FOR UPDATE";
+const SELECT_TILES: &str = "SELECT level, tile_index, hashes FROM audit_tiles \
+     WHERE (level, tile_index) IN (SELECT * FROM unnest($1::int2[], $2::int8[]))";
+const INSERT_ENTRIES: &str = "INSERT INTO audit_entries \
+     (seq, time_micros, sealed, subject_ref, actor_id, target_agency_id, action) \
+     SELECT * FROM unnest($1::int8[], $2::int8[], $3::bytea[], $4::text[], $5::text[], $6::text[], $7::int4[])";
+const UPSERT_TILES: &str = "INSERT INTO audit_tiles AS t (level, tile_index, hashes) \
+     SELECT * FROM unnest($1::int2[], $2::int8[], $3::bytea[]) \
+     ON CONFLICT (level, tile_index) DO UPDATE SET hashes = EXCLUDED.hashes \
+     WHERE length(EXCLUDED.hashes) > length(t.hashes) \
+       AND substring(EXCLUDED.hashes FROM 1 FOR length(t.hashes)) = t.hashes";
+const UPDATE_HEAD: &str = "UPDATE audit_head SET size = $1, last_time_micros = $2 WHERE id = 1";
+const SELECT_SIZE: &str = "SELECT size FROM audit_head WHERE id = 1";
+const SELECT_ENTRY: &str = "SELECT h.size, e.sealed FROM audit_head h \
+     LEFT JOIN audit_entries e ON e.seq = $1 WHERE h.id = 1";
+
+/// Where an appended entry went: its seq (Merkle leaf index) and time. Returned only
+/// after the transaction that wrote it has committed durably.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The entry's sequence number.
+    pub seq: u64,
+    /// The entry's time, microseconds since the epoch.
+    pub time_micros: i64,
+}
+
+/// Settings of the log.
+#[derive(Debug, Clone)]
+pub struct PgAuditSettings {
+    /// The checkpoints' origin name; the first replica to open the log fixes it.
+    pub log_id: String,
+    /// The most entries in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for PgAuditSettings {
+    fn default() -> Self {
+        PgAuditSettings {
+            log_id: "sgw".to_owned(),
+            max_batch: 512,
+        }
+    }
+}
+
+/// Group-commit statistics of this replica.
+#[derive(Debug, Default)]
+pub struct PgCommitStats {
+    /// Transactions committed.
+    pub commits: AtomicU64,
+    /// Entries committed.
+    pub entries: AtomicU64,
+    /// Time from taking a connection to COMMIT returning, summed, microseconds.
+    pub commit_micros: AtomicU64,
+}
+
+/// What a successful verification found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifySummary {
+    /// Entries verified.
+    pub entries: u64,
+    /// The root of the whole log, recomputed from the entries.
+    pub root: Hash,
+    /// Stored checkpoints verified.
+    pub checkpoints: usize,
+    /// The log's origin name.
+    pub log_id: String,
+}
+
+type Reply = oneshot::Sender<Result<Appended, AuditError>>;
+
+/// The audit log in PostgreSQL. Cheap to clone; every clone shares one group-commit
+/// writer task (per replica) and one pool.
+#[derive(Clone)]
+pub struct PgAuditLog {
+    inner: Arc<Inner>,
+    tx: mpsc::Sender<(NewEntry, Reply)>,
+}
+
+struct Inner {
+    pool: Pool,
+    keys: Arc<Keys>,
+    clock: Arc<dyn Clock>,
+    log_id: String,
+    stats: PgCommitStats,
+}
+
+impl PgAuditLog {
+    /// Connects, applies migrations, fixes the origin name if the log is new, and
+    /// starts this replica's group-commit writer task.
+    pub async fn open(
+        config: &PgConfig,
+        settings: PgAuditSettings,
+        keys: Arc<Keys>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<PgAuditLog, PgError> {
+        let pool = config.pool()?;
+        Self::open_pool(pool, settings, keys, clock).await
+    }
+
+    /// [`PgAuditLog::open`] over an existing pool.
+    pub async fn open_pool(
+        pool: Pool,
+        settings: PgAuditSettings,
+        keys: Arc<Keys>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<PgAuditLog, PgError> {
+        super::migrate::migrate(&pool).await?;
+        let client = pool
+            .get()
+            .await
+            .map_err(|e| PgError::Connect(e.to_string()))?;
+        let pg = |e: tokio_postgres::Error| PgError::Connect(describe(&e));
+        client
+            .execute(
+                "UPDATE audit_head SET origin = $1 WHERE id = 1 AND origin IS NULL",
+                &[&settings.log_id],
+            )
+            .await
+            .map_err(pg)?;
+        let origin: String = client
+            .query_one("SELECT origin FROM audit_head WHERE id = 1", &[])
+            .await
+            .map_err(pg)?
+            .get(0);
+        if origin != settings.log_id {
+            tracing::warn!(stored = %origin, configured = %settings.log_id, "audit log_id differs from the log's origin; keeping the origin");
+        }
+        drop(client);
+        let inner = Arc::new(Inner {
+            pool,
+            keys,
+            clock,
+            log_id: origin,
+            stats: PgCommitStats::default(),
+        });
+        let max_batch = settings.max_batch.max(1);
+        let (tx, rx) = mpsc::channel(max_batch * 4);
+        tokio::spawn(writer(inner.clone(), rx, max_batch));
+        Ok(PgAuditLog { inner, tx })
+    }
+
+    /// Appends `entry` through this replica's group-commit writer; returns once the
+    /// transaction holding it has committed. On [`AuditError::Unavailable`] the
+    /// caller must not disclose anything (the entry may or may not be in the log when
+    /// the failure was the COMMIT's answer being lost).
+    pub async fn append(&self, entry: NewEntry) -> Result<Appended, AuditError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || AuditError::Unavailable("the audit writer has stopped".into());
+        self.tx.send((entry, reply)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Appends `entries` in one transaction (see the module documentation); returns
+    /// each entry's seq and time, in order, once COMMIT has returned.
+    pub async fn append_batch(&self, entries: Vec<NewEntry>) -> Result<Vec<Appended>, AuditError> {
+        self.inner.append_batch(entries).await
+    }
+
+    /// The log's origin name in checkpoints.
+    pub fn log_id(&self) -> &str {
+        &self.inner.log_id
+    }
+
+    /// The pool (shared with the rest of this replica's PostgreSQL storage).
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// This replica's group-commit statistics.
+    pub fn stats(&self) -> &PgCommitStats {
+        &self.inner.stats
+    }
+
+    /// The number of committed entries (all replicas').
+    pub async fn size(&self) -> Result<u64, AuditError> {
+        let client = self.inner.client().await?;
+        let row = client
+            .query_one(&prepare(&client, SELECT_SIZE).await?, &[])
+            .await
+            .map_err(unavailable)?;
+        to_u64(row.get(0), "tree size")
+    }
+
+    /// Entry `seq`, opened and decoded, with `canonical` filled in.
+    pub async fn entry(&self, seq: u64) -> Result<AuditEntry, AuditError> {
+        let client = self.inner.client().await?;
+        let row = client
+            .query_one(&prepare(&client, SELECT_ENTRY).await?, &[&to_i64(seq)?])
+            .await
+            .map_err(unavailable)?;
+        let size = to_u64(row.get(0), "tree size")?;
+        if seq >= size {
+            return Err(AuditError::OutOfRange(format!(
+                "seq {seq} is beyond the log's {size} entries"
+            )));
+        }
+        let sealed: Option<Vec<u8>> = row.get(1);
+        let sealed =
+            sealed.ok_or_else(|| AuditError::Corrupt(format!("seq {seq}: entry missing")))?;
+        open_entry(&self.inner.keys, seq, &sealed)
+    }
+
+    /// The root of the first `size` entries.
+    pub async fn root(&self, size: u64) -> Result<Hash, AuditError> {
+        let client = self.inner.client().await?;
+        check_size(&client, "tree_size", size).await?;
+        let rec = Recorder::default();
+        let _ = merkle::root(size, &rec);
+        let tiles = fetch_tiles(&client, rec.tiles()).await?;
+        merkle::root(size, &tiles)
+    }
+
+    /// Leaf hash and audit path of entry `seq` in the tree of `tree_size`.
+    pub async fn inclusion_proof(
+        &self,
+        seq: u64,
+        tree_size: u64,
+    ) -> Result<(Hash, Vec<Hash>), AuditError> {
+        let client = self.inner.client().await?;
+        check_size(&client, "tree_size", tree_size).await?;
+        if seq >= tree_size {
+            return Err(AuditError::OutOfRange(format!(
+                "seq {seq} is not below tree_size {tree_size}"
+            )));
+        }
+        let rec = Recorder::default();
+        let _ = rec.node(0, seq);
+        let _ = merkle::inclusion_proof(seq, tree_size, &rec);
+        let tiles = fetch_tiles(&client, rec.tiles()).await?;
+        let leaf = tiles.node(0, seq)?;
+        let proof = merkle::inclusion_proof(seq, tree_size, &tiles).map_err(tree_error)?;
+        Ok((leaf, proof))
+    }
+
+    /// Consistency proof between two sizes.
+    pub async fn consistency_proof(&self, from: u64, to: u64) -> Result<Vec<Hash>, AuditError> {
+        let client = self.inner.client().await?;
+        check_size(&client, "to_size", to).await?;
+        if from > to {
+            return Err(AuditError::OutOfRange(format!(
+                "from_size {from} is greater than to_size {to}"
+            )));
+        }
+        if from == 0 {
+            return Ok(Vec::new());
+        }
+        let rec = Recorder::default();
+        let _ = merkle::consistency_proof(from, to, &rec);
+        let tiles = fetch_tiles(&client, rec.tiles()).await?;
+        merkle::consistency_proof(from, to, &tiles).map_err(tree_error)
+    }
+
+    /// Signs a checkpoint of the current size and stores it, if `lease` is held by
+    /// its holder now (checked, and kept locked, in the same transaction as the
+    /// insert, so two replicas never both sign: the one without the lease gets
+    /// `None`). All replicas serve stored checkpoints.
+    pub async fn checkpoint_if_holder(
+        &self,
+        lease: &super::lease::Lease,
+    ) -> Result<Option<SignedCheckpoint>, AuditError> {
+        let mut client = self.inner.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::ReadCommitted)
+            .start()
+            .await
+            .map_err(unavailable)?;
+        if !lease.held_in(&tx).await.map_err(unavailable)? {
+            tx.rollback().await.map_err(unavailable)?;
+            return Ok(None);
+        }
+        let size = to_u64(
+            tx.query_one(SELECT_SIZE, &[])
+                .await
+                .map_err(unavailable)?
+                .get(0),
+            "tree size",
+        )?;
+        let rec = Recorder::default();
+        let _ = merkle::root(size, &rec);
+        let tiles = fetch_tiles(&tx, rec.tiles()).await?;
+        let root = merkle::root(size, &tiles)?;
+        let now = self.inner.clock.now().unix_timestamp().max(0) as u64;
+        let signed = Checkpoint {
+            log_id: self.inner.log_id.clone(),
+            tree_size: size,
+            root_hash: root,
+            timestamp: now,
+        }
+        .sign(&self.inner.keys.checkpoint)
+        .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        tx.execute(
+            "INSERT INTO audit_checkpoints (tree_size, timestamp_secs, root_hash, signature, public_key) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tree_size) DO NOTHING",
+            &[
+                &to_i64(size)?,
+                &to_i64(now)?,
+                &root.as_slice(),
+                &signed.signature.as_slice(),
+                &signed.public_key.as_slice(),
+            ],
+        )
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(Some(signed))
+    }
+
+    /// The newest stored checkpoint, if any.
+    pub async fn latest_checkpoint(&self) -> Result<Option<SignedCheckpoint>, AuditError> {
+        Ok(self.read_checkpoints(true).await?.pop())
+    }
+
+    /// Every stored checkpoint, oldest first.
+    pub async fn checkpoints(&self) -> Result<Vec<SignedCheckpoint>, AuditError> {
+        self.read_checkpoints(false).await
+    }
+
+    async fn read_checkpoints(&self, latest: bool) -> Result<Vec<SignedCheckpoint>, AuditError> {
+        let client = self.inner.client().await?;
+        let sql = if latest {
+            "SELECT tree_size, timestamp_secs, root_hash, signature, public_key \
+             FROM audit_checkpoints ORDER BY tree_size DESC LIMIT 1"
+        } else {
+            "SELECT tree_size, timestamp_secs, root_hash, signature, public_key \
+             FROM audit_checkpoints ORDER BY tree_size"
+        };
+        let rows = client.query(sql, &[]).await.map_err(unavailable)?;
+        let bad = || AuditError::Corrupt("malformed stored checkpoint".into());
+        rows.iter()
+            .map(|r| {
+                Ok(SignedCheckpoint {
+                    checkpoint: Checkpoint {
+                        log_id: self.inner.log_id.clone(),
+                        tree_size: to_u64(r.get(0), "checkpoint size")?,
+                        timestamp: to_u64(r.get(1), "checkpoint time")?,
+                        root_hash: r.get::<_, &[u8]>(2).try_into().map_err(|_| bad())?,
+                    },
+                    signature: r.get::<_, &[u8]>(3).try_into().map_err(|_| bad())?,
+                    public_key: r.get::<_, &[u8]>(4).try_into().map_err(|_| bad())?,
+                })
+            })
+            .collect()
+    }
+
+    /// Verifies the whole log from the rows: every entry opens under its seq,
+    /// decodes to that seq, agrees with its index columns, and times never decrease;
+    /// there is no gap and nothing past the head; the tree rebuilt from the entries
+    /// equals every stored tile; every stored checkpoint is signed by this log's key
+    /// and has the rebuilt root at its size. The first problem is the error
+    /// ([`AuditError::Corrupt`], naming the seq where there is one).
+    ///
+    /// Reads everything (not inside one snapshot: run it on a quiet log, or expect
+    /// entries appended meanwhile to be past the head it read, which it reports).
+    pub async fn verify(&self) -> Result<VerifySummary, AuditError> {
+        let client = self.inner.client().await?;
+        let head = client
+            .query_one(
+                "SELECT size, last_time_micros, origin FROM audit_head WHERE id = 1",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        let size = to_u64(head.get(0), "tree size")?;
+        let head_time: i64 = head.get(1);
+        let mut tree = MemoryTree::new();
+        let mut last_time = i64::MIN;
+        loop {
+            let from = tree.size();
+            let rows = client
+                .query(
+                    "SELECT seq, time_micros, sealed, subject_ref, actor_id, target_agency_id, action \
+                     FROM audit_entries WHERE seq >= $1 ORDER BY seq LIMIT $2",
+                    &[&to_i64(from)?, &VERIFY_PAGE],
+                )
+                .await
+                .map_err(unavailable)?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in &rows {
+                let expected = tree.size();
+                let seq = r.get::<_, i64>(0);
+                if seq != expected as i64 {
+                    return Err(corrupt(
+                        expected,
+                        "entry missing (the next stored seq is later)",
+                    ));
+                }
+                if expected >= size {
+                    return Err(corrupt(
+                        expected,
+                        format!("entry stored past the head's size {size}"),
+                    ));
+                }
+                let entry = open_entry(&self.inner.keys, expected, r.get(2))?;
+                let time = entry
+                    .time
+                    .as_ref()
+                    .map(micros_from_timestamp)
+                    .unwrap_or(i64::MIN);
+                if time < last_time {
+                    return Err(corrupt(expected, "time goes backwards"));
+                }
+                last_time = time;
+                let columns_agree = r.get::<_, i64>(1) == time
+                    && r.get::<_, Option<&str>>(3) == non_empty(&entry.subject_ref)
+                    && r.get::<_, &str>(4) == entry.actor_id
+                    && r.get::<_, Option<&str>>(5) == non_empty(&entry.target_agency_id)
+                    && r.get::<_, i32>(6) == entry.action;
+                if !columns_agree {
+                    return Err(corrupt(expected, "index columns do not match the entry"));
+                }
+                tree.append(merkle::leaf_hash(&entry.canonical));
+            }
+        }
+        if tree.size() != size {
+            return Err(corrupt(
+                tree.size(),
+                format!("entry missing below the head's size {size}"),
+            ));
+        }
+        if size > 0 && head_time != last_time {
+            return Err(AuditError::Corrupt(
+                "the head's last time is not the last entry's".into(),
+            ));
+        }
+        // Every stored tile must hold exactly the nodes the rebuilt tree has.
+        let tiles = client
+            .query(
+                "SELECT level, tile_index, hashes FROM audit_tiles ORDER BY level, tile_index",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut seen = 0u64;
+        for r in &tiles {
+            let level = u8::try_from(r.get::<_, i16>(0))
+                .map_err(|_| AuditError::Corrupt("tile level out of range".into()))?;
+            let tile = to_u64(r.get(1), "tile index")?;
+            let hashes: &[u8] = r.get(2);
+            let nodes = if level < 64 { size >> level } else { 0 };
+            let expected_len = nodes
+                .saturating_sub(tile.saturating_mul(TILE_WIDTH))
+                .min(TILE_WIDTH);
+            if expected_len == 0 || hashes.len() as u64 != expected_len * 32 {
+                return Err(AuditError::Corrupt(format!(
+                    "Merkle tile {level}/{tile} holds {} hashes, expected {expected_len}",
+                    hashes.len() / 32
+                )));
+            }
+            for (slot, stored) in hashes.chunks_exact(32).enumerate() {
+                let index = tile * TILE_WIDTH + slot as u64;
+                let rebuilt = tree
+                    .node(level, index)
+                    .map_err(|e| AuditError::Corrupt(e.to_string()))?;
+                if !merkle::hashes_equal(&rebuilt, stored.try_into().expect("32-byte chunk")) {
+                    let first = index << level;
+                    return Err(corrupt(
+                        first,
+                        format!("stored Merkle node {level}/{index} differs from the entries (leaves from seq {first})"),
+                    ));
+                }
+            }
+            seen += 1;
+        }
+        let expected_tiles: u64 = (0..64u32).map(|l| (size >> l).div_ceil(TILE_WIDTH)).sum();
+        if seen != expected_tiles {
+            return Err(AuditError::Corrupt(format!(
+                "{seen} Merkle tiles stored, expected {expected_tiles}"
+            )));
+        }
+        let root = tree.root();
+        let public_key = checkpoint::public_key_of(&self.inner.keys.checkpoint);
+        let checkpoints = self.checkpoints().await?;
+        for cp in &checkpoints {
+            let n = cp.checkpoint.tree_size;
+            checkpoint::verify(&public_key, cp)
+                .map_err(|e| AuditError::Corrupt(format!("checkpoint at size {n}: {e}")))?;
+            if n > size {
+                return Err(AuditError::Corrupt(format!(
+                    "checkpoint at size {n} is past the log's {size} entries (rolled back?)"
+                )));
+            }
+            let at = merkle::root(n, &tree).map_err(|e| AuditError::Corrupt(e.to_string()))?;
+            if !merkle::hashes_equal(&at, &cp.checkpoint.root_hash) {
+                return Err(AuditError::Corrupt(format!(
+                    "checkpoint at size {n}: its root is not the entries' root"
+                )));
+            }
+        }
+        Ok(VerifySummary {
+            entries: size,
+            root,
+            checkpoints: checkpoints.len(),
+            log_id: self.inner.log_id.clone(),
+        })
+    }
+}
+
+impl Inner {
+    async fn client(&self) -> Result<deadpool_postgres::Object, AuditError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| AuditError::Unavailable(format!("postgres: {e}")))
+    }
+
+    async fn append_batch(&self, entries: Vec<NewEntry>) -> Result<Vec<Appended>, AuditError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let started = Instant::now();
+        let mut client = self.client().await?;
+        let (lock_head, select_tiles, insert_entries, upsert_tiles, update_head) =
+            tokio::try_join!(
+                client.prepare_cached(LOCK_HEAD),
+                client.prepare_cached(SELECT_TILES),
+                client.prepare_cached(INSERT_ENTRIES),
+                client.prepare_cached(UPSERT_TILES),
+                client.prepare_cached(UPDATE_HEAD),
+            )
+            .map_err(unavailable)?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::ReadCommitted)
+            .start()
+            .await
+            .map_err(unavailable)?;
+        let head = tx.query_one(&lock_head, &[]).await.map_err(unavailable)?;
+        let size = to_u64(head.get(0), "tree size")?;
+        let last_time: i64 = head.get(1);
+        let n = entries.len() as u64;
+
+        // The tiles this batch reads (left siblings) or extends.
+        let rec = Recorder::default();
+        for seq in size..size + n {
+            let Ok(nodes) = merkle::nodes_completed_by_append(seq, [0; 32], &rec);
+            for (level, index, _) in nodes {
+                rec.saw(level, index);
+            }
+        }
+        let (levels, indexes) = split_keys(rec.tiles());
+        let mut tiles = Tiles::from_rows(
+            tx.query(&select_tiles, &[&levels, &indexes])
+                .await
+                .map_err(unavailable)?,
+        )?;
+
+        let time = micros(&*self.clock).max(last_time);
+        let mut seqs = Vec::with_capacity(entries.len());
+        let mut times = Vec::with_capacity(entries.len());
+        let mut sealed = Vec::with_capacity(entries.len());
+        let mut subjects = Vec::with_capacity(entries.len());
+        let mut actors = Vec::with_capacity(entries.len());
+        let mut targets = Vec::with_capacity(entries.len());
+        let mut actions = Vec::with_capacity(entries.len());
+        let mut appended = Vec::with_capacity(entries.len());
+        for (seq, entry) in (size..).zip(entries) {
+            let record = entry.into_record(seq, time);
+            let canonical = canonical_bytes(&record);
+            let leaf = merkle::leaf_hash(&canonical);
+            for (level, index, hash) in merkle::nodes_completed_by_append(seq, leaf, &tiles)? {
+                tiles.put(level, index, hash)?;
+            }
+            sealed.push(
+                self.keys
+                    .audit_seal
+                    .seal(&seal_context(seq), &canonical)
+                    .map_err(|e| AuditError::Unavailable(e.to_string()))?,
+            );
+            seqs.push(to_i64(seq)?);
+            times.push(time);
+            subjects.push(non_empty(&record.subject_ref).map(str::to_owned));
+            actors.push(record.actor_id);
+            targets.push(non_empty(&record.target_agency_id).map(str::to_owned));
+            actions.push(record.action);
+            appended.push(Appended {
+                seq,
+                time_micros: time,
+            });
+        }
+        let (tile_levels, tile_indexes, tile_hashes) = tiles.dirty_rows();
+        let new_size = to_i64(size + n)?;
+        let entry_params: [&(dyn ToSql + Sync); 7] = [
+            &seqs, &times, &sealed, &subjects, &actors, &targets, &actions,
+        ];
+        let tile_params: [&(dyn ToSql + Sync); 3] = [&tile_levels, &tile_indexes, &tile_hashes];
+        let head_params: [&(dyn ToSql + Sync); 2] = [&new_size, &time];
+        let (_, upserted, _) = tokio::try_join!(
+            tx.execute(&insert_entries, &entry_params),
+            tx.execute(&upsert_tiles, &tile_params),
+            tx.execute(&update_head, &head_params),
+        )
+        .map_err(unavailable)?;
+        if upserted != tile_levels.len() as u64 {
+            return Err(AuditError::Corrupt(format!(
+                "a stored Merkle tile was not a prefix of its extension ({upserted} of {} tiles written)",
+                tile_levels.len()
+            )));
+        }
+        tx.commit().await.map_err(|e| {
+            AuditError::Unavailable(format!("COMMIT failed (outcome unknown): {}", describe(&e)))
+        })?;
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.stats.entries.fetch_add(n, Ordering::Relaxed);
+        self.stats
+            .commit_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(appended)
+    }
+}
+
+/// The group-commit writer of one replica: takes whatever has queued (up to
+/// `max_batch`), commits it as one transaction, then answers every caller.
+async fn writer(inner: Arc<Inner>, mut rx: mpsc::Receiver<(NewEntry, Reply)>, max_batch: usize) {
+    let mut queued = Vec::with_capacity(max_batch);
+    while rx.recv_many(&mut queued, max_batch).await > 0 {
+        let (entries, replies): (Vec<NewEntry>, Vec<Reply>) = queued.drain(..).unzip();
+        match inner.append_batch(entries).await {
+            Ok(appended) => {
+                for (reply, a) in replies.into_iter().zip(appended) {
+                    let _ = reply.send(Ok(a));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "postgres audit commit failed");
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Records which nodes a [`merkle`] function reads, answering zeros.
+#[derive(Default)]
+struct Recorder(RefCell<BTreeSet<(u8, u64)>>);
+
+impl Recorder {
+    fn saw(&self, level: u8, index: u64) {
+        self.0.borrow_mut().insert((level, index / TILE_WIDTH));
+    }
+
+    /// The tiles of every node seen.
+    fn tiles(&self) -> BTreeSet<(u8, u64)> {
+        self.0.borrow().clone()
+    }
+}
+
+impl NodeSource for Recorder {
+    type Error = Infallible;
+
+    fn node(&self, level: u8, index: u64) -> Result<Hash, Infallible> {
+        self.saw(level, index);
+        Ok([0; 32])
+    }
+}
+
+/// Tiles read from the database, and those a batch extended.
+#[derive(Default)]
+struct Tiles {
+    map: HashMap<(u8, u64), Vec<u8>>,
+    dirty: BTreeSet<(u8, u64)>,
+}
+
+impl Tiles {
+    fn from_rows(rows: Vec<tokio_postgres::Row>) -> Result<Tiles, AuditError> {
+        let mut map = HashMap::with_capacity(rows.len());
+        for r in rows {
+            let level = u8::try_from(r.get::<_, i16>(0))
+                .map_err(|_| AuditError::Corrupt("tile level out of range".into()))?;
+            map.insert((level, to_u64(r.get(1), "tile index")?), r.get(2));
+        }
+        Ok(Tiles {
+            map,
+            dirty: BTreeSet::new(),
+        })
+    }
+
+    /// Stores a node completed by an append: nodes of a level complete in order, so
+    /// it lands at its tile's end.
+    fn put(&mut self, level: u8, index: u64, hash: Hash) -> Result<(), AuditError> {
+        let key = (level, index / TILE_WIDTH);
+        let tile = self.map.entry(key).or_default();
+        let slot = (index % TILE_WIDTH) as usize * 32;
+        if tile.len() != slot {
+            return Err(AuditError::Corrupt(format!(
+                "Merkle tile for node {level}/{index} holds {} bytes, expected {slot}",
+                tile.len()
+            )));
+        }
+        tile.extend_from_slice(&hash);
+        self.dirty.insert(key);
+        Ok(())
+    }
+
+    fn dirty_rows(&self) -> (Vec<i16>, Vec<i64>, Vec<&[u8]>) {
+        let mut levels = Vec::with_capacity(self.dirty.len());
+        let mut indexes = Vec::with_capacity(self.dirty.len());
+        let mut hashes = Vec::with_capacity(self.dirty.len());
+        for key in &self.dirty {
+            levels.push(i16::from(key.0));
+            indexes.push(key.1 as i64);
+            hashes.push(self.map[key].as_slice());
+        }
+        (levels, indexes, hashes)
+    }
+}
+
+impl NodeSource for Tiles {
+    type Error = AuditError;
+
+    fn node(&self, level: u8, index: u64) -> Result<Hash, AuditError> {
+        let missing = || AuditError::Corrupt(format!("missing Merkle node {level}/{index}"));
+        let tile = self
+            .map
+            .get(&(level, index / TILE_WIDTH))
+            .ok_or_else(missing)?;
+        let slot = (index % TILE_WIDTH) as usize * 32;
+        tile.get(slot..slot + 32)
+            .and_then(|h| h.try_into().ok())
+            .ok_or_else(missing)
+    }
+}
+
+fn split_keys(keys: BTreeSet<(u8, u64)>) -> (Vec<i16>, Vec<i64>) {
+    keys.into_iter()
+        .map(|(l, t)| (i16::from(l), t as i64))
+        .unzip()
+}
+
+async fn fetch_tiles<C: GenericClient>(
+    client: &C,
+    keys: BTreeSet<(u8, u64)>,
+) -> Result<Tiles, AuditError> {
+    let (levels, indexes) = split_keys(keys);
+    let stmt = client
+        .prepare_cached(SELECT_TILES)
+        .await
+        .map_err(unavailable)?;
+    Tiles::from_rows(
+        client
+            .query(&stmt, &[&levels, &indexes])
+            .await
+            .map_err(unavailable)?,
+    )
+}
+
+async fn prepare(
+    client: &deadpool_postgres::Object,
+    sql: &str,
+) -> Result<tokio_postgres::Statement, AuditError> {
+    client.prepare_cached(sql).await.map_err(unavailable)
+}
+
+async fn check_size(
+    client: &deadpool_postgres::Object,
+    name: &str,
+    size: u64,
+) -> Result<(), AuditError> {
+    let row = client
+        .query_one(&prepare(client, SELECT_SIZE).await?, &[])
+        .await
+        .map_err(unavailable)?;
+    let current = to_u64(row.get(0), "tree size")?;
+    if size > current {
+        return Err(AuditError::OutOfRange(format!(
+            "{name} {size} is beyond the log's {current} entries"
+        )));
+    }
+    Ok(())
+}
+
+/// Opens, decodes and checks entry `seq`.
+fn open_entry(keys: &Keys, seq: u64, sealed: &[u8]) -> Result<AuditEntry, AuditError> {
+    let canonical = keys
+        .audit_seal
+        .open(&seal_context(seq), sealed)
+        .map_err(|_| corrupt(seq, "entry altered (does not open)"))?;
+    let mut entry = AuditEntry::decode(canonical.as_slice())
+        .map_err(|_| corrupt(seq, "entry does not decode"))?;
+    if entry.seq != seq {
+        return Err(corrupt(
+            seq,
+            format!("holds the entry of seq {}", entry.seq),
+        ));
+    }
+    entry.canonical = canonical;
+    Ok(entry)
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn corrupt(seq: u64, problem: impl std::fmt::Display) -> AuditError {
+    AuditError::Corrupt(format!("seq {seq}: {problem}"))
+}
+
+fn unavailable(e: tokio_postgres::Error) -> AuditError {
+    AuditError::Unavailable(format!("postgres: {}", describe(&e)))
+}
+
+fn tree_error(e: merkle::TreeError<AuditError>) -> AuditError {
+    match e {
+        merkle::TreeError::Range(r) => AuditError::OutOfRange(r.to_string()),
+        merkle::TreeError::Source(s) => s,
+    }
+}
+
+fn to_u64(v: i64, what: &str) -> Result<u64, AuditError> {
+    u64::try_from(v).map_err(|_| AuditError::Corrupt(format!("negative {what}")))
+}
+
+fn to_i64(v: u64) -> Result<i64, AuditError> {
+    i64::try_from(v).map_err(|_| AuditError::OutOfRange(format!("{v} is too large")))
+}
+
+fn micros(clock: &dyn Clock) -> i64 {
+    (clock.now().unix_timestamp_nanos() / 1000) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorder_sees_one_tile_per_level_for_a_root() {
+        let rec = Recorder::default();
+        let _ = merkle::root(1_000_000, &rec);
+        // 1_000_000 has 7 set bits: one node per set bit.
+        assert_eq!(rec.tiles().len(), 7);
+        let rec = Recorder::default();
+        let _ = merkle::inclusion_proof(123_456, 1_000_000, &rec);
+        assert!(rec.tiles().len() <= 2 * 20, "{}", rec.tiles().len());
+    }
+
+    #[test]
+    fn tiles_grow_in_order_and_answer_like_a_memory_tree() {
+        let leaves: Vec<Hash> = (0u32..300)
+            .map(|i| merkle::leaf_hash(&i.to_be_bytes()))
+            .collect();
+        let mut tiles = Tiles::default();
+        for (seq, leaf) in leaves.iter().enumerate() {
+            for (l, i, h) in merkle::nodes_completed_by_append(seq as u64, *leaf, &tiles).unwrap() {
+                tiles.put(l, i, h).unwrap();
+            }
+        }
+        let mem: MemoryTree = leaves.iter().copied().collect();
+        assert_eq!(merkle::root(300, &tiles).unwrap(), mem.root());
+        assert!(
+            tiles.put(0, 5, [0; 32]).is_err(),
+            "a node may not be written twice"
+        );
+        let (levels, _, hashes) = tiles.dirty_rows();
+        assert!(hashes.iter().all(|h| h.len() <= 64 * 32));
+        assert_eq!(levels.iter().filter(|l| **l == 0).count(), 5); // 300 leaves: 5 tiles
+    }
+}

@@ -1,0 +1,204 @@
+//! Versioned schema migrations, applied at start.
+//!
+//! `schema_migrations(version, name, applied_at)` records what has been applied. Its
+//! row `version = 0` is a lock row: each migration runs in its own transaction that
+//! first takes that row with `SELECT ... FOR UPDATE`, checks whether its version is
+//! already recorded, and if not applies it and records it. So replicas starting at
+//! the same moment apply each migration exactly once, the others wait on the row and
+//! then find it done. No advisory locks (portable SQL). A database whose schema is
+//! newer than this build is refused rather than written with old assumptions.
+
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::IsolationLevel;
+
+use super::config::PgError;
+use super::describe;
+
+/// One migration: its version (ascending from 1), a name, and its SQL (several
+/// statements, run in one transaction).
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// Ascending from 1; 0 is the lock row.
+    pub version: i32,
+    /// What it does, in a few words.
+    pub name: &'static str,
+    /// The statements.
+    pub sql: &'static str,
+}
+
+/// Every migration, in order. Never edit one that has shipped: add another.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "audit log, tiles, checkpoints, leases",
+    sql: r#"
+CREATE TABLE audit_head (
+    id smallint PRIMARY KEY CHECK (id = 1),
+    size bigint NOT NULL CHECK (size >= 0),
+    last_time_micros bigint NOT NULL,
+    origin text
+);
+INSERT INTO audit_head (id, size, last_time_micros) VALUES (1, 0, -9223372036854775808);
+
+-- One row per entry: its canonical bytes sealed with AES-256-GCM, the seq as
+-- associated data. The index columns hold what sled's index keys hold (a keyed hash
+-- of the child, ids of agencies and actors, the action), never content.
+CREATE TABLE audit_entries (
+    seq bigint PRIMARY KEY CHECK (seq >= 0),
+    time_micros bigint NOT NULL,
+    sealed bytea NOT NULL,
+    subject_ref text,
+    actor_id text NOT NULL,
+    target_agency_id text,
+    action integer NOT NULL
+);
+CREATE INDEX audit_entries_subject ON audit_entries (subject_ref, seq) WHERE subject_ref IS NOT NULL;
+CREATE INDEX audit_entries_actor ON audit_entries (actor_id, seq);
+CREATE INDEX audit_entries_target ON audit_entries (target_agency_id, seq) WHERE target_agency_id IS NOT NULL;
+CREATE INDEX audit_entries_action ON audit_entries (action, seq);
+
+-- Merkle nodes as C2SP tlog-tiles: node `index` of `level` (the hash of leaves
+-- [index*2^level, (index+1)*2^level)) is in tile index/64 at slot index%64.
+CREATE TABLE audit_tiles (
+    level smallint NOT NULL CHECK (level >= 0 AND level < 64),
+    tile_index bigint NOT NULL CHECK (tile_index >= 0),
+    hashes bytea NOT NULL CHECK (length(hashes) % 32 = 0 AND length(hashes) BETWEEN 32 AND 2048),
+    PRIMARY KEY (level, tile_index)
+);
+
+CREATE TABLE audit_checkpoints (
+    tree_size bigint PRIMARY KEY CHECK (tree_size >= 0),
+    timestamp_secs bigint NOT NULL,
+    root_hash bytea NOT NULL CHECK (length(root_hash) = 32),
+    signature bytea NOT NULL CHECK (length(signature) = 64),
+    public_key bytea NOT NULL CHECK (length(public_key) = 32)
+);
+
+-- One holder at a time per name, until expires_at (the database's clock).
+CREATE TABLE leases (
+    name text PRIMARY KEY,
+    holder text NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+"#,
+}];
+
+/// The newest schema this build knows.
+pub fn latest_version() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// Applies every migration not yet applied; returns the versions this call applied.
+pub async fn migrate(pool: &Pool) -> Result<Vec<i32>, PgError> {
+    migrate_with(pool, MIGRATIONS).await
+}
+
+/// [`migrate`] with a given list (tests).
+pub async fn migrate_with(pool: &Pool, migrations: &[Migration]) -> Result<Vec<i32>, PgError> {
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|e| PgError::Connect(e.to_string()))?;
+    bootstrap(&client).await?;
+    let mut applied = Vec::new();
+    for m in migrations {
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::ReadCommitted)
+            .start()
+            .await
+            .map_err(schema_error)?;
+        tx.query_one(
+            "SELECT version FROM schema_migrations WHERE version = 0 FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(schema_error)?;
+        let done = tx
+            .query_opt(
+                "SELECT version FROM schema_migrations WHERE version = $1",
+                &[&m.version],
+            )
+            .await
+            .map_err(schema_error)?
+            .is_some();
+        if done {
+            tx.rollback().await.map_err(schema_error)?;
+            continue;
+        }
+        tx.batch_execute(m.sql).await.map_err(|e| {
+            PgError::Schema(format!(
+                "migration {} ({}) failed: {}",
+                m.version,
+                m.name,
+                describe(&e)
+            ))
+        })?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[&m.version, &m.name],
+        )
+        .await
+        .map_err(schema_error)?;
+        tx.commit().await.map_err(schema_error)?;
+        tracing::info!(
+            version = m.version,
+            name = m.name,
+            "applied postgres migration"
+        );
+        applied.push(m.version);
+    }
+    let newest: i32 = client
+        .query_one("SELECT max(version) FROM schema_migrations", &[])
+        .await
+        .map_err(schema_error)?
+        .get(0);
+    let known = migrations.last().map_or(0, |m| m.version);
+    if newest > known {
+        return Err(PgError::Schema(format!(
+            "the database's schema is at version {newest}, newer than this sgw knows ({known}): upgrade sgw"
+        )));
+    }
+    Ok(applied)
+}
+
+/// Creates `schema_migrations` and its lock row if missing. Concurrent
+/// `CREATE TABLE IF NOT EXISTS` can still collide in PostgreSQL's catalogue (a
+/// unique violation on `pg_type`), so a collision is retried: the other starter made
+/// the table.
+async fn bootstrap(client: &tokio_postgres::Client) -> Result<(), PgError> {
+    let mut attempt = 0u32;
+    loop {
+        let result = client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (
+                     version integer PRIMARY KEY,
+                     name text NOT NULL,
+                     applied_at timestamptz NOT NULL DEFAULT now()
+                 );
+                 INSERT INTO schema_migrations (version, name) VALUES (0, 'lock row')
+                     ON CONFLICT (version) DO NOTHING;",
+            )
+            .await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if attempt < 10
+                    && matches!(
+                        e.code(),
+                        Some(&SqlState::UNIQUE_VIOLATION) | Some(&SqlState::DUPLICATE_TABLE)
+                    ) =>
+            {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+            }
+            Err(e) => return Err(schema_error(e)),
+        }
+    }
+}
+
+fn schema_error(e: tokio_postgres::Error) -> PgError {
+    PgError::Schema(describe(&e))
+}
