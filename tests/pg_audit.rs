@@ -269,9 +269,23 @@ async fn replicas_append_concurrently(test: &str, replicas: usize) {
         async move { open_replica(&config, &keys_dir, Arc::new(SystemClock)).await }
     }))
     .await;
+    // An auditor verifies while the replicas append: each run sees one snapshot.
+    let verifier = {
+        let log = logs[0].clone();
+        tokio::spawn(async move {
+            let mut runs = Vec::new();
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                runs.push(log.verify().await.expect("verify during appends").entries);
+            }
+            runs
+        })
+    };
     let started = Instant::now();
     let acked = append_concurrently(&logs, 8, 200).await;
     let took = started.elapsed();
+    let runs = verifier.await.unwrap();
+    println!("{test}: verified during appends at sizes {runs:?}");
     let commits: u64 = logs
         .iter()
         .map(|l| l.stats().commits.load(std::sync::atomic::Ordering::Relaxed))

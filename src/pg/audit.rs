@@ -386,29 +386,7 @@ impl PgAuditLog {
 
     async fn read_checkpoints(&self, latest: bool) -> Result<Vec<SignedCheckpoint>, AuditError> {
         let client = self.inner.client().await?;
-        let sql = if latest {
-            "SELECT tree_size, timestamp_secs, root_hash, signature, public_key \
-             FROM audit_checkpoints ORDER BY tree_size DESC LIMIT 1"
-        } else {
-            "SELECT tree_size, timestamp_secs, root_hash, signature, public_key \
-             FROM audit_checkpoints ORDER BY tree_size"
-        };
-        let rows = client.query(sql, &[]).await.map_err(unavailable)?;
-        let bad = || AuditError::Corrupt("malformed stored checkpoint".into());
-        rows.iter()
-            .map(|r| {
-                Ok(SignedCheckpoint {
-                    checkpoint: Checkpoint {
-                        log_id: self.inner.log_id.clone(),
-                        tree_size: to_u64(r.get(0), "checkpoint size")?,
-                        timestamp: to_u64(r.get(1), "checkpoint time")?,
-                        root_hash: r.get::<_, &[u8]>(2).try_into().map_err(|_| bad())?,
-                    },
-                    signature: r.get::<_, &[u8]>(3).try_into().map_err(|_| bad())?,
-                    public_key: r.get::<_, &[u8]>(4).try_into().map_err(|_| bad())?,
-                })
-            })
-            .collect()
+        read_checkpoints(&client, &self.inner.log_id, latest).await
     }
 
     /// Verifies the whole log from the rows: every entry opens under its seq,
@@ -418,10 +396,18 @@ impl PgAuditLog {
     /// and has the rebuilt root at its size. The first problem is the error
     /// ([`AuditError::Corrupt`], naming the seq where there is one).
     ///
-    /// Reads everything (not inside one snapshot: run it on a quiet log, or expect
-    /// entries appended meanwhile to be past the head it read, which it reports).
+    /// Reads everything inside one read-only REPEATABLE READ transaction: one
+    /// snapshot, so it can run while replicas append (it checks the log as it was
+    /// when it started).
     pub async fn verify(&self) -> Result<VerifySummary, AuditError> {
-        let client = self.inner.client().await?;
+        let mut conn = self.inner.client().await?;
+        let client = conn
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(unavailable)?;
         let head = client
             .query_one(
                 "SELECT size, last_time_micros, origin FROM audit_head WHERE id = 1",
@@ -540,7 +526,7 @@ impl PgAuditLog {
         }
         let root = tree.root();
         let public_key = checkpoint::public_key_of(&self.inner.keys.checkpoint);
-        let checkpoints = self.checkpoints().await?;
+        let checkpoints = read_checkpoints(&client, &self.inner.log_id, false).await?;
         for cp in &checkpoints {
             let n = cp.checkpoint.tree_size;
             checkpoint::verify(&public_key, cp)
@@ -790,6 +776,36 @@ impl NodeSource for Tiles {
             .and_then(|h| h.try_into().ok())
             .ok_or_else(missing)
     }
+}
+
+async fn read_checkpoints<C: GenericClient>(
+    client: &C,
+    log_id: &str,
+    latest: bool,
+) -> Result<Vec<SignedCheckpoint>, AuditError> {
+    let sql = if latest {
+        "SELECT tree_size, timestamp_secs, root_hash, signature, public_key \
+         FROM audit_checkpoints ORDER BY tree_size DESC LIMIT 1"
+    } else {
+        "SELECT tree_size, timestamp_secs, root_hash, signature, public_key \
+         FROM audit_checkpoints ORDER BY tree_size"
+    };
+    let rows = client.query(sql, &[]).await.map_err(unavailable)?;
+    let bad = || AuditError::Corrupt("malformed stored checkpoint".into());
+    rows.iter()
+        .map(|r| {
+            Ok(SignedCheckpoint {
+                checkpoint: Checkpoint {
+                    log_id: log_id.to_owned(),
+                    tree_size: to_u64(r.get(0), "checkpoint size")?,
+                    timestamp: to_u64(r.get(1), "checkpoint time")?,
+                    root_hash: r.get::<_, &[u8]>(2).try_into().map_err(|_| bad())?,
+                },
+                signature: r.get::<_, &[u8]>(3).try_into().map_err(|_| bad())?,
+                public_key: r.get::<_, &[u8]>(4).try_into().map_err(|_| bad())?,
+            })
+        })
+        .collect()
 }
 
 fn split_keys(keys: BTreeSet<(u8, u64)>) -> (Vec<i16>, Vec<i64>) {
