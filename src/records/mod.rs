@@ -49,6 +49,7 @@
 //! - **Never logged or in clear at rest:** NHS numbers, summaries, content,
 //!   justifications, notes.
 
+pub mod cache;
 pub mod model;
 pub mod notice;
 pub mod store;

@@ -25,6 +25,10 @@
 //! renamed and its folder synced, before the metadata that points to it is written.
 //! Everything in sled stays small.
 //!
+//! **Caching.** A record's metadata and its sealed content never change until the
+//! purge, so reads of them go through a bounded [`RecordCache`] (content stays
+//! sealed there). Consents are read from the database at every call.
+//!
 //! **Durability.** Every change is followed by the durability point: sled's flush,
 //! then `fdatasync` of `records/db` (sled 0.34's flush ends in `sync_file_range`,
 //! which does not empty the disk's write cache). Only then is it reported.
@@ -37,6 +41,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use super::cache::{CacheLimits, RecordCache};
 use super::model::{Consent, ConsentId, Record, RecordId};
 use crate::domain::consent::{ConsentScope, ConsentStatement};
 use crate::domain::{AgencyId, NhsNumber};
@@ -77,6 +82,7 @@ pub struct RecordStore {
     sync_point: Arc<crate::store::SyncPoint>,
     content_dir: PathBuf,
     keys: Arc<Keys>,
+    cache: Arc<RecordCache>,
 }
 
 // === impl RecordStore ===
@@ -105,6 +111,7 @@ impl RecordStore {
             sync_point,
             content_dir: content_dir.to_owned(),
             keys,
+            cache: Arc::new(RecordCache::new(CacheLimits::default())),
         };
         store.remove_orphans()?;
         Ok(store)
@@ -147,12 +154,20 @@ impl RecordStore {
 
     /// The record with this id, if there is one.
     pub fn record(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
+        if let Some(cached) = self.cache.record(id) {
+            return Ok(Some(Record::clone(&cached)));
+        }
+        let seen = self.cache.epoch();
         let Some(subject) = self.tree.get(record_ref_key(id))? else {
             return Ok(None);
         };
         let subject = subject_ref_of(&subject)?;
         match self.tree.get(record_key(&subject, id))? {
-            Some(sealed) => self.open_record(id, &sealed).map(Some),
+            Some(sealed) => {
+                let record = self.open_record(id, &sealed)?;
+                self.cache.keep_record(seen, Arc::new(record.clone()));
+                Ok(Some(record))
+            }
             None => Err(StoreError::Corrupt(format!(
                 "record {id}: index without metadata"
             ))),
@@ -173,13 +188,23 @@ impl RecordStore {
 
     /// A record's content.
     pub fn content(&self, id: &RecordId) -> Result<Vec<u8>, StoreError> {
-        let path = self.content_dir.join(id.as_str());
-        let sealed = fs::read(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                StoreError::Corrupt(format!("record {id}: content file missing"))
+        let sealed = match self.cache.content(id) {
+            Some(sealed) => sealed,
+            None => {
+                let seen = self.cache.epoch();
+                let path = self.content_dir.join(id.as_str());
+                let sealed: Arc<[u8]> = fs::read(&path)
+                    .map_err(|e| match e.kind() {
+                        std::io::ErrorKind::NotFound => {
+                            StoreError::Corrupt(format!("record {id}: content file missing"))
+                        }
+                        _ => StoreError::Io(format!("reading content of {id}: {e}")),
+                    })?
+                    .into();
+                self.cache.keep_content(seen, id, sealed.clone());
+                sealed
             }
-            _ => StoreError::Io(format!("reading content of {id}: {e}")),
-        })?;
+        };
         self.keys
             .data_seal
             .open(&content_context(id), &sealed)
@@ -230,6 +255,7 @@ impl RecordStore {
         batch.remove(record_ref_key(&record.id));
         batch.remove(retention_key(record.retain_until, &record.id));
         self.tree.apply_batch(batch)?;
+        self.cache.forget(&record.id);
         self.sync()
     }
 
