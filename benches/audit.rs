@@ -115,8 +115,12 @@ async fn proof_micros(size: u64) -> (f64, f64) {
     }
     let log = auditor.log().clone();
     assert_eq!(log.size(), size);
+    let rounds: u64 = std::env::var("SGW_BENCH_PROOF_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    eprintln!("proof phase at {size} entries");
     tokio::task::spawn_blocking(move || {
-        let rounds = 2000u64;
         let mut x = 0x9e3779b97f4a7c15u64;
         let mut rand = move |n: u64| {
             x ^= x << 13;
@@ -156,22 +160,34 @@ fn main() {
             .map(|n| n.get())
             .unwrap_or(1)
     );
-    let baseline = per_entry_per_sec(secs);
+    // `--proofs-only` and `--sizes=10000,1000000` narrow a run (for profiling).
+    let proofs_only = std::env::args().any(|a| a == "--proofs-only");
+    let chosen: Option<Vec<u64>> = std::env::args()
+        .find_map(|a| a.strip_prefix("--sizes=").map(str::to_owned))
+        .map(|v| v.split(',').filter_map(|n| n.parse().ok()).collect());
+    let baseline = if proofs_only {
+        1.0
+    } else {
+        per_entry_per_sec(secs)
+    };
     println!("baseline: per-entry sled insert + flush + fdatasync: {baseline:>10.0} entries/s");
-    for writers in [1usize, 16, 256] {
+    let writer_counts: &[usize] = if proofs_only { &[] } else { &[1, 16, 256] };
+    for &writers in writer_counts {
         let (rate, group) = rt.block_on(appends_per_sec(writers, secs));
         println!(
             "group commit, {writers:>3} writers: {rate:>10.0} durable appends/s  = {:>6.2}x baseline  (mean group {group:.1})",
             rate / baseline
         );
     }
-    let sizes: &[u64] = if quick {
-        &[10_000, 100_000]
-    } else {
-        &[10_000, 100_000, 1_000_000]
-    };
+    let sizes: Vec<u64> = chosen.unwrap_or_else(|| {
+        if quick {
+            vec![10_000, 100_000]
+        } else {
+            vec![10_000, 100_000, 1_000_000]
+        }
+    });
     let mut first = None;
-    for &size in sizes {
+    for &size in &sizes {
         let (incl, cons) = rt.block_on(proof_micros(size));
         let (i0, c0) = *first.get_or_insert((incl, cons));
         println!(

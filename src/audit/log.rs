@@ -1,13 +1,14 @@
 //! The audit log's sled layout, and every read of it.
 //!
 //! One sled tree (`audit`) in its own database under `<data_dir>/audit`, so that one
-//! sled batch commits an entry, its Merkle nodes, its index keys and the new size
-//! atomically. Keys (all integers big-endian, so byte order is numeric order):
+//! sled batch commits a group's entries, the Merkle tiles they complete, their index
+//! keys and the new size atomically. Keys (all integers big-endian, so byte order is
+//! numeric order):
 //!
 //! | key | value |
 //! | --- | --- |
-//! | `e` seq | the entry's canonical bytes, sealed (AES-256-GCM, seq as associated data) |
-//! | `n` level tile | hashes of up to 64 consecutive complete subtrees of one level: node `index` covers leaves `[index·2^level, (index+1)·2^level)` and sits in tile `index / 64`, slot `index % 64` |
+//! | `e` first-seq | a chunk: the entries of seqs `first-seq, first-seq + 1, ...`, each as its length (u32) ‖ its canonical bytes sealed (AES-256-GCM) with its own seq as associated data; see [`CHUNK_BYTES`] |
+//! | `n` tier tile | a full Merkle tile: 126 hashes of six levels ([`super::tiles`]) |
 //! | `m` | the tree size (u64) |
 //! | `o` | the log's origin name (`log_id`), fixed at creation |
 //! | `c` size | a signed checkpoint: timestamp (u64) ‖ root (32) ‖ signature (64) |
@@ -15,6 +16,13 @@
 //! | `a` len id first-seq | index by actor |
 //! | `t` len id first-seq | index by target agency |
 //! | `k` action (u32) first-seq | index by action |
+//!
+//! A group commit writes its entries as one chunk (or a few, see [`CHUNK_BYTES`])
+//! instead of one key each: sled copies and logs a leaf on every insert. The chunk
+//! holding a seq is the last one whose key is at or before the seq's; chunks
+//! cover the seqs below the size with no gap and no overlap. Each entry is still
+//! sealed on its own, with its seq as associated data, so an entry moved, swapped
+//! or copied to another seq does not open.
 //!
 //! Index values are posting lists: the ascending seqs (u64 each) that one group
 //! commit added for that index value, keyed by the first of them.
@@ -24,19 +32,20 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use prost::Message;
 use tokio::sync::watch;
 
 use super::checkpoint::{Checkpoint, SignedCheckpoint};
 use super::entry::micros_from_timestamp;
 use super::merkle::{self, Hash, NodeSource};
+use super::tiles::{Edge, ProofNodes, TileCache};
 use super::writer::LogHealth;
 use super::AuditError;
 use crate::proto::v1::AuditEntry;
 use crate::store::Keys;
 
 pub(crate) const ENTRY: u8 = b'e';
-pub(crate) const NODE: u8 = b'n';
 pub(crate) const SIZE: &[u8] = b"m";
 /// The log's origin name, fixed when the log is created (checkpoints sign it).
 pub(crate) const ORIGIN: &[u8] = b"o";
@@ -49,23 +58,42 @@ pub(crate) const BY_ACTION: u8 = b'k';
 /// The sled tree name.
 pub const TREE: &str = "audit";
 
+/// The most sealed bytes the writer puts in one chunk (one entry bigger than this
+/// gets a chunk of its own). sled 0.34 splits a leaf beyond 16 keys and writes a
+/// message over a quarter of a 512 KiB segment to a separate blob file, which it
+/// never fsyncs, outside the durability point's `fdatasync`; 17 chunks of 6 KiB
+/// keep every leaf well under that.
+pub(crate) const CHUNK_BYTES: usize = 6 * 1024;
+
+/// The key of the chunk whose first entry is `seq`.
 pub(crate) fn entry_key(seq: u64) -> [u8; 9] {
     let mut k = [ENTRY; 9];
     k[1..].copy_from_slice(&seq.to_be_bytes());
     k
 }
 
-/// Merkle nodes are stored in tiles: the hashes of up to [`TILE_WIDTH`]
-/// consecutive nodes of one level in one value, so a group commit rewrites a few
-/// tiles instead of inserting a key per node.
-pub(crate) const TILE_WIDTH: u64 = 64;
+/// Appends one sealed entry to a chunk's value.
+pub(crate) fn push_to_chunk(chunk: &mut Vec<u8>, sealed: &[u8]) {
+    chunk.extend_from_slice(&(sealed.len() as u32).to_be_bytes());
+    chunk.extend_from_slice(sealed);
+}
 
-/// The key of the tile holding node `index` of `level`.
-pub(crate) fn tile_key(level: u8, index: u64) -> [u8; 10] {
-    let mut k = [NODE; 10];
-    k[1] = level;
-    k[2..].copy_from_slice(&(index / TILE_WIDTH).to_be_bytes());
-    k
+/// The sealed entries of a chunk, in seq order.
+pub(crate) fn chunk_entries(chunk: &[u8]) -> Result<Vec<&[u8]>, AuditError> {
+    let mut entries = Vec::new();
+    let mut rest = chunk;
+    while !rest.is_empty() {
+        let malformed = || AuditError::Corrupt("malformed entry chunk".into());
+        let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(malformed)?;
+        let len = u32::from_be_bytes(*len) as usize;
+        if tail.len() < len {
+            return Err(malformed());
+        }
+        let (sealed, tail) = tail.split_at(len);
+        entries.push(sealed);
+        rest = tail;
+    }
+    Ok(entries)
 }
 
 pub(crate) fn checkpoint_key(size: u64) -> [u8; 9] {
@@ -134,34 +162,45 @@ pub(crate) fn stored_origin(tree: &sled::Tree) -> Result<Option<String>, AuditEr
     })
 }
 
+/// The tree size recorded in the log (0 for a new log).
+pub(crate) fn stored_size(tree: &sled::Tree) -> Result<u64, AuditError> {
+    Ok(match tree.get(SIZE)? {
+        Some(v) => read_u64(&v).ok_or_else(|| AuditError::Corrupt("malformed tree size".into()))?,
+        None => 0,
+    })
+}
+
 pub(crate) fn read_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// The open database as readers see it: the tree, the right edge of the Merkle
+/// tree as of the last commit, and the cache of upper tiles. Replaced as a whole
+/// when the writer reopens the database.
+pub(crate) struct OpenLog {
+    pub tree: sled::Tree,
+    pub edge: ArcSwap<Edge>,
+    pub tiles: TileCache,
+}
+
+impl OpenLog {
+    pub(crate) fn new(tree: sled::Tree, edge: Edge) -> OpenLog {
+        OpenLog {
+            tree,
+            edge: ArcSwap::from_pointee(edge),
+            tiles: TileCache::default(),
+        }
+    }
 }
 
 /// Reads the audit log. Cheap to clone; every read sees only committed entries (those
 /// below the committed size the writer publishes).
 #[derive(Clone)]
 pub struct AuditLog {
-    pub(crate) tree: Arc<arc_swap::ArcSwapOption<sled::Tree>>,
+    pub(crate) open: Arc<arc_swap::ArcSwapOption<OpenLog>>,
     pub(crate) keys: Arc<Keys>,
     pub(crate) health: watch::Receiver<LogHealth>,
     pub(crate) log_id: String,
-}
-
-/// Node reads from a sled tree.
-pub(crate) struct SledNodes<'a>(pub &'a sled::Tree);
-
-impl NodeSource for SledNodes<'_> {
-    type Error = AuditError;
-
-    fn node(&self, level: u8, index: u64) -> Result<Hash, AuditError> {
-        let missing = || AuditError::Corrupt(format!("missing Merkle node {level}/{index}"));
-        let tile = self.0.get(tile_key(level, index))?.ok_or_else(missing)?;
-        let slot = (index % TILE_WIDTH) as usize * 32;
-        tile.get(slot..slot + 32)
-            .and_then(|h| h.try_into().ok())
-            .ok_or_else(missing)
-    }
 }
 
 impl AuditLog {
@@ -180,10 +219,12 @@ impl AuditLog {
         &self.log_id
     }
 
-    /// The open tree; `Unavailable` while the writer is recovering from a failure
-    /// (it must be able to drop every handle to reopen the database).
-    fn tree(&self) -> Result<Arc<sled::Tree>, AuditError> {
-        self.tree.load_full().ok_or_else(|| {
+    /// The open database; `Unavailable` while the writer is recovering from a
+    /// failure (it must be able to drop every handle to reopen the database).
+    /// Read the size first: the edge is published before the size, so it covers
+    /// every size read before it.
+    fn open(&self) -> Result<Arc<OpenLog>, AuditError> {
+        self.open.load_full().ok_or_else(|| {
             AuditError::Unavailable("the audit store is recovering from a write failure".into())
         })
     }
@@ -196,13 +237,15 @@ impl AuditLog {
                 "seq {seq} is beyond the log's {size} entries"
             )));
         }
-        read_entry(&*self.tree()?, &self.keys, seq)
+        read_entry(&self.open()?.tree, &self.keys, seq)
     }
 
     /// The root of the first `size` entries.
     pub fn root(&self, size: u64) -> Result<Hash, AuditError> {
         self.check_size("tree_size", size)?;
-        merkle::root(size, &SledNodes(&*self.tree()?))
+        let open = self.open()?;
+        let edge = open.edge.load();
+        merkle::root(size, &ProofNodes::new(&open.tree, &edge, &open.tiles))
     }
 
     /// Leaf hash and audit path of entry `seq` in the tree of `tree_size`.
@@ -217,8 +260,9 @@ impl AuditLog {
                 "seq {seq} is not below tree_size {tree_size}"
             )));
         }
-        let tree = self.tree()?;
-        let nodes = SledNodes(&tree);
+        let open = self.open()?;
+        let edge = open.edge.load();
+        let nodes = ProofNodes::new(&open.tree, &edge, &open.tiles);
         let leaf = nodes.node(0, seq)?;
         let proof = merkle::inclusion_proof(seq, tree_size, &nodes).map_err(tree_error)?;
         Ok((leaf, proof))
@@ -235,13 +279,16 @@ impl AuditLog {
         if from == 0 {
             return Ok(Vec::new());
         }
-        merkle::consistency_proof(from, to, &SledNodes(&*self.tree()?)).map_err(tree_error)
+        let open = self.open()?;
+        let edge = open.edge.load();
+        let nodes = ProofNodes::new(&open.tree, &edge, &open.tiles);
+        merkle::consistency_proof(from, to, &nodes).map_err(tree_error)
     }
 
     /// The newest stored checkpoint, if any.
     pub fn latest_checkpoint(&self) -> Result<Option<SignedCheckpoint>, AuditError> {
-        let tree = self.tree()?;
-        match tree.scan_prefix([CHECKPOINT]).next_back() {
+        let open = self.open()?;
+        match open.tree.scan_prefix([CHECKPOINT]).next_back() {
             None => Ok(None),
             Some(kv) => {
                 let (k, v) = kv?;
@@ -252,7 +299,7 @@ impl AuditLog {
 
     /// Every stored checkpoint, oldest first.
     pub fn checkpoints(&self) -> Result<Vec<SignedCheckpoint>, AuditError> {
-        stored_checkpoints(&*self.tree()?, &self.log_id, &self.keys)
+        stored_checkpoints(&self.open()?.tree, &self.log_id, &self.keys)
     }
 
     fn check_size(&self, name: &str, size: u64) -> Result<(), AuditError> {
@@ -268,11 +315,12 @@ impl AuditLog {
     /// The first seq whose time is at or after `micros` (binary search: times never
     /// decrease with seq).
     pub fn first_seq_at_or_after(&self, micros: i64, size: u64) -> Result<u64, AuditError> {
-        let tree = self.tree()?;
+        let mut entries = self.entries()?;
         let (mut lo, mut hi) = (0u64, size);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let t = read_entry(&tree, &self.keys, mid)?
+            let t = entries
+                .read(mid)?
                 .time
                 .as_ref()
                 .map(micros_from_timestamp)
@@ -293,7 +341,7 @@ impl AuditLog {
         from_seq: u64,
         size: u64,
     ) -> Result<impl Iterator<Item = Result<u64, AuditError>>, AuditError> {
-        let tree = self.tree()?;
+        let tree = self.open()?.tree.clone();
         let at = posting_key(prefix.clone(), from_seq);
         // The list that may hold `from_seq` starts at or before it.
         let start = match tree
@@ -321,8 +369,10 @@ impl AuditLog {
             }))
     }
 
-    pub(crate) fn read(&self, seq: u64) -> Result<AuditEntry, AuditError> {
-        read_entry(&*self.tree()?, &self.keys, seq)
+    /// A reader of committed entries that keeps the last chunk it read, for
+    /// reading many entries near one another.
+    pub(crate) fn entries(&self) -> Result<EntryReader<'_>, AuditError> {
+        Ok(EntryReader::new(self.open()?.tree.clone(), &self.keys))
     }
 }
 
@@ -333,18 +383,56 @@ fn tree_error(e: merkle::TreeError<AuditError>) -> AuditError {
     }
 }
 
-/// Reads, opens and decodes entry `seq`, checking it is the entry for that seq.
-pub(crate) fn read_entry(
-    tree: &sled::Tree,
-    keys: &Keys,
-    seq: u64,
-) -> Result<AuditEntry, AuditError> {
-    let sealed = tree
-        .get(entry_key(seq))?
-        .ok_or_else(|| AuditError::Corrupt(format!("seq {seq}: entry missing")))?;
+/// Reads entries, keeping the chunk it read last: consecutive seqs mostly share
+/// one.
+pub(crate) struct EntryReader<'k> {
+    tree: sled::Tree,
+    keys: &'k Keys,
+    /// The last chunk read: its first seq and value.
+    chunk: Option<(u64, sled::IVec)>,
+}
+
+impl<'k> EntryReader<'k> {
+    pub(crate) fn new(tree: sled::Tree, keys: &'k Keys) -> Self {
+        EntryReader {
+            tree,
+            keys,
+            chunk: None,
+        }
+    }
+
+    /// Reads, opens and decodes entry `seq`, checking it is the entry for that seq.
+    pub(crate) fn read(&mut self, seq: u64) -> Result<AuditEntry, AuditError> {
+        if let Some((first, chunk)) = &self.chunk {
+            if let Some(sealed) = seq
+                .checked_sub(*first)
+                .and_then(|i| chunk_entries(chunk).ok()?.get(i as usize).copied())
+            {
+                return open_entry(self.keys, seq, sealed);
+            }
+        }
+        let gone = || AuditError::Corrupt(format!("seq {seq}: entry missing"));
+        // The chunk holding `seq` is the last one that starts at or before it.
+        let (key, chunk) = self
+            .tree
+            .range(entry_key(0)..=entry_key(seq))
+            .next_back()
+            .ok_or_else(gone)??;
+        let first = read_u64(&key[1..]).ok_or_else(gone)?;
+        let entries = chunk_entries(&chunk)
+            .map_err(|_| AuditError::Corrupt(format!("seq {seq}: its chunk is malformed")))?;
+        let sealed = *entries.get((seq - first) as usize).ok_or_else(gone)?;
+        let entry = open_entry(self.keys, seq, sealed)?;
+        self.chunk = Some((first, chunk));
+        Ok(entry)
+    }
+}
+
+/// Opens and decodes the sealed entry stored for `seq`, checking it is that seq's.
+pub(crate) fn open_entry(keys: &Keys, seq: u64, sealed: &[u8]) -> Result<AuditEntry, AuditError> {
     let canonical = keys
         .audit_seal
-        .open(&seal_context(seq), &sealed)
+        .open(&seal_context(seq), sealed)
         .map_err(|_| AuditError::Corrupt(format!("seq {seq}: entry altered (does not open)")))?;
     let mut entry = AuditEntry::decode(canonical.as_slice())
         .map_err(|_| AuditError::Corrupt(format!("seq {seq}: entry does not decode")))?;
@@ -356,6 +444,24 @@ pub(crate) fn read_entry(
     }
     entry.canonical = canonical;
     Ok(entry)
+}
+
+/// Reads, opens and decodes entry `seq`, checking it is the entry for that seq.
+pub(crate) fn read_entry(
+    tree: &sled::Tree,
+    keys: &Keys,
+    seq: u64,
+) -> Result<AuditEntry, AuditError> {
+    EntryReader::new(tree.clone(), keys).read(seq)
+}
+
+/// The edge of the stored tree of `size` entries (when the writer opens the log).
+pub(crate) fn stored_edge(tree: &sled::Tree, keys: &Keys, size: u64) -> Result<Edge, AuditError> {
+    let mut entries = EntryReader::new(tree.clone(), keys);
+    let last_leaves = (size - size % super::tiles::TILE_WIDTH..size)
+        .map(|seq| Ok(merkle::leaf_hash(&entries.read(seq)?.canonical)))
+        .collect::<Result<Vec<_>, AuditError>>()?;
+    Edge::rebuild(size, &last_leaves, tree)
 }
 
 /// Encodes a signed checkpoint's stored value.

@@ -10,6 +10,8 @@
 //!   `safeguard.v1.AuditEntry` with `canonical` empty; prost writes fields in field
 //!   number order with no maps or unknown fields, so the encoding is deterministic).
 //! - [`merkle`]: RFC 6962 hashing and proofs over stored complete subtrees.
+//! - `tiles`: where those subtrees live: full tiles of six levels in sled, the
+//!   right edge in memory.
 //! - [`checkpoint`]: signed checkpoints (C2SP signed notes, Ed25519).
 //! - [`log`]: the sled layout and every read (entries, proofs, checkpoints, queries).
 //! - [`writer`]: the single writer task: group commit, one durability point per batch.
@@ -20,6 +22,7 @@ pub mod entry;
 pub mod log;
 pub mod merkle;
 pub mod query;
+pub(crate) mod tiles;
 pub mod verify;
 pub mod writer;
 

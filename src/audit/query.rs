@@ -149,10 +149,11 @@ pub fn run(
     } else {
         Box::new((lo..hi).map(Ok))
     };
+    let mut reader = log.entries()?;
     let mut entries = Vec::with_capacity(page_size.min(1024));
     for (scanned, seq) in seqs.enumerate() {
         let seq = seq?;
-        let entry = log.read(seq)?;
+        let entry = reader.read(seq)?;
         if filter.matches(&entry) {
             entries.push(entry);
         }

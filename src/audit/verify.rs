@@ -1,5 +1,7 @@
 //! Offline verification of the audit log of a stopped gateway: recompute every leaf
-//! and the tree from the entries themselves, check each against what is stored,
+//! and the tree from the entries themselves, check that the entry chunks cover the
+//! seqs with no gap or overlap, check every stored Merkle tile against the
+//! recomputed tree,
 //! check every stored checkpoint's signature and root, and optionally a checkpoint
 //! the auditor kept from earlier (which catches a database rolled back to an old
 //! copy, checkpoints and all).
@@ -7,8 +9,9 @@
 use std::path::Path;
 
 use super::checkpoint::{self, SignedCheckpoint};
-use super::log::{self, read_entry, SledNodes};
-use super::merkle::{self, Hash, MemoryTree, NodeSource};
+use super::log::{self, open_entry};
+use super::merkle::{self, Hash, MemoryTree};
+use super::tiles;
 use super::AuditError;
 use crate::store::Keys;
 
@@ -82,59 +85,83 @@ pub fn verify_data_dir(
         .map_err(|e| fail(None, e.to_string()))?
         .ok_or_else(|| fail(None, "no audit log here (no origin recorded)"))?;
     let log_id = log_id.as_str();
-    let stored_size = match tree.get(log::SIZE).map_err(|e| fail(None, e.to_string()))? {
-        Some(v) => log::read_u64(&v).ok_or_else(|| fail(None, "malformed tree size"))?,
-        None => 0,
-    };
+    let stored_size = log::stored_size(&tree).map_err(|e| fail(None, e.to_string()))?;
 
-    // 1. Every entry, in order: present, opens, is the entry of its seq, and its
-    //    leaf hash is the stored one.
+    // 1. Every entry, in order: in the chunk that should hold it, opens, is the
+    //    entry of its seq, and its time is not before the previous one's.
     let mut memory = MemoryTree::new();
-    let stored = SledNodes(&tree);
     let mut last_time = i64::MIN;
-    for seq in 0..stored_size {
-        let entry = read_entry(&tree, &keys, seq).map_err(|e| match e {
-            AuditError::Corrupt(m) => fail(
-                Some(seq),
-                m.trim_start_matches(&format!("seq {seq}: ")).to_owned(),
-            ),
-            other => fail(Some(seq), other.to_string()),
-        })?;
-        let leaf = merkle::leaf_hash(&entry.canonical);
-        let stored_leaf = stored
-            .node(0, seq)
-            .map_err(|_| fail(Some(seq), "its stored leaf hash is missing"))?;
-        if !merkle::hashes_equal(&leaf, &stored_leaf) {
-            return Err(fail(Some(seq), "entry does not match its stored leaf hash"));
+    let corrupt = |seq: u64, e: AuditError| match e {
+        AuditError::Corrupt(m) => fail(
+            Some(seq),
+            m.trim_start_matches(&format!("seq {seq}: ")).to_owned(),
+        ),
+        other => fail(Some(seq), other.to_string()),
+    };
+    for kv in tree.scan_prefix([log::ENTRY]) {
+        let (key, chunk) = kv.map_err(|e| fail(None, e.to_string()))?;
+        let next = memory.size();
+        let first = key
+            .get(1..)
+            .and_then(log::read_u64)
+            .ok_or_else(|| fail(Some(next), "malformed entry key"))?;
+        if first > next {
+            return Err(fail(Some(next), "entry missing"));
         }
-        let t = entry
-            .time
-            .as_ref()
-            .map(super::entry::micros_from_timestamp)
-            .unwrap_or(i64::MIN);
-        if t < last_time {
+        if first < next {
+            return Err(fail(Some(first), "stored twice (chunks overlap)"));
+        }
+        let sealed =
+            log::chunk_entries(&chunk).map_err(|_| fail(Some(first), "its chunk is malformed"))?;
+        for (seq, sealed) in (first..).zip(sealed) {
+            if seq >= stored_size {
+                return Err(fail(
+                    Some(seq),
+                    "an entry exists beyond the recorded tree size",
+                ));
+            }
+            let entry = open_entry(&keys, seq, sealed).map_err(|e| corrupt(seq, e))?;
+            let t = entry
+                .time
+                .as_ref()
+                .map(super::entry::micros_from_timestamp)
+                .unwrap_or(i64::MIN);
+            if t < last_time {
+                return Err(fail(
+                    Some(seq),
+                    "entry is older than the one before it (reordered)",
+                ));
+            }
+            last_time = t;
+            memory.append(merkle::leaf_hash(&entry.canonical));
+        }
+    }
+    if memory.size() < stored_size {
+        return Err(fail(Some(memory.size()), "entry missing"));
+    }
+
+    // 2. Every stored Merkle tile is one the log should have, and holds the nodes
+    //    recomputed from the entries (proofs are served from them).
+    for id in tiles::full_tiles(stored_size) {
+        let bytes = tiles::read_full_tile(&tree, id).map_err(|e| fail(None, e.to_string()))?;
+        if let Some((level, index)) = tiles::first_difference(id, &bytes, &memory) {
+            let seq = index << level;
             return Err(fail(
                 Some(seq),
-                "entry is older than the one before it (reordered)",
+                format!("stored Merkle node {level}/{index} does not match the entries"),
             ));
         }
-        last_time = t;
-        memory.append(leaf);
     }
-    // Entries beyond the recorded size mean the size was rolled back by hand.
-    if tree
-        .get(log::entry_key(stored_size))
-        .map_err(|e| fail(None, e.to_string()))?
-        .is_some()
-    {
+    let stored_tiles = tree.scan_prefix([tiles::NODE]).count();
+    if stored_tiles != tiles::full_tiles(stored_size).count() {
         return Err(fail(
-            Some(stored_size),
-            "an entry exists beyond the recorded tree size",
+            None,
+            format!("{stored_tiles} Merkle tiles are stored, which does not fit the log's size"),
         ));
     }
     let root = memory.root();
 
-    // 2. Every stored checkpoint: signed by this log's key, within the log, and the
+    // 3. Every stored checkpoint: signed by this log's key, within the log, and the
     //    root of the recomputed tree at its size.
     let public_key = checkpoint::public_key_of(&keys.checkpoint);
     let checkpoints =
@@ -143,7 +170,7 @@ pub fn verify_data_dir(
         check_checkpoint(cp, &public_key, &memory, "stored checkpoint")?;
     }
 
-    // 3. The auditor's own checkpoint.
+    // 4. The auditor's own checkpoint.
     if let Some(note) = kept {
         let verifier = checkpoint::VerifierKey::new(log_id, public_key)
             .map_err(|e| fail(None, format!("log id: {e}")))?

@@ -2,8 +2,10 @@
 //!
 //! Requests from every handler queue on one channel. The writer thread takes what has
 //! queued (up to `max_batch`), gives each entry the next seq and a time that never
-//! goes backwards, computes its Merkle nodes, writes entries, nodes, index keys and
-//! the new size in **one** sled batch, then makes it durable once: `flush` (which in
+//! goes backwards, computes its Merkle nodes on the in-memory right edge of the tree
+//! ([`super::tiles`]), writes the entries (as one chunk, or a few), the tiles they
+//! completed, index keys and the new size in **one** sled batch, then makes it
+//! durable once: `flush` (which in
 //! sled 0.34 ends in `sync_file_range`, which does not empty the disk's write cache)
 //! followed by `fdatasync` of the database file. Only then is each waiter answered
 //! with its [`Durable`] receipt. One fsync is shared by everything in the batch.
@@ -13,7 +15,6 @@
 //! the database (sled remembers its first I/O error until reopened) before it
 //! accepts another batch; until that succeeds every append fails fast.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,8 +25,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::checkpoint::{Checkpoint, SignedCheckpoint};
 use super::entry::{canonical_bytes, NewEntry};
-use super::log::{self, AuditLog, SledNodes};
-use super::merkle::{self, Hash, NodeSource};
+use super::log::{self, AuditLog, OpenLog};
+use super::merkle;
+use super::tiles::{self, Edge};
 use super::AuditError;
 use crate::domain::Clock;
 use crate::store::Keys;
@@ -122,23 +124,15 @@ impl Auditor {
                 store.sync()?;
             }
         }
-        let size = store.size()?;
-        let last_time = if size == 0 {
-            i64::MIN
-        } else {
-            log::read_entry(&store.tree, &keys, size - 1)?
-                .time
-                .as_ref()
-                .map(super::entry::micros_from_timestamp)
-                .unwrap_or(i64::MIN)
-        };
+        let (size, last_time, edge) = store.state(&keys)?;
         let (health_tx, health_rx) = watch::channel(LogHealth {
             writable: true,
             size,
         });
-        let tree = Arc::new(ArcSwapOption::from_pointee(store.tree.clone()));
+        let open = Arc::new(OpenLog::new(store.tree.clone(), edge.clone()));
+        let shared = Arc::new(ArcSwapOption::new(Some(open.clone())));
         let log = AuditLog {
-            tree: tree.clone(),
+            open: shared.clone(),
             keys: keys.clone(),
             health: health_rx,
             log_id: settings.log_id.clone(),
@@ -148,11 +142,13 @@ impl Auditor {
         let writer = Writer {
             settings,
             store: Some(store),
-            shared_tree: tree,
+            shared,
+            open: Some(open),
             keys,
             clock,
             size,
             last_time,
+            edge,
             health: health_tx,
             rx,
             stats: stats.clone(),
@@ -242,12 +238,19 @@ impl Store {
         })
     }
 
-    fn size(&self) -> Result<u64, AuditError> {
-        Ok(match self.tree.get(log::SIZE)? {
-            Some(v) => log::read_u64(&v)
-                .ok_or_else(|| AuditError::Corrupt("malformed tree size".into()))?,
-            None => 0,
-        })
+    /// The stored size, the time of the last entry, and the Merkle tree's edge.
+    fn state(&self, keys: &Keys) -> Result<(u64, i64, Edge), AuditError> {
+        let size = log::stored_size(&self.tree)?;
+        let last_time = if size == 0 {
+            i64::MIN
+        } else {
+            log::read_entry(&self.tree, keys, size - 1)?
+                .time
+                .as_ref()
+                .map(super::entry::micros_from_timestamp)
+                .unwrap_or(i64::MIN)
+        };
+        Ok((size, last_time, log::stored_edge(&self.tree, keys, size)?))
     }
 
     /// The durability point: sled's flush, then fdatasync of its file.
@@ -264,31 +267,20 @@ pub(crate) fn db_file(dir: &Path) -> PathBuf {
     dir.join("db")
 }
 
-/// Node reads during a batch: nodes made earlier in the same batch first, then sled.
-struct BatchNodes<'a> {
-    pending: &'a HashMap<(u8, u64), Hash>,
-    tree: &'a sled::Tree,
-}
-
-impl NodeSource for BatchNodes<'_> {
-    type Error = AuditError;
-
-    fn node(&self, level: u8, index: u64) -> Result<Hash, AuditError> {
-        match self.pending.get(&(level, index)) {
-            Some(h) => Ok(*h),
-            None => SledNodes(self.tree).node(level, index),
-        }
-    }
-}
-
 struct Writer {
     settings: AuditSettings,
     store: Option<Store>,
-    shared_tree: Arc<ArcSwapOption<sled::Tree>>,
+    /// What readers load: `None` while the store is failing.
+    shared: Arc<ArcSwapOption<OpenLog>>,
+    /// The open store as readers see it, whose edge each commit publishes. Let
+    /// go with the store when it fails (its tree keeps the database open).
+    open: Option<Arc<OpenLog>>,
     keys: Arc<Keys>,
     clock: Arc<dyn Clock>,
     size: u64,
     last_time: i64,
+    /// The right edge of the Merkle tree at `size` (its partial tiles).
+    edge: Edge,
     health: watch::Sender<LogHealth>,
     rx: mpsc::Receiver<Command>,
     stats: Arc<CommitStats>,
@@ -350,8 +342,13 @@ impl Writer {
         self.store = Some(store);
         match result {
             Ok((durable, checkpoint)) => {
-                // Publish the new size first: a caller holding its receipt must be
-                // able to read its own entry and prove it at once.
+                // Publish the edge, then the new size, before answering: a caller
+                // holding its receipt must be able to read its own entry and prove
+                // it at once, and a reader that sees a size sees an edge at least
+                // as new.
+                if let Some(open) = &self.open {
+                    open.edge.store(Arc::new(self.edge.clone()));
+                }
                 self.health.send_replace(LogHealth {
                     writable: true,
                     size: self.size,
@@ -385,7 +382,8 @@ impl Writer {
                     answer_err(c, &AuditError::Unavailable(e.to_string()));
                 }
                 self.store = None;
-                self.shared_tree.store(None);
+                self.open = None;
+                self.shared.store(None);
                 self.health.send_replace(LogHealth {
                     writable: false,
                     size: self.size,
@@ -402,11 +400,14 @@ impl Writer {
         commands: &mut [Command],
     ) -> Result<(Vec<Durable>, Option<CheckpointResult>), AuditError> {
         let mut batch = sled::Batch::default();
-        let mut pending: HashMap<(u8, u64), Hash> = HashMap::new();
         // One posting list per index value per commit, not one key per entry: sled
         // copies a leaf node on every insert, and index keys land in many leaves.
         let mut postings: std::collections::BTreeMap<Vec<u8>, Vec<u64>> = Default::default();
-        let mut tiles: std::collections::BTreeMap<[u8; 10], Vec<u8>> = Default::default();
+        let mut full_tiles = Vec::new();
+        // The entries go in chunks of consecutive seqs (one per commit, unless
+        // it holds more than `CHUNK_BYTES`), each entry sealed on its own.
+        let mut chunk = Vec::new();
+        let mut chunk_first = self.size;
         let mut receipts = Vec::with_capacity(commands.len());
         let mut wants_checkpoint = false;
         let now = micros(&*self.clock);
@@ -424,39 +425,19 @@ impl Writer {
             let record = entry.into_record(seq, time);
             let canonical = canonical_bytes(&record);
             let leaf = merkle::leaf_hash(&canonical);
-            let nodes = merkle::nodes_completed_by_append(
-                seq,
-                leaf,
-                &BatchNodes {
-                    pending: &pending,
-                    tree: &store.tree,
-                },
-            )?;
-            for (level, index, hash) in nodes {
-                let key = log::tile_key(level, index);
-                let tile = match tiles.entry(key) {
-                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::btree_map::Entry::Vacant(e) => {
-                        e.insert(store.tree.get(key)?.map(|v| v.to_vec()).unwrap_or_default())
-                    }
-                };
-                // Nodes of a level complete in order, so each lands at the tile's end.
-                let slot = (index % log::TILE_WIDTH) as usize * 32;
-                if tile.len() != slot {
-                    return Err(AuditError::Corrupt(format!(
-                        "Merkle tile for node {level}/{index} holds {} bytes, expected {slot}",
-                        tile.len()
-                    )));
-                }
-                tile.extend_from_slice(&hash);
-                pending.insert((level, index), hash);
-            }
+            // Every left sibling is in the edge's partial tiles.
+            let nodes = merkle::nodes_completed_by_append(seq, leaf, &self.edge)?;
+            self.edge.push(&nodes, &mut full_tiles)?;
             let sealed = self
                 .keys
                 .audit_seal
                 .seal(&log::seal_context(seq), &canonical)
                 .map_err(|e| AuditError::Unavailable(e.to_string()))?;
-            batch.insert(&log::entry_key(seq), sealed);
+            if !chunk.is_empty() && chunk.len() + 4 + sealed.len() > log::CHUNK_BYTES {
+                batch.insert(&log::entry_key(chunk_first), std::mem::take(&mut chunk));
+                chunk_first = seq;
+            }
+            log::push_to_chunk(&mut chunk, &sealed);
             let mut index = |prefix: Vec<u8>| postings.entry(prefix).or_default().push(seq);
             if !record.subject_ref.is_empty() {
                 index(log::subject_index_prefix(&record.subject_ref));
@@ -476,8 +457,11 @@ impl Writer {
             self.size += 1;
             self.last_time = time;
         }
-        for (key, tile) in tiles {
-            batch.insert(&key, tile);
+        if !chunk.is_empty() {
+            batch.insert(&log::entry_key(chunk_first), chunk);
+        }
+        for (id, tile) in full_tiles {
+            batch.insert(&tiles::tile_key(id), tile);
         }
         for (prefix, seqs) in postings {
             batch.insert(
@@ -488,13 +472,8 @@ impl Writer {
         batch.insert(log::SIZE, &self.size.to_be_bytes());
 
         let checkpoint = if wants_checkpoint {
-            let root = merkle::root(
-                self.size,
-                &BatchNodes {
-                    pending: &pending,
-                    tree: &store.tree,
-                },
-            )?;
+            // The root of the edge's own size needs no stored tile.
+            let root = merkle::root(self.size, &self.edge)?;
             let checkpoint = Checkpoint {
                 log_id: self.settings.log_id.clone(),
                 tree_size: self.size,
@@ -536,7 +515,8 @@ impl Writer {
                 tracing::error!(error = %e, "final audit sync failed");
             }
         }
-        self.shared_tree.store(None);
+        self.open = None;
+        self.shared.store(None);
     }
 
     /// While the store is failing: try to reopen it every half second, answering
@@ -546,10 +526,15 @@ impl Writer {
     fn recover(&mut self) -> bool {
         let err = AuditError::Unavailable("the audit store is failing; recovering".into());
         loop {
-            match Store::open(&self.settings).and_then(|s| s.size().map(|n| (s, n))) {
-                Ok((store, size)) => {
-                    self.shared_tree.store(Some(Arc::new(store.tree.clone())));
+            // Everything is read again: the failed batch may or may not be on disk.
+            match Store::open(&self.settings).and_then(|s| s.state(&self.keys).map(|t| (s, t))) {
+                Ok((store, (size, last_time, edge))) => {
+                    let open = Arc::new(OpenLog::new(store.tree.clone(), edge.clone()));
+                    self.shared.store(Some(open.clone()));
+                    self.open = Some(open);
                     self.size = size;
+                    self.last_time = last_time;
+                    self.edge = edge;
                     self.store = Some(store);
                     tracing::warn!(size, "audit store reopened: accepting writes again");
                     self.health.send_replace(LogHealth {

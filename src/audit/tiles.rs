@@ -1,0 +1,530 @@
+//! Where the Merkle nodes live: tall tiles in sled, the right edge in memory.
+//!
+//! A *tile* holds the nodes of [`TILE_HEIGHT`] consecutive levels above 64
+//! consecutive nodes of its lowest level: tier `T` covers levels `6T..6T+5`, and
+//! tile `j` of tier `T` holds node `(6T + h, i)` for `i` in
+//! `[j·64/2^h, (j+1)·64/2^h)`, row by row (64 + 32 + 16 + 8 + 4 + 2 = 126 hashes,
+//! 4032 bytes). The node above a tile (its root, level `6T + 6`) is in the lowest
+//! row of tier `T + 1`. An inclusion proof at 10^6 entries then touches one tile
+//! per tier (four) instead of one tile per level (twenty).
+//!
+//! Only **full** tiles are stored, once, by the commit that completes them: nodes
+//! never change once complete, so a full tile never changes either. The partial
+//! tile of each tier (the tree's right edge, at most 126 hashes per tier) lives in
+//! memory as an [`Edge`], which the writer updates and publishes after each commit
+//! and rebuilds from the stored entries and full tiles when it opens the log. A
+//! commit thus writes only the tiles it completes (about one in 64 entries), never
+//! rewrites a partial tile, and never reads a tile back to extend it.
+//!
+//! Every node a proof of any size up to the edge's asks for is either in a
+//! partial tile of the edge or in a full tile stored before the edge was
+//! published. The root of the edge's own size is in the edge alone: a complete
+//! subtree of the size's decomposition that sat in a full tile would be part of a
+//! larger complete subtree (the tile's), so it would not be in the decomposition.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::merkle::{node_hash, Hash, NodeSource};
+use super::AuditError;
+
+/// Levels per tile.
+pub(crate) const TILE_HEIGHT: u8 = 6;
+/// Nodes in a tile's lowest row.
+pub(crate) const TILE_WIDTH: u64 = 1 << TILE_HEIGHT;
+/// Hashes in a full tile.
+pub(crate) const TILE_NODES: usize = 2 * TILE_WIDTH as usize - 2;
+/// Bytes of a stored (full) tile.
+pub(crate) const TILE_BYTES: usize = TILE_NODES * 32;
+
+/// The key tag of stored tiles.
+pub(crate) const NODE: u8 = b'n';
+
+/// A tile: its tier and its index within the tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct TileId {
+    pub tier: u8,
+    pub index: u64,
+}
+
+/// Where node `(level, index)` sits: its tile, its row in the tile, its slot in
+/// the row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Place {
+    tile: TileId,
+    row: u8,
+    slot: u64,
+}
+
+impl Place {
+    fn of(level: u8, index: u64) -> Place {
+        let row = level % TILE_HEIGHT;
+        let shift = TILE_HEIGHT - row;
+        Place {
+            tile: TileId {
+                tier: level / TILE_HEIGHT,
+                index: index >> shift,
+            },
+            row,
+            slot: index & ((1 << shift) - 1),
+        }
+    }
+
+    /// The node's position in the tile, in hashes.
+    fn position(&self) -> usize {
+        row_start(self.row) + self.slot as usize
+    }
+
+    /// Whether the node is complete when the tile's lowest row has `filled` nodes.
+    fn complete_in(&self, filled: u64) -> bool {
+        self.slot < filled >> self.row
+    }
+}
+
+/// The position of row `row`'s first hash in a tile.
+fn row_start(row: u8) -> usize {
+    let width = 2 * TILE_WIDTH as usize;
+    width - (width >> row)
+}
+
+/// The sled key of a stored tile.
+pub(crate) fn tile_key(tile: TileId) -> [u8; 10] {
+    let mut k = [NODE; 10];
+    k[1] = tile.tier;
+    k[2..].copy_from_slice(&tile.index.to_be_bytes());
+    k
+}
+
+fn hash_at(bytes: &[u8], position: usize) -> Option<Hash> {
+    bytes
+        .get(position * 32..position * 32 + 32)
+        .and_then(|h| h.try_into().ok())
+}
+
+fn missing(level: u8, index: u64) -> AuditError {
+    AuditError::Corrupt(format!("missing Merkle node {level}/{index}"))
+}
+
+/// The partial tile of one tier: `filled` nodes of its lowest row are complete,
+/// and with them every node above them in the tile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PartialTile {
+    pub id: TileId,
+    pub filled: u64,
+    hashes: Vec<Hash>,
+}
+
+impl PartialTile {
+    fn empty(id: TileId) -> PartialTile {
+        PartialTile {
+            id,
+            filled: 0,
+            hashes: vec![[0; 32]; TILE_NODES],
+        }
+    }
+
+    /// A partial tile from the complete nodes of its lowest row (fewer than 64).
+    fn from_lowest_row(id: TileId, lowest: &[Hash]) -> PartialTile {
+        let mut tile = PartialTile::empty(id);
+        tile.filled = lowest.len() as u64;
+        tile.hashes[..lowest.len()].copy_from_slice(lowest);
+        for row in 1..TILE_HEIGHT {
+            let (below, here) = (row_start(row - 1), row_start(row));
+            for k in 0..(tile.filled >> row) as usize {
+                tile.hashes[here + k] =
+                    node_hash(&tile.hashes[below + 2 * k], &tile.hashes[below + 2 * k + 1]);
+            }
+        }
+        tile
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        self.hashes.iter().flatten().copied().collect()
+    }
+}
+
+/// The right edge of the tree: the partial tile of every tier, and the tree size
+/// they describe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Edge {
+    pub size: u64,
+    pub tiers: Vec<PartialTile>,
+}
+
+impl Default for Edge {
+    fn default() -> Self {
+        Edge {
+            size: 0,
+            tiers: vec![PartialTile::empty(TileId { tier: 0, index: 0 })],
+        }
+    }
+}
+
+impl Edge {
+    /// Rebuilds the edge of a stored tree of `size` leaves from the leaf hashes
+    /// of its last partial tile (`size % 64` of them) and its stored full tiles.
+    pub(crate) fn rebuild(
+        size: u64,
+        last_leaves: &[Hash],
+        tree: &sled::Tree,
+    ) -> Result<Edge, AuditError> {
+        if last_leaves.len() as u64 != size % TILE_WIDTH {
+            return Err(AuditError::Corrupt(
+                "wrong number of leaves to rebuild the tree's edge".into(),
+            ));
+        }
+        let mut tiers = vec![PartialTile::from_lowest_row(
+            TileId {
+                tier: 0,
+                index: size / TILE_WIDTH,
+            },
+            last_leaves,
+        )];
+        let mut tier = 1u8;
+        loop {
+            // The lowest row of tier T: one node per full tile of tier T-1.
+            let below = size >> (u32::from(TILE_HEIGHT) * u32::from(tier));
+            if below == 0 {
+                break;
+            }
+            let index = below / TILE_WIDTH;
+            let lowest = (index * TILE_WIDTH..below)
+                .map(|i| {
+                    let id = TileId {
+                        tier: tier - 1,
+                        index: i,
+                    };
+                    let bytes = read_full_tile(tree, id)?;
+                    let top = row_start(TILE_HEIGHT - 1);
+                    match (hash_at(&bytes, top), hash_at(&bytes, top + 1)) {
+                        (Some(l), Some(r)) => Ok(node_hash(&l, &r)),
+                        _ => Err(AuditError::Corrupt(format!("Merkle tile {}/{i}", tier - 1))),
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            tiers.push(PartialTile::from_lowest_row(
+                TileId { tier, index },
+                &lowest,
+            ));
+            tier += 1;
+        }
+        Ok(Edge { size, tiers })
+    }
+
+    /// Records the nodes one append completed (bottom-up, as
+    /// [`super::merkle::nodes_completed_by_append`] returns them), and the size
+    /// grows by one. Tiles they fill are pushed to `full`, to be stored.
+    pub(crate) fn push(
+        &mut self,
+        nodes: &[(u8, u64, Hash)],
+        full: &mut Vec<(TileId, Vec<u8>)>,
+    ) -> Result<(), AuditError> {
+        for &(level, index, hash) in nodes {
+            let place = Place::of(level, index);
+            let tier = usize::from(place.tile.tier);
+            if tier == self.tiers.len() {
+                self.tiers.push(PartialTile::empty(TileId {
+                    tier: place.tile.tier,
+                    index: 0,
+                }));
+            }
+            let out_of_order = || {
+                AuditError::Corrupt(format!(
+                    "Merkle node {level}/{index} completed out of order"
+                ))
+            };
+            let tile = self.tiers.get_mut(tier).ok_or_else(out_of_order)?;
+            // Nodes complete left to right, each row after the one below it.
+            let expected = if place.row == 0 {
+                tile.filled
+            } else {
+                (tile.filled >> place.row).wrapping_sub(1)
+            };
+            if tile.id != place.tile || place.slot != expected {
+                return Err(out_of_order());
+            }
+            tile.hashes[place.position()] = hash;
+            if place.row == 0 {
+                tile.filled += 1;
+            }
+            if place.row == TILE_HEIGHT - 1 && place.slot == 1 {
+                full.push((tile.id, tile.bytes()));
+                *tile = PartialTile::empty(TileId {
+                    tier: tile.id.tier,
+                    index: tile.id.index + 1,
+                });
+            }
+        }
+        self.size += 1;
+        Ok(())
+    }
+
+    /// The node, if it is complete and in one of the edge's partial tiles.
+    fn partial_node(&self, place: &Place) -> Option<Hash> {
+        let tile = self.tiers.get(usize::from(place.tile.tier))?;
+        if tile.id == place.tile && place.complete_in(tile.filled) {
+            Some(tile.hashes[place.position()])
+        } else {
+            None
+        }
+    }
+
+    /// Whether the tile is full (so stored) at the edge's size.
+    fn is_full(&self, tile: TileId) -> bool {
+        self.tiers
+            .get(usize::from(tile.tier))
+            .is_some_and(|t| tile.index < t.id.index)
+    }
+}
+
+/// The writer reads left siblings, and checkpoints their root, from the edge
+/// alone (see the module documentation).
+impl NodeSource for Edge {
+    type Error = AuditError;
+
+    fn node(&self, level: u8, index: u64) -> Result<Hash, AuditError> {
+        self.partial_node(&Place::of(level, index))
+            .ok_or_else(|| missing(level, index))
+    }
+}
+
+/// Reads a stored tile, checking its length.
+pub(crate) fn read_full_tile(tree: &sled::Tree, id: TileId) -> Result<sled::IVec, AuditError> {
+    match tree.get(tile_key(id))? {
+        Some(bytes) if bytes.len() == TILE_BYTES => Ok(bytes),
+        Some(_) => Err(AuditError::Corrupt(format!(
+            "Merkle tile {}/{} is malformed",
+            id.tier, id.index
+        ))),
+        None => Err(AuditError::Corrupt(format!(
+            "Merkle tile {}/{} is missing",
+            id.tier, id.index
+        ))),
+    }
+}
+
+/// Full tiles of tier 1 and above, kept in memory: there is one per 4096
+/// entries (4 KiB each, so 1 MiB at 10^6 entries), and every proof visits one
+/// per tier. Bounded: when it holds [`TileCache::CAPACITY`] tiles it starts
+/// again. Tier 0 (one tile per 64 entries) is left to sled's page cache.
+#[derive(Debug, Default)]
+pub(crate) struct TileCache {
+    tiles: Mutex<HashMap<TileId, sled::IVec>>,
+}
+
+impl TileCache {
+    /// 16 MiB at most.
+    const CAPACITY: usize = 4096;
+
+    fn get(&self, id: TileId) -> Option<sled::IVec> {
+        self.tiles.lock().ok()?.get(&id).cloned()
+    }
+
+    fn insert(&self, id: TileId, bytes: sled::IVec) {
+        if let Ok(mut tiles) = self.tiles.lock() {
+            if tiles.len() >= Self::CAPACITY {
+                tiles.clear();
+            }
+            tiles.insert(id, bytes);
+        }
+    }
+}
+
+/// Node reads for one proof (or root): the edge for partial tiles, then the
+/// tiles this proof has already read, then the cache, then sled. A proof reads
+/// each tile it needs once.
+pub(crate) struct ProofNodes<'a> {
+    tree: &'a sled::Tree,
+    edge: &'a Edge,
+    cache: &'a TileCache,
+    read: RefCell<Vec<(TileId, sled::IVec)>>,
+}
+
+impl<'a> ProofNodes<'a> {
+    pub(crate) fn new(tree: &'a sled::Tree, edge: &'a Edge, cache: &'a TileCache) -> Self {
+        ProofNodes {
+            tree,
+            edge,
+            cache,
+            read: RefCell::new(Vec::with_capacity(8)),
+        }
+    }
+
+    fn tile(&self, id: TileId) -> Result<sled::IVec, AuditError> {
+        if let Some((_, bytes)) = self.read.borrow().iter().find(|(t, _)| *t == id) {
+            return Ok(bytes.clone());
+        }
+        let bytes = match (id.tier > 0).then(|| self.cache.get(id)).flatten() {
+            Some(bytes) => bytes,
+            None => {
+                let bytes = read_full_tile(self.tree, id)?;
+                if id.tier > 0 {
+                    self.cache.insert(id, bytes.clone());
+                }
+                bytes
+            }
+        };
+        self.read.borrow_mut().push((id, bytes.clone()));
+        Ok(bytes)
+    }
+}
+
+impl NodeSource for ProofNodes<'_> {
+    type Error = AuditError;
+
+    fn node(&self, level: u8, index: u64) -> Result<Hash, AuditError> {
+        let place = Place::of(level, index);
+        if let Some(hash) = self.edge.partial_node(&place) {
+            return Ok(hash);
+        }
+        if !self.edge.is_full(place.tile) {
+            return Err(missing(level, index));
+        }
+        hash_at(&self.tile(place.tile)?, place.position()).ok_or_else(|| missing(level, index))
+    }
+}
+
+/// Compares a stored full tile with the nodes of a tree rebuilt from the entries
+/// (`sgw audit verify`). Returns the first level and index that differ.
+pub(crate) fn first_difference<S: NodeSource>(
+    id: TileId,
+    bytes: &[u8],
+    tree: &S,
+) -> Option<(u8, u64)> {
+    for row in 0..TILE_HEIGHT {
+        let level = id.tier * TILE_HEIGHT + row;
+        let width = TILE_WIDTH >> row;
+        for slot in 0..width {
+            let index = id.index * width + slot;
+            let stored = hash_at(bytes, row_start(row) + slot as usize);
+            match (stored, tree.node(level, index)) {
+                (Some(s), Ok(n)) if super::merkle::hashes_equal(&s, &n) => {}
+                _ => return Some((level, index)),
+            }
+        }
+    }
+    None
+}
+
+/// The full tiles a tree of `size` leaves has, tier by tier.
+pub(crate) fn full_tiles(size: u64) -> impl Iterator<Item = TileId> {
+    (0u8..)
+        .map(move |tier| (tier, size >> (u32::from(TILE_HEIGHT) * u32::from(tier))))
+        .take_while(|(_, below)| *below > 0)
+        .flat_map(|(tier, below)| (0..below / TILE_WIDTH).map(move |index| TileId { tier, index }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::merkle::{self, leaf_hash, MemoryTree};
+
+    fn leaf(i: u64) -> Hash {
+        leaf_hash(&i.to_be_bytes())
+    }
+
+    /// Appends `n` leaves through an edge, storing full tiles in `tree`.
+    fn grow(tree: &sled::Tree, edge: &mut Edge, memory: &mut MemoryTree, n: u64) {
+        for _ in 0..n {
+            let seq = edge.size;
+            let nodes = merkle::nodes_completed_by_append(seq, leaf(seq), &*edge).unwrap();
+            let mut full = Vec::new();
+            edge.push(&nodes, &mut full).unwrap();
+            for (id, bytes) in full {
+                tree.insert(tile_key(id), bytes).unwrap();
+            }
+            memory.append(leaf(seq));
+        }
+    }
+
+    fn temp_tree() -> (tempfile::TempDir, sled::Tree) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path())
+            .temporary(true)
+            .open()
+            .unwrap();
+        let tree = db.open_tree("t").unwrap();
+        (dir, tree)
+    }
+
+    #[test]
+    fn row_layout_fills_a_tile_exactly() {
+        assert_eq!(row_start(0), 0);
+        assert_eq!(row_start(1), 64);
+        assert_eq!(row_start(5), 124);
+        assert_eq!(row_start(5) + 2, TILE_NODES);
+        assert_eq!(Place::of(6, 70).tile, TileId { tier: 1, index: 1 });
+        assert_eq!(Place::of(11, 3).tile, TileId { tier: 1, index: 1 });
+        assert_eq!(Place::of(11, 3).slot, 1);
+    }
+
+    #[test]
+    fn the_edge_alone_gives_the_root_and_proofs_match_a_memory_tree() {
+        let (_dir, tree) = temp_tree();
+        let (mut edge, mut memory) = (Edge::default(), MemoryTree::new());
+        let cache = TileCache::default();
+        let checkpoints = [1u64, 2, 63, 64, 65, 127, 128, 4095, 4096, 4097, 4160, 9000];
+        for &size in &checkpoints {
+            let more = size - edge.size;
+            grow(&tree, &mut edge, &mut memory, more);
+            assert_eq!(
+                merkle::root(size, &edge).unwrap(),
+                memory.root(),
+                "root at {size}"
+            );
+            let nodes = ProofNodes::new(&tree, &edge, &cache);
+            for &earlier in checkpoints.iter().filter(|&&s| s <= size) {
+                assert_eq!(
+                    merkle::root(earlier, &nodes).unwrap(),
+                    merkle::root(earlier, &memory).unwrap()
+                );
+                for index in [0, earlier / 2, earlier - 1] {
+                    assert_eq!(
+                        merkle::inclusion_proof(index, earlier, &nodes).unwrap(),
+                        merkle::inclusion_proof(index, earlier, &memory).unwrap(),
+                        "inclusion {index} in {earlier} at {size}"
+                    );
+                }
+                assert_eq!(
+                    merkle::consistency_proof(earlier, size, &nodes).unwrap(),
+                    merkle::consistency_proof(earlier, size, &memory).unwrap()
+                );
+            }
+            // Rebuilt from storage, the edge is the same.
+            let last: Vec<Hash> = (size - size % TILE_WIDTH..size).map(leaf).collect();
+            assert_eq!(
+                Edge::rebuild(size, &last, &tree).unwrap(),
+                edge,
+                "rebuild at {size}"
+            );
+        }
+        let stored: Vec<TileId> = full_tiles(edge.size).collect();
+        assert_eq!(stored.len(), tree.len());
+        for id in stored {
+            let bytes = tree.get(tile_key(id)).unwrap().unwrap();
+            assert_eq!(first_difference(id, &bytes, &memory), None);
+        }
+    }
+
+    #[test]
+    fn a_node_beyond_the_edge_is_missing_not_made_up() {
+        let (_dir, tree) = temp_tree();
+        let (mut edge, mut memory) = (Edge::default(), MemoryTree::new());
+        grow(&tree, &mut edge, &mut memory, 100);
+        let cache = TileCache::default();
+        let nodes = ProofNodes::new(&tree, &edge, &cache);
+        assert!(nodes.node(0, 99).is_ok());
+        assert!(matches!(nodes.node(0, 100), Err(AuditError::Corrupt(_))));
+        assert!(matches!(nodes.node(2, 25), Err(AuditError::Corrupt(_))));
+        assert!(matches!(nodes.node(7, 0), Err(AuditError::Corrupt(_))));
+    }
+
+    #[test]
+    fn a_node_completed_out_of_order_is_refused() {
+        let mut edge = Edge::default();
+        let mut full = Vec::new();
+        assert!(edge.push(&[(0, 1, leaf(1))], &mut full).is_err());
+    }
+}
