@@ -8,7 +8,7 @@
 //! | key | value |
 //! | --- | --- |
 //! | `e` first-seq | a chunk: the entries of seqs `first-seq, first-seq + 1, ...`, each as its length (u32) ‖ its canonical bytes sealed (AES-256-GCM) with its own seq as associated data; see [`CHUNK_BYTES`] |
-//! | `n` tier tile | a full Merkle tile: 126 hashes of six levels ([`super::tiles`]) |
+//! | `n` tier tile | a full Merkle tile: the 30 hashes of four levels above 16 nodes ([`super::tiles`]) |
 //! | `m` | the tree size (u64) |
 //! | `o` | the log's origin name (`log_id`), fixed at creation |
 //! | `c` size | a signed checkpoint: timestamp (u64) ‖ root (32) ‖ signature (64) |

@@ -237,3 +237,193 @@ fn check_root(cp: &SignedCheckpoint, memory: &MemoryTree, what: &str) -> Result<
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::audit::writer::AuditSettings;
+    use crate::audit::{Actor, Auditor, NewEntry};
+    use crate::domain::SystemClock;
+    use crate::proto::v1::{AuditAction, AuditOutcome};
+
+    /// A stopped gateway's data dir holding `n` entries written by concurrent
+    /// callers (so group commits of several entries, in shared chunks) and a
+    /// checkpoint.
+    async fn written_log(n: usize) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(Keys::load_or_create(dir.path(), None).unwrap());
+        let settings = AuditSettings {
+            dir: dir.path().join("audit"),
+            log_id: "test.example/sgw/audit".into(),
+            max_batch: 64,
+            cache_bytes: 8 << 20,
+        };
+        let auditor = Auditor::open(settings, keys, Arc::new(SystemClock)).unwrap();
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let a = auditor.clone();
+                tokio::spawn(async move {
+                    let e = NewEntry::new(
+                        Actor::system(),
+                        AuditAction::TlsReloaded,
+                        AuditOutcome::Allowed,
+                        &format!("r{i}"),
+                    );
+                    a.append(e).await.unwrap()
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        auditor.checkpoint().await.unwrap();
+        auditor.close().await;
+        drop(auditor);
+        // sled lets go of its file lock a little after the last handle.
+        for _ in 0..100 {
+            match verify_data_dir(dir.path(), None, None) {
+                Err(f) if f.cannot_check => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                }
+                _ => break,
+            }
+        }
+        dir
+    }
+
+    /// The first chunk holding at least three entries: its key and entries.
+    fn shared_chunk(tree: &sled::Tree) -> (sled::IVec, Vec<Vec<u8>>) {
+        tree.scan_prefix([log::ENTRY])
+            .map(|kv| kv.unwrap())
+            .map(|(k, v)| {
+                let entries = log::chunk_entries(&v).unwrap();
+                (
+                    k,
+                    entries.into_iter().map(<[u8]>::to_vec).collect::<Vec<_>>(),
+                )
+            })
+            .find(|(_, e)| e.len() >= 3)
+            .expect("concurrent appends share a chunk")
+    }
+
+    fn chunk(entries: &[Vec<u8>]) -> Vec<u8> {
+        let mut c = Vec::new();
+        for e in entries {
+            log::push_to_chunk(&mut c, e);
+        }
+        c
+    }
+
+    /// Copies the log, changes its tree with `f`, verifies the copy.
+    fn tampered(dir: &Path, f: impl FnOnce(&sled::Tree) -> u64) -> (u64, Result<Summary, Failure>) {
+        let copied = tempfile::tempdir().unwrap();
+        let copy = copied.path().to_path_buf();
+        copy_tree(dir, &copy);
+        let seq = {
+            let db = sled::open(copy.join("audit")).unwrap();
+            let tree = db.open_tree(log::TREE).unwrap();
+            let seq = f(&tree);
+            db.flush().unwrap();
+            seq
+        };
+        // sled lets go of its file lock a little after the last handle.
+        let mut got = verify_data_dir(&copy, None, None);
+        for _ in 0..100 {
+            match &got {
+                Err(f) if f.cannot_check => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    got = verify_data_dir(&copy, None, None);
+                }
+                _ => break,
+            }
+        }
+        (seq, got)
+    }
+
+    fn copy_tree(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_tree(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).unwrap();
+            }
+        }
+    }
+
+    fn first_seq(key: &[u8]) -> u64 {
+        log::read_u64(&key[1..]).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tampering_inside_a_shared_chunk_names_the_entry() {
+        let dir = written_log(300).await;
+        let summary = verify_data_dir(dir.path(), None, None).unwrap();
+        assert_eq!(summary.entries, 300);
+        assert_eq!(summary.checkpoints, 1);
+
+        // One byte of the middle entry of a chunk.
+        let (seq, got) = tampered(dir.path(), |t| {
+            let (key, mut entries) = shared_chunk(t);
+            let last = entries[1].len() - 20;
+            entries[1][last] ^= 1;
+            t.insert(&key, chunk(&entries)).unwrap();
+            first_seq(&key) + 1
+        });
+        let err = got.unwrap_err();
+        assert_eq!(err.seq, Some(seq), "{err}");
+        assert!(err.problem.contains("does not open"), "{err}");
+
+        // An entry cut out of a chunk: the next one is now at the wrong seq.
+        let (seq, got) = tampered(dir.path(), |t| {
+            let (key, mut entries) = shared_chunk(t);
+            entries.remove(1);
+            t.insert(&key, chunk(&entries)).unwrap();
+            first_seq(&key) + 1
+        });
+        assert_eq!(got.unwrap_err().seq, Some(seq));
+
+        // Two entries of a chunk swapped.
+        let (seq, got) = tampered(dir.path(), |t| {
+            let (key, mut entries) = shared_chunk(t);
+            entries.swap(0, 2);
+            t.insert(&key, chunk(&entries)).unwrap();
+            first_seq(&key)
+        });
+        assert_eq!(got.unwrap_err().seq, Some(seq));
+
+        // A whole chunk dropped.
+        let (seq, got) = tampered(dir.path(), |t| {
+            let (key, _) = shared_chunk(t);
+            t.remove(&key).unwrap();
+            first_seq(&key)
+        });
+        let err = got.unwrap_err();
+        assert_eq!(err.seq, Some(seq), "{err}");
+        assert!(err.problem.contains("missing"), "{err}");
+
+        // A stored Merkle node changed: proofs would be served from it.
+        let (seq, got) = tampered(dir.path(), |t| {
+            let (key, tile) = t.scan_prefix([tiles::NODE]).next().unwrap().unwrap();
+            let mut tile = tile.to_vec();
+            tile[3 * 32] ^= 1;
+            t.insert(key, tile).unwrap();
+            3
+        });
+        let err = got.unwrap_err();
+        assert_eq!(err.seq, Some(seq), "{err}");
+        assert!(err.problem.contains("Merkle node 0/3"), "{err}");
+
+        // An entry appended beyond the recorded size.
+        let (seq, got) = tampered(dir.path(), |t| {
+            let (_, entries) = shared_chunk(t);
+            t.insert(log::entry_key(300), chunk(&entries[..1])).unwrap();
+            300
+        });
+        assert_eq!(got.unwrap_err().seq, Some(seq));
+    }
+}
