@@ -3,8 +3,16 @@
 //! (sled insert + flush + fdatasync for every entry) measured in the same run, and
 //! proof generation time at 10^4, 10^5 and 10^6 entries.
 //!
-//! Run: `cargo bench --bench audit` (add `-- --quick` for a short run). Figures are
-//! printed as ratios to the baseline, since shared machines are noisy.
+//! Each group-commit figure also gives the process's CPU time per append (writer,
+//! sled's threads and the callers together), which is steadier than throughput
+//! on a shared machine. Proofs are timed twice over the same random seqs: on
+//! first asking, right after the load (so mostly cold tier-0 tiles, read from
+//! disk when the OS has dropped them), and asked again (tiles cached).
+//!
+//! Run: `cargo bench --bench audit` (add `-- --quick` for a short run;
+//! `-- --proofs-only --sizes=1000000` to profile one size, with
+//! `SGW_BENCH_PROOF_ROUNDS` proofs per pass). Figures are printed as ratios to the
+//! baseline, since shared machines are noisy.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
