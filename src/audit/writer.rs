@@ -152,6 +152,7 @@ impl Auditor {
             health: health_tx,
             rx,
             stats: stats.clone(),
+            dispatcher: Dispatcher::start(),
         };
         std::thread::Builder::new()
             .name("sgw-audit-writer".into())
@@ -284,6 +285,49 @@ struct Writer {
     health: watch::Sender<LogHealth>,
     rx: mpsc::Receiver<Command>,
     stats: Arc<CommitStats>,
+    /// Hands a commit's receipts to a task on the async runtime; see [`Dispatcher`].
+    dispatcher: Option<Dispatcher>,
+}
+
+/// A commit's receipts, sent on by a task on the runtime rather than by the writer
+/// thread. Each wake from outside the runtime is a cross-thread wake-up (a futex
+/// call, often a context switch); from a task on a worker, waking a waiter only
+/// queues it there. So a commit of n entries costs one remote wake, not n
+/// (profiled at 64 callers: ~2.6 futex calls per disclosure before).
+struct Dispatcher(mpsc::UnboundedSender<Vec<Receipt>>);
+
+/// One waiter and its answer.
+struct Receipt(oneshot::Sender<Result<Durable, AuditError>>, Durable);
+
+impl Dispatcher {
+    /// Starts the forwarding task on the current runtime, if there is one.
+    fn start() -> Option<Dispatcher> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Receipt>>();
+        runtime.spawn(async move {
+            while let Some(receipts) = rx.recv().await {
+                for Receipt(reply, durable) in receipts {
+                    let _ = reply.send(Ok(durable));
+                }
+            }
+        });
+        Some(Dispatcher(tx))
+    }
+
+    /// Answers every waiter: through the task, or from this thread if the task
+    /// has gone (the runtime is shutting down).
+    fn answer(dispatcher: Option<&Dispatcher>, receipts: Vec<Receipt>) {
+        let receipts = match dispatcher {
+            Some(d) => match d.0.send(receipts) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(receipts)) => receipts,
+            },
+            None => receipts,
+        };
+        for Receipt(reply, durable) in receipts {
+            let _ = reply.send(Ok(durable));
+        }
+    }
 }
 
 impl Writer {
@@ -354,11 +398,12 @@ impl Writer {
                     size: self.size,
                 });
                 let mut di = durable.into_iter();
+                let mut receipts = Vec::with_capacity(commands.len());
                 for c in commands.drain(..) {
                     match c {
                         Command::Append(_, reply) => {
                             if let Some(d) = di.next() {
-                                let _ = reply.send(Ok(d));
+                                receipts.push(Receipt(reply, d));
                             }
                         }
                         Command::Checkpoint(reply) => {
@@ -373,6 +418,7 @@ impl Writer {
                         }
                     }
                 }
+                Dispatcher::answer(self.dispatcher.as_ref(), receipts);
             }
             Err(e) => {
                 tracing::error!(error = %e, "audit commit failed: failing closed until the store recovers");
