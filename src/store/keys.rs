@@ -187,8 +187,13 @@ fn pem_or_der(bytes: &[u8]) -> Vec<u8> {
     }
 }
 
-/// Reads a secret file, or creates it (0600, written in full and synced before it
-/// gets its name) from `make`.
+/// Reads a secret file, or creates it (0600) from `make`, safely against other
+/// processes or threads creating it at the same moment (replicas starting together
+/// on one key folder): each creator writes and syncs a temporary file of its own
+/// name, then gives it the real name with a hard link, which fails rather than
+/// replace a file already there. Exactly one creator's key gets the name; everyone
+/// else (and the loser of the race) reads and uses that one. A reader never sees a
+/// partial key: the name appears only once the content is complete and synced.
 fn secret_file(
     path: &Path,
     make: &dyn Fn() -> std::io::Result<Vec<u8>>,
@@ -208,19 +213,54 @@ fn secret_file(
         source,
     };
     let bytes = make().map_err(io)?;
-    let tmp = path.with_extension("tmp");
+    let tmp = unique_tmp(path).map_err(io)?;
     let mut options = OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut file = options.open(&tmp).map_err(io)?;
-    file.write_all(&bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)?;
-    Ok(bytes)
+    let written = options.open(&tmp).and_then(|mut file| {
+        file.write_all(&bytes)?;
+        file.sync_all()
+    });
+    let linked = written.and_then(|()| fs::hard_link(&tmp, path));
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            if let Some(dir) = path.parent() {
+                // The new name durable too (best effort: not every platform can
+                // open a folder).
+                let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+            }
+            Ok(bytes)
+        }
+        // Another creator won: use its key.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read(path),
+        Err(source) => Err(io(source)),
+    }
+}
+
+/// A temporary name next to `path` that no other creator uses: process id, a
+/// per-process counter and random bits.
+fn unique_tmp(path: &Path) -> std::io::Result<PathBuf> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut random = [0u8; 8];
+    SystemRandom::new()
+        .fill(&mut random)
+        .map_err(|_| std::io::Error::other("system RNG failed"))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(path.with_file_name(format!(
+        ".{name}.{}.{}.{}.tmp",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        crate::tls::hex(&random)
+    )))
 }
 
 fn restrict_dir(dir: &Path) -> Result<(), KeyError> {
@@ -240,6 +280,7 @@ fn restrict_dir(dir: &Path) -> Result<(), KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ring::signature::KeyPair;
 
     #[test]
     fn keys_are_created_once_private_and_stable() {
@@ -263,6 +304,78 @@ mod tests {
                     .permissions()
                     .mode();
                 assert_eq!(mode & 0o777, 0o600, "{f}");
+            }
+        }
+    }
+
+    #[test]
+    fn concurrent_creators_end_with_identical_keys() {
+        for round in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let threads: Vec<_> = (0..8)
+                .map(|_| {
+                    let (dir, start) = (dir.path().to_owned(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        Keys::load_or_create(&dir, None)
+                    })
+                })
+                .collect();
+            let keys: Vec<Keys> = threads
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap()
+                        .unwrap_or_else(|e| panic!("round {round}: {e}"))
+                })
+                .collect();
+            let nhs = NhsNumber::parse("9434765919").unwrap();
+            let first = &keys[0];
+            let sealed = first.data_seal.seal(b"ctx", b"plain").unwrap();
+            let audit_sealed = first.audit_seal.seal(b"ctx", b"plain").unwrap();
+            for k in &keys {
+                assert_eq!(
+                    k.subject_ref(&nhs),
+                    first.subject_ref(&nhs),
+                    "round {round}"
+                );
+                assert_eq!(k.data_seal.open(b"ctx", &sealed).unwrap(), b"plain");
+                assert_eq!(k.audit_seal.open(b"ctx", &audit_sealed).unwrap(), b"plain");
+                assert_eq!(
+                    k.checkpoint.public_key().as_ref(),
+                    first.checkpoint.public_key().as_ref(),
+                    "round {round}"
+                );
+            }
+            // Identical to what a later start loads, and no temporary file left.
+            let later = Keys::load_or_create(dir.path(), None).unwrap();
+            assert_eq!(later.subject_ref(&nhs), first.subject_ref(&nhs));
+            let mut names: Vec<String> = fs::read_dir(dir.path().join("keys"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            assert_eq!(
+                names,
+                [
+                    "audit-seal.key",
+                    "checkpoint-ed25519.pk8",
+                    "data-seal.key",
+                    "subject-hmac.key"
+                ],
+                "round {round}"
+            );
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                for f in &names {
+                    let mode = fs::metadata(dir.path().join("keys").join(f))
+                        .unwrap()
+                        .permissions()
+                        .mode();
+                    assert_eq!(mode & 0o777, 0o600, "{f}");
+                }
             }
         }
     }
