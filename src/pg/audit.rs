@@ -60,7 +60,10 @@ use crate::domain::Clock;
 use crate::proto::v1::AuditEntry;
 use crate::store::Keys;
 
-/// Hashes per tile (C2SP tlog-tiles width; the same as the sled store's tiles).
+/// Hashes per tile: one level each, 64 wide (the C2SP tlog-tiles width). Not the
+/// sled store's layout, which uses tall tiles (four levels of 16 + 8 + 4 + 2 nodes,
+/// full tiles only, see `crate::audit::tiles`): the two stores hold the same node
+/// hashes, so roots and proofs agree, but their tiles are not interchangeable.
 pub const TILE_WIDTH: u64 = 64;
 
 /// Entries read per query when verifying.
