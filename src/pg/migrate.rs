@@ -166,8 +166,8 @@ pub async fn migrate_with(pool: &Pool, migrations: &[Migration]) -> Result<Vec<i
 
 /// Creates `schema_migrations` and its lock row if missing. Concurrent
 /// `CREATE TABLE IF NOT EXISTS` can still collide in PostgreSQL's catalogue (a
-/// unique violation on `pg_type`), so a collision is retried: the other starter made
-/// the table.
+/// unique violation on `pg_type`, or `type "schema_migrations" already exists`,
+/// SQLSTATE 42710), so a collision is retried: the other starter made the table.
 async fn bootstrap(client: &tokio_postgres::Client) -> Result<(), PgError> {
     let mut attempt = 0u32;
     loop {
@@ -188,7 +188,9 @@ async fn bootstrap(client: &tokio_postgres::Client) -> Result<(), PgError> {
                 if attempt < 10
                     && matches!(
                         e.code(),
-                        Some(&SqlState::UNIQUE_VIOLATION) | Some(&SqlState::DUPLICATE_TABLE)
+                        Some(&SqlState::UNIQUE_VIOLATION)
+                            | Some(&SqlState::DUPLICATE_TABLE)
+                            | Some(&SqlState::DUPLICATE_OBJECT)
                     ) =>
             {
                 attempt += 1;
