@@ -30,10 +30,11 @@ pub struct Migration {
 }
 
 /// Every migration, in order. Never edit one that has shipped: add another.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "audit log, tiles, checkpoints, leases",
-    sql: r#"
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "audit log, tiles, checkpoints, leases",
+        sql: r#"
 CREATE TABLE audit_head (
     id smallint PRIMARY KEY CHECK (id = 1),
     size bigint NOT NULL CHECK (size >= 0),
@@ -83,7 +84,36 @@ CREATE TABLE leases (
     expires_at timestamptz NOT NULL
 );
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        name: "records and consents",
+        sql: r#"
+-- What the sled record store keeps, one row per record and per consent. In clear
+-- only ids, the child's keyed hash (subject_ref, HMAC-SHA256 hex) and times
+-- (microseconds since the epoch); the metadata (with the NHS number and summary),
+-- the content and the consent statements (with their notes) are sealed with
+-- AES-256-GCM under the data key, with the associated data of the sled store:
+-- `<record id>/meta`, `<record id>/content`, the consent id.
+CREATE TABLE records (
+    id text PRIMARY KEY,
+    subject_ref text NOT NULL,
+    sealed_meta bytea NOT NULL,
+    sealed_content bytea NOT NULL,
+    retain_until_micros bigint NOT NULL
+);
+CREATE INDEX records_subject ON records (subject_ref, id);
+CREATE INDEX records_retention ON records (retain_until_micros, id);
+
+CREATE TABLE consents (
+    id text PRIMARY KEY,
+    subject_ref text NOT NULL,
+    sealed bytea NOT NULL
+);
+CREATE INDEX consents_subject ON consents (subject_ref, id);
+"#,
+    },
+];
 
 /// The newest schema this build knows.
 pub fn latest_version() -> i32 {

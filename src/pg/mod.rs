@@ -1,5 +1,6 @@
 //! PostgreSQL storage, so that several stateless gateway replicas can share one
-//! database (issue 9). Today: the audit log only; the gateway does not use it yet.
+//! database (issue 9). Today: the audit log, records and consents; the gateway does
+//! not use them yet.
 //!
 //! - [`config`]: connection settings and the connection pool (deadpool-postgres).
 //! - [`migrate`]: versioned schema migrations, applied at start, safe when several
@@ -7,6 +8,8 @@
 //! - [`audit`]: [`PgAuditLog`], the tamper-evident audit log in tables: group commit
 //!   as one transaction that locks the log head, Merkle nodes stored as tiles,
 //!   proofs in O(log n) reads, offline verification.
+//! - [`records`]: [`PgRecordStore`], records (sealed metadata and content) and
+//!   consent statements, the same operations as the sled record store.
 //! - [`lease`]: lease rows (one holder at a time, cluster-wide) and the checkpoints
 //!   that only the lease holder signs.
 //!
@@ -33,10 +36,12 @@ pub mod audit;
 pub mod config;
 pub mod lease;
 pub mod migrate;
+pub mod records;
 
 pub use audit::{Appended, PgAuditLog, PgAuditSettings, VerifySummary};
 pub use config::{PgConfig, PgError};
 pub use lease::Lease;
+pub use records::{PgDue, PgRecordStore};
 
 /// One line describing a driver error, with the SQLSTATE and server message when
 /// the server sent one (tokio-postgres's own `Display` says only "db error").

@@ -395,7 +395,7 @@ impl RecordStore {
 
 /// A record's metadata as sealed in the database.
 #[derive(Serialize, Deserialize)]
-struct StoredRecord {
+pub(crate) struct StoredRecord {
     nhs_number: String,
     subject_ref: String,
     owner: String,
@@ -426,7 +426,7 @@ impl From<&Record> for StoredRecord {
 }
 
 impl StoredRecord {
-    fn into_record(self, id: RecordId) -> Result<Record, String> {
+    pub(crate) fn into_record(self, id: RecordId) -> Result<Record, String> {
         Ok(Record {
             id,
             subject: NhsNumber::parse(&self.nhs_number).map_err(|e| e.to_string())?,
@@ -445,7 +445,7 @@ impl StoredRecord {
 
 /// A consent statement as sealed in the database.
 #[derive(Serialize, Deserialize)]
-struct StoredConsent {
+pub(crate) struct StoredConsent {
     nhs_number: String,
     subject_ref: String,
     state: String,
@@ -495,7 +495,7 @@ impl From<&Consent> for StoredConsent {
 }
 
 impl StoredConsent {
-    fn into_consent(self, id: &str) -> Result<Consent, String> {
+    pub(crate) fn into_consent(self, id: &str) -> Result<Consent, String> {
         fn parse_all<T: std::str::FromStr + Ord>(
             v: &[String],
         ) -> Result<std::collections::BTreeSet<T>, String>
@@ -594,11 +594,11 @@ fn consent_ref_key(id: &str) -> Vec<u8> {
     [b"k/".as_slice(), id.as_bytes()].concat()
 }
 
-fn meta_context(id: &RecordId) -> Vec<u8> {
+pub(crate) fn meta_context(id: &RecordId) -> Vec<u8> {
     format!("{id}/meta").into_bytes()
 }
 
-fn content_context(id: &RecordId) -> Vec<u8> {
+pub(crate) fn content_context(id: &RecordId) -> Vec<u8> {
     format!("{id}/content").into_bytes()
 }
 
