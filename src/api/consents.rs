@@ -102,7 +102,7 @@ impl ConsentService for ConsentApi {
             let consents = self
                 .app
                 .records
-                .list_consents(&ctx.caller, &subject)
+                .list_consents(&ctx.caller, &subject, &ctx.request_id)
                 .await?;
             Ok(ListConsentsResponse {
                 consents: consents.iter().map(consent_message).collect(),

@@ -148,17 +148,29 @@ impl Records {
     }
 
     /// ListConsents: every statement about the child, newest first, withdrawn ones
-    /// included. Notes are returned only to the agency that wrote them.
+    /// included, audited (CONSENTS_LISTED) before it is answered. Notes are returned
+    /// only to the agency that wrote them.
     pub async fn list_consents(
         &self,
         caller: &Caller,
         subject: &NhsNumber,
+        request_id: &str,
     ) -> Result<Vec<Consent>, RecordError> {
         let (agency, _) = agency_of(caller)?;
         let subject_ref = self.keys.subject_ref(subject);
-        let mut consents = self
-            .blocking(move |s| s.consents_about(&subject_ref))
-            .await?;
+        let about = subject_ref.clone();
+        let mut consents = self.blocking(move |s| s.consents_about(&about)).await?;
+        // Which agencies hold consent about a child tells of their involvement:
+        // audited (CONSENTS_LISTED) before it is answered, as RECORDS_FOUND is.
+        let mut entry = Self::entry(
+            caller,
+            AuditAction::ConsentsListed,
+            AuditOutcome::Allowed,
+            &subject_ref,
+            request_id,
+        );
+        entry.reason = format!("{} consent statements listed", consents.len());
+        self.auditor.append(entry).await?;
         consents.sort_by(|a, b| {
             (b.statement.recorded_at, b.id()).cmp(&(a.statement.recorded_at, a.id()))
         });

@@ -19,7 +19,8 @@
 //!   about a child exists is itself a disclosure), disclosing (RECORD_DISCLOSED, with
 //!   basis, lawful basis, consent id, and for an override its justification, which is
 //!   sealed with the entry), refusing (DISCLOSURE_DENIED, with the reason),
-//!   recording and withdrawing consent (CONSENT_RECORDED, CONSENT_WITHDRAWN) and
+//!   recording, withdrawing and listing consent (CONSENT_RECORDED, CONSENT_WITHDRAWN,
+//!   CONSENTS_LISTED: who holds consent about a child tells of their involvement) and
 //!   purging (RECORD_PURGED, actor `system`) are each durably audited before the
 //!   change is stored or the answer is built. A crash between the two leaves an entry
 //!   for something that did not happen, never the reverse.
