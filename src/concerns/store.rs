@@ -58,7 +58,7 @@ impl From<sled::Error> for StoreError {
 
 /// The idempotency key of a raise: a hash of the sender and its `request_id`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdempotencyKey([u8; 32]);
+pub struct IdempotencyKey(pub(crate) [u8; 32]);
 
 impl IdempotencyKey {
     /// The key of `request_id` from `sender`.
@@ -489,7 +489,7 @@ pub fn from_micros(micros: i64) -> OffsetDateTime {
 // === stored forms ===
 
 #[derive(Serialize, Deserialize)]
-struct StoredConcern {
+pub(crate) struct StoredConcern {
     id: String,
     nhs_number: String,
     subject_ref: String,
@@ -581,7 +581,7 @@ impl From<&Concern> for StoredConcern {
 }
 
 impl StoredConcern {
-    fn into_concern(self) -> Option<Concern> {
+    pub(crate) fn into_concern(self) -> Option<Concern> {
         let mut recipients = Vec::with_capacity(self.recipients.len());
         for d in self.recipients {
             recipients.push(Delivery {
@@ -618,7 +618,7 @@ impl StoredConcern {
     }
 }
 
-fn encode_event(keys: &Keys, event: &InboxEvent) -> Result<Vec<u8>, StoreError> {
+pub(crate) fn encode_event(keys: &Keys, event: &InboxEvent) -> Result<Vec<u8>, StoreError> {
     use base64::Engine as _;
     let stored = match event {
         InboxEvent::Concern(id) => StoredEvent::Concern {
@@ -648,7 +648,7 @@ fn encode_event(keys: &Keys, event: &InboxEvent) -> Result<Vec<u8>, StoreError> 
     serde_json::to_vec(&stored).map_err(|e| StoreError::Corrupt(format!("encoding an event: {e}")))
 }
 
-fn decode_event(keys: &Keys, v: &[u8]) -> Result<InboxEvent, StoreError> {
+pub(crate) fn decode_event(keys: &Keys, v: &[u8]) -> Result<InboxEvent, StoreError> {
     use base64::Engine as _;
     let corrupt = || StoreError::Corrupt("malformed inbox event".into());
     let stored: StoredEvent = serde_json::from_slice(v).map_err(|_| corrupt())?;

@@ -113,6 +113,55 @@ CREATE TABLE consents (
 CREATE INDEX consents_subject ON consents (subject_ref, id);
 "#,
     },
+    Migration {
+        version: 3,
+        name: "concerns, inboxes, idempotency keys, deadlines",
+        sql: r#"
+-- What the sled concern store keeps (src/concerns/store.rs), as rows. In clear only
+-- ids, agency ids, times and event kinds; the concern (NHS number, narrative, notes,
+-- decision) is the sled store's JSON sealed with AES-256-GCM under the data key, the
+-- concern id as associated data.
+CREATE TABLE concerns (
+    id text PRIMARY KEY,
+    sealed bytea NOT NULL
+);
+
+-- One row per agency: its newest cursor. A writer locks the row (UPDATE, a row
+-- lock held until COMMIT) to take the next cursors, so an agency's cursors are
+-- dense and in commit order on every replica, and a committed last_cursor means
+-- every event up to it is committed.
+CREATE TABLE inbox_heads (
+    agency_id text PRIMARY KEY,
+    last_cursor bigint NOT NULL CHECK (last_cursor >= 0)
+);
+
+-- An agency's inbox: `event` is the sled store's event JSON (ids, agency ids and
+-- times; an override notice's justification sealed).
+CREATE TABLE inbox_events (
+    agency_id text NOT NULL,
+    seq bigint NOT NULL CHECK (seq >= 1),
+    kind text NOT NULL CHECK (kind IN ('concern', 'escalation', 'override_notice')),
+    concern_id text,
+    event bytea NOT NULL,
+    PRIMARY KEY (agency_id, seq)
+);
+
+-- SHA-256(sender || 0 || request_id): one concern per key, whichever replica
+-- inserts first; the others find it.
+CREATE TABLE concern_idempotency (
+    key bytea PRIMARY KEY CHECK (length(key) = 32),
+    concern_id text NOT NULL REFERENCES concerns (id) DEFERRABLE INITIALLY DEFERRED
+);
+
+-- A recipient's acknowledgement deadline, for the deadline sweeper.
+CREATE TABLE concern_deadlines (
+    due_micros bigint NOT NULL,
+    concern_id text NOT NULL REFERENCES concerns (id),
+    PRIMARY KEY (due_micros, concern_id)
+);
+CREATE INDEX concern_deadlines_concern ON concern_deadlines (concern_id, due_micros);
+"#,
+    },
 ];
 
 /// The newest schema this build knows.

@@ -1,6 +1,6 @@
 //! PostgreSQL storage, so that several stateless gateway replicas can share one
-//! database (issue 9). Today: the audit log, records and consents; the gateway does
-//! not use them yet.
+//! database (issue 9). Today: the audit log, records and consents, concerns and
+//! inboxes; the gateway does not use them yet.
 //!
 //! - [`config`]: connection settings and the connection pool (deadpool-postgres).
 //! - [`migrate`]: versioned schema migrations, applied at start, safe when several
@@ -10,6 +10,9 @@
 //!   proofs in O(log n) reads, offline verification.
 //! - [`records`]: [`PgRecordStore`], records (sealed metadata and content) and
 //!   consent statements, the same operations as the sled record store.
+//! - [`concerns`]: [`PgConcernStore`], sealed concerns, per-agency inboxes with
+//!   cursors that mean the same on every replica, idempotency keys and deadlines;
+//!   `LISTEN`/`NOTIFY` wakes subscribers on the other replicas, polling backs it up.
 //! - [`lease`]: lease rows (one holder at a time, cluster-wide) and the checkpoints
 //!   that only the lease holder signs.
 //!
@@ -19,7 +22,8 @@
 //!   operator configured any). An `audit_seq` handed to a caller is durable then. The
 //!   server itself must run with `fsync=on` (the default).
 //! - Only portable SQL: row locks (`SELECT ... FOR UPDATE`), `ON CONFLICT`, `unnest`
-//!   of arrays; no advisory locks, no LISTEN/NOTIFY (yet), no stored procedures.
+//!   of arrays; no advisory locks, no stored procedures. LISTEN/NOTIFY only as a
+//!   wake-up for inbox subscribers (the tables are the truth; polling backs it up).
 //! - Transactions that lock the log head run at READ COMMITTED, so each statement
 //!   after the lock sees everything the previous holder committed.
 //!
@@ -33,12 +37,14 @@
 //!   is the way to close this.
 
 pub mod audit;
+pub mod concerns;
 pub mod config;
 pub mod lease;
 pub mod migrate;
 pub mod records;
 
 pub use audit::{Appended, PgAuditLog, PgAuditSettings, VerifySummary};
+pub use concerns::{PgConcernStore, PgInboxSettings};
 pub use config::{PgConfig, PgError};
 pub use lease::Lease;
 pub use records::{PgDue, PgRecordStore};

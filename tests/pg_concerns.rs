@@ -1,0 +1,693 @@
+//! Concerns and inboxes on PostgreSQL (issue 9), against a real server.
+//!
+//! Each test reads the server's URL from `SGW_TEST_POSTGRES_URL` (a role that may
+//! create databases, e.g. `postgres://sgw@127.0.0.1:5432/postgres`), makes its own
+//! database, and drops it when it passes. When the variable is unset each test says
+//! why it is skipped and returns. `.ci/run` starts a throwaway cluster and sets it.
+//!
+//! Replicas are independent `PgConcernStore`s with their own pools and listeners,
+//! sharing only the database and the key folder, as gateway processes would.
+
+mod pg_common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pg_common::{dump_public_tables, server_url, TestDb};
+use sgw::concerns::store::{Edit, IdempotencyKey, Raised};
+use sgw::concerns::{
+    Concern, ConcernId, Decision, DecisionRecord, Delivery, Escalation, InboxEvent,
+    OverrideNoticeEvent,
+};
+use sgw::domain::{AgencyId, ConcernCategory, NhsNumber, Urgency};
+use sgw::pg::{PgConcernStore, PgConfig, PgInboxSettings};
+use sgw::store::Keys;
+use time::macros::datetime;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+const AGENCIES: [&str; 3] = ["school-oakfield", "csc-southwark", "police-met"];
+
+fn agency(s: &str) -> AgencyId {
+    AgencyId::parse(s).unwrap()
+}
+
+fn child() -> NhsNumber {
+    NhsNumber::parse("9434765919").unwrap()
+}
+
+fn keys_in(dir: &Path) -> Arc<Keys> {
+    Arc::new(Keys::load_or_create(dir, None).expect("keys"))
+}
+
+async fn replica(config: &PgConfig, keys: Arc<Keys>, settings: PgInboxSettings) -> PgConcernStore {
+    PgConcernStore::open_with(
+        config.pool().unwrap(),
+        config,
+        keys,
+        AGENCIES.map(agency),
+        settings,
+    )
+    .await
+    .expect("open the postgres concern store")
+}
+
+/// Two replicas (A and B) opened at the same moment on one new database.
+async fn two_replicas(db: &TestDb, keys: &Arc<Keys>) -> (PgConcernStore, PgConcernStore) {
+    let (ca, cb) = (db.config(8), db.config(8));
+    let (a, b) = tokio::join!(
+        replica(&ca, keys.clone(), PgInboxSettings::default()),
+        replica(&cb, keys.clone(), PgInboxSettings::default())
+    );
+    (a, b)
+}
+
+async fn until_listening(store: &PgConcernStore) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !store.listening() {
+        assert!(Instant::now() < deadline, "the listener never came up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A concern with a random id from `raised_by` to `to`, all due at `due`.
+fn concern(keys: &Keys, raised_by: &str, to: &[&str], due: OffsetDateTime) -> Concern {
+    let mut id = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id).unwrap();
+    Concern {
+        id: ConcernId::from_random(id),
+        subject: child(),
+        subject_ref: keys.subject_ref(&child()),
+        raised_by: agency(raised_by),
+        category: ConcernCategory::DomesticAbuse,
+        urgency: Urgency::Urgent,
+        narrative: "NARRATIVE-bruising-seen-on-the-left-arm".into(),
+        recipients: to
+            .iter()
+            .map(|a| Delivery {
+                agency: agency(a),
+                due_at: due,
+                delivered_at: None,
+                acknowledged_at: None,
+                note: String::new(),
+                escalated: false,
+            })
+            .collect(),
+        raised_at: datetime!(2026-11-23 10:00:00.123456 UTC),
+        decision: None,
+    }
+}
+
+/// Waits until `watch` reaches at least `cursor`; how long that took.
+async fn reaches(watch: &mut watch::Receiver<u64>, cursor: u64, within: Duration) -> Duration {
+    let start = Instant::now();
+    let waited = tokio::time::timeout(within, watch.wait_for(|v| *v >= cursor))
+        .await
+        .map(|r| r.map(|_| ()));
+    match waited {
+        Ok(r) => r.expect("watch open"),
+        Err(_) => panic!(
+            "cursor {cursor} not seen within {within:?} (at {})",
+            *watch.borrow()
+        ),
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscriber_on_one_replica_sees_an_event_raised_through_the_other_within_a_second() {
+    let Some(url) = server_url("concerns_wake") else {
+        return;
+    };
+    let db = TestDb::create(&url, "concerns_wake").await;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let keys = keys_in(keys_dir.path());
+    let (a, b) = two_replicas(&db, &keys).await;
+    until_listening(&a).await;
+    let school = agency("school-oakfield");
+    let mut on_a = a.durable_cursor(&school).unwrap();
+    assert_eq!(*on_a.borrow_and_update(), 0);
+
+    let mut worst = Duration::ZERO;
+    for round in 1..=5u64 {
+        let c = concern(
+            &keys,
+            "police-met",
+            &["school-oakfield", "csc-southwark"],
+            datetime!(2026-11-23 14:00 UTC),
+        );
+        assert_eq!(b.raise(&c, None).await.unwrap(), Raised::New);
+        // From B's commit to A's subscriber waking.
+        let took = reaches(&mut on_a, round, Duration::from_secs(3)).await;
+        println!("round {round}: event raised through B seen on A after {took:?}");
+        worst = worst.max(took);
+        let seen = a.events(&school, round - 1, round, 10).await.unwrap();
+        assert_eq!(seen, vec![(round, InboxEvent::Concern(c.id.clone()))]);
+        assert_eq!(a.get(&c.id).await.unwrap(), Some(c));
+    }
+    println!("worst wake-up across replicas: {worst:?} (must be under 1 s; asserted under 3 s)");
+    assert!(worst < Duration::from_secs(3), "{worst:?}");
+
+    drop((a, b));
+    db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cursors_from_two_replicas_interleave_densely_per_agency() {
+    let Some(url) = server_url("concerns_cursors") else {
+        return;
+    };
+    let db = TestDb::create(&url, "concerns_cursors").await;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let keys = keys_in(keys_dir.path());
+    let (a, b) = two_replicas(&db, &keys).await;
+    const TASKS: usize = 8;
+    const EACH: usize = 50;
+
+    // On each replica, 8 tasks x 50 writes. Even tasks append an escalation to
+    // police-met only; odd tasks raise concerns to school and csc, half of them
+    // listing the recipients the other way round (the head rows are still locked in
+    // one order, so the writers never deadlock).
+    let mut handles = Vec::new();
+    for (r, store) in [a.clone(), b.clone()].into_iter().enumerate() {
+        for t in 0..TASKS {
+            let (store, keys) = (store.clone(), keys.clone());
+            handles.push(tokio::spawn(async move {
+                let mut cursors = Vec::new();
+                let mut raised = Vec::new();
+                for i in 0..EACH {
+                    if t % 2 == 0 {
+                        let event = InboxEvent::Escalation(Escalation {
+                            concern_id: ConcernId::from_random([r as u8; 16]),
+                            reason: format!("replica {r} task {t} write {i}"),
+                            due_at: datetime!(2026-11-23 14:00 UTC),
+                        });
+                        cursors.push(
+                            store
+                                .append_event(&agency("police-met"), event)
+                                .await
+                                .unwrap(),
+                        );
+                    } else {
+                        let to: &[&str] = if i % 2 == 0 {
+                            &["school-oakfield", "csc-southwark"]
+                        } else {
+                            &["csc-southwark", "school-oakfield"]
+                        };
+                        let c = concern(&keys, "police-met", to, datetime!(2026-11-23 14:00 UTC));
+                        assert_eq!(store.raise(&c, None).await.unwrap(), Raised::New);
+                        raised.push(c.id);
+                    }
+                }
+                (cursors, raised)
+            }));
+        }
+    }
+    let started = Instant::now();
+    let mut appended: Vec<Vec<u64>> = Vec::new();
+    let mut raised: Vec<Vec<ConcernId>> = Vec::new();
+    for h in handles {
+        let (c, r) = h.await.unwrap();
+        if !c.is_empty() {
+            appended.push(c);
+        }
+        if !r.is_empty() {
+            raised.push(r);
+        }
+    }
+    println!(
+        "{} writes through two replicas in {:?}",
+        2 * TASKS * EACH,
+        started.elapsed()
+    );
+
+    // police-met: the cursors handed out are exactly 1..=400, each once, increasing
+    // within each task.
+    let escalations = (2 * TASKS / 2 * EACH) as u64;
+    let mut all: Vec<u64> = appended.iter().flatten().copied().collect();
+    for task in &appended {
+        assert!(
+            task.windows(2).all(|w| w[0] < w[1]),
+            "a task's cursors increase"
+        );
+    }
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (1..=escalations).collect::<Vec<_>>(),
+        "dense, no gap, no repeat"
+    );
+    let both_ways: usize = appended
+        .iter()
+        .filter(|task| {
+            // A task's cursors are not one contiguous run: other writers interleaved.
+            task.last().unwrap() - task.first().unwrap() + 1 > task.len() as u64
+        })
+        .count();
+    println!(
+        "{both_ways} of {} appending tasks were interleaved with others",
+        appended.len()
+    );
+
+    // school and csc: one dense inbox each, holding every raised concern once, and
+    // each task's concerns in the order it raised them; both replicas read the same.
+    let concerns = (2 * TASKS / 2 * EACH) as u64;
+    for inbox in ["school-oakfield", "csc-southwark"] {
+        let inbox = agency(inbox);
+        let from_a = a.events(&inbox, 0, u64::MAX, 10_000).await.unwrap();
+        let from_b = b.events(&inbox, 0, u64::MAX, 10_000).await.unwrap();
+        assert_eq!(from_a, from_b, "the same cursors on both replicas");
+        let cursors: Vec<u64> = from_a.iter().map(|e| e.0).collect();
+        assert_eq!(
+            cursors,
+            (1..=concerns).collect::<Vec<_>>(),
+            "{inbox}: dense"
+        );
+        let ids: Vec<ConcernId> = from_a
+            .iter()
+            .map(|(_, e)| match e {
+                InboxEvent::Concern(id) => id.clone(),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        let unique: BTreeSet<&str> = ids.iter().map(|i| i.as_str()).collect();
+        assert_eq!(unique.len() as u64, concerns, "each concern once");
+        for task in &raised {
+            let positions: Vec<usize> = task
+                .iter()
+                .map(|id| ids.iter().position(|x| x == id).unwrap())
+                .collect();
+            assert!(positions.windows(2).all(|w| w[0] < w[1]), "in raise order");
+        }
+    }
+    let police = agency("police-met");
+    let events = a.events(&police, 0, u64::MAX, 10_000).await.unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.0).collect::<Vec<_>>(),
+        (1..=escalations).collect::<Vec<_>>()
+    );
+
+    // Every replica's watches end at the heads (its own commits and the other's
+    // notifications).
+    for store in [&a, &b] {
+        for (name, last) in [
+            ("police-met", escalations),
+            ("school-oakfield", concerns),
+            ("csc-southwark", concerns),
+        ] {
+            let mut w = store.durable_cursor(&agency(name)).unwrap();
+            reaches(&mut w, last, Duration::from_secs(3)).await;
+            assert_eq!(*w.borrow(), last, "{name}");
+        }
+    }
+
+    drop((a, b));
+    db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_idempotency_key_raised_through_both_replicas_at_once_gives_one_concern() {
+    let Some(url) = server_url("concerns_idem") else {
+        return;
+    };
+    let db = TestDb::create(&url, "concerns_idem").await;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let keys = keys_in(keys_dir.path());
+    let (a, b) = two_replicas(&db, &keys).await;
+    const ROUNDS: usize = 40;
+    for round in 0..ROUNDS {
+        let police = agency("police-met");
+        let key = IdempotencyKey::new(&police, &format!("req-{round}"));
+        let to = ["school-oakfield", "csc-southwark"];
+        let due = datetime!(2026-11-23 14:00 UTC);
+        let (ca, cb) = (
+            concern(&keys, "police-met", &to, due),
+            concern(&keys, "police-met", &to, due),
+        );
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let go = |store: PgConcernStore, c: Concern, key: IdempotencyKey| {
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.raise(&c, Some(&key)).await.unwrap()
+            })
+        };
+        let ha = go(a.clone(), ca.clone(), key.clone());
+        let hb = go(b.clone(), cb.clone(), key.clone());
+        let (ra, rb) = (ha.await.unwrap(), hb.await.unwrap());
+        let winner = match (&ra, &rb) {
+            (Raised::New, Raised::Existing(id)) => {
+                assert_eq!(id, &ca.id);
+                &ca
+            }
+            (Raised::Existing(id), Raised::New) => {
+                assert_eq!(id, &cb.id);
+                &cb
+            }
+            other => panic!("round {round}: {other:?}"),
+        };
+        let loser = if winner.id == ca.id { &cb } else { &ca };
+        assert_eq!(
+            a.raised_by_key(&key).await.unwrap(),
+            Some(winner.id.clone())
+        );
+        assert_eq!(
+            b.raised_by_key(&key).await.unwrap(),
+            Some(winner.id.clone())
+        );
+        assert_eq!(b.get(&winner.id).await.unwrap().as_ref(), Some(winner));
+        assert_eq!(a.get(&loser.id).await.unwrap(), None);
+        // Later retries through either replica find it too.
+        let again = concern(&keys, "police-met", &to, due);
+        assert_eq!(
+            a.raise(&again, Some(&key)).await.unwrap(),
+            Raised::Existing(winner.id.clone())
+        );
+    }
+    let sql = db.sql().await;
+    let count = |table: &'static str| {
+        let sql = &sql;
+        async move {
+            sql.query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(count("concerns").await, ROUNDS as i64);
+    assert_eq!(count("concern_idempotency").await, ROUNDS as i64);
+    assert_eq!(count("concern_deadlines").await, ROUNDS as i64);
+    assert_eq!(
+        count("inbox_events").await,
+        2 * ROUNDS as i64,
+        "one per recipient"
+    );
+    for inbox in ["school-oakfield", "csc-southwark"] {
+        let events = a.events(&agency(inbox), 0, u64::MAX, 1000).await.unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.0).collect::<Vec<_>>(),
+            (1..=ROUNDS as u64).collect::<Vec<_>>(),
+            "{inbox}: no cursor taken by the losing raise"
+        );
+    }
+    drop(sql);
+    drop((a, b));
+    db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_append_events_settle_deadlines_and_list_due_concerns() {
+    let Some(url) = server_url("concerns_update") else {
+        return;
+    };
+    let db = TestDb::create(&url, "concerns_update").await;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let keys = keys_in(keys_dir.path());
+    let (store, other) = two_replicas(&db, &keys).await;
+    let to = ["school-oakfield", "csc-southwark"];
+    let early = datetime!(2026-11-23 11:00 UTC);
+    let a = concern(&keys, "police-met", &to, early);
+    let b = concern(&keys, "police-met", &to, datetime!(2026-11-23 15:00 UTC));
+    store.raise(&a, None).await.unwrap();
+    store.raise(&b, None).await.unwrap();
+    assert_eq!(
+        store.due_by(datetime!(2026-11-23 10:59 UTC)).await.unwrap(),
+        vec![]
+    );
+    assert_eq!(store.due_by(early).await.unwrap(), vec![a.id.clone()]);
+    assert_eq!(
+        other.due_by(datetime!(2026-11-24 00:00 UTC)).await.unwrap(),
+        vec![a.id.clone(), b.id.clone()],
+        "each once, earliest first"
+    );
+
+    let police = agency("police-met");
+    let escalation = InboxEvent::Escalation(Escalation {
+        concern_id: a.id.clone(),
+        reason: "late".into(),
+        due_at: early,
+    });
+    let after = other
+        .update(&a.id, |c| {
+            c.mark_escalated(&[agency("school-oakfield")]);
+            Edit {
+                record: true,
+                events: vec![(police.clone(), escalation.clone())],
+                settle_until: Some(early),
+            }
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(after.recipients[0].escalated);
+    assert_eq!(store.get(&a.id).await.unwrap().unwrap(), after);
+    assert_eq!(
+        store.events(&police, 0, 99, 10).await.unwrap(),
+        vec![(1, escalation)]
+    );
+    assert_eq!(*other.durable_cursor(&police).unwrap().borrow(), 1);
+    reaches(
+        &mut store.durable_cursor(&police).unwrap(),
+        1,
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(
+        store.due_by(datetime!(2026-11-24 00:00 UTC)).await.unwrap(),
+        vec![b.id.clone()]
+    );
+    // An edit that changes nothing writes nothing.
+    let same = store
+        .update(&b.id, |_| Edit::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(same, b);
+    store
+        .settle(&b.id, datetime!(2026-11-24 00:00 UTC))
+        .await
+        .unwrap();
+    assert!(store
+        .due_by(datetime!(2026-11-24 00:00 UTC))
+        .await
+        .unwrap()
+        .is_empty());
+
+    let school = agency("school-oakfield");
+    let events = store.events(&school, 0, 2, 10).await.unwrap();
+    assert_eq!(events.iter().map(|e| e.0).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(store.events(&school, 1, 2, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        store.events(&school, 0, 1, 10).await.unwrap().len(),
+        1,
+        "upto bounds"
+    );
+    assert_eq!(
+        store.events(&school, 0, 2, 1).await.unwrap().len(),
+        1,
+        "limit"
+    );
+    assert!(store.events(&school, 2, 2, 10).await.unwrap().is_empty());
+    assert!(store
+        .update(&ConcernId::from_random([9; 16]), |_| Edit::default())
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        store.get(&ConcernId::from_random([9; 16])).await.unwrap(),
+        None
+    );
+
+    // A replica opened later starts from the committed heads.
+    let late = replica(&db.config(2), keys.clone(), PgInboxSettings::default()).await;
+    assert_eq!(*late.durable_cursor(&school).unwrap().borrow(), 2);
+    assert_eq!(*late.durable_cursor(&police).unwrap().borrow(), 1);
+    assert!(late.durable_cursor(&agency("nobody-here")).is_none());
+
+    drop((store, other, late));
+    db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_in_clear_in_the_database() {
+    let Some(url) = server_url("concerns_clear") else {
+        return;
+    };
+    let db = TestDb::create(&url, "concerns_clear").await;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let keys = keys_in(keys_dir.path());
+    let (a, _b) = two_replicas(&db, &keys).await;
+
+    let mut c = concern(
+        &keys,
+        "police-met",
+        &["school-oakfield", "csc-southwark"],
+        datetime!(2026-11-23 14:00 UTC),
+    );
+    c.narrative = "NARRATIVE-stepfather-hit-her-with-a-belt".into();
+    let key = IdempotencyKey::new(&c.raised_by, "REQUEST-ID-police-0001");
+    a.raise(&c, Some(&key)).await.unwrap();
+    let decided = a
+        .update(&c.id, |c| {
+            c.acknowledge(
+                &agency("school-oakfield"),
+                datetime!(2026-11-23 12:00 UTC),
+                "ACK-NOTE-dsl-spoke-to-mother",
+            );
+            c.decision = Some(DecisionRecord {
+                decision: Decision::ChildProtectionEnquiry,
+                lead_practitioner: "LEAD-Jane-Practitioner".into(),
+                note: "DECISION-NOTE-strategy-meeting-today".into(),
+                decided_at: datetime!(2026-11-23 13:00 UTC),
+                decided_by: agency("csc-southwark"),
+            });
+            Edit {
+                record: true,
+                ..Edit::default()
+            }
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let notice = InboxEvent::OverrideNotice(OverrideNoticeEvent {
+        record_id: "rec-1".into(),
+        recipient: agency("police-met"),
+        justification: "JUSTIFICATION-child-missing-tonight".into(),
+        audit_seq: 42,
+    });
+    let cursor = a
+        .append_event(&agency("school-oakfield"), notice.clone())
+        .await
+        .unwrap();
+
+    let sql = db.sql().await;
+    let (tables, dump) = dump_public_tables(&sql).await;
+    for t in [
+        "concerns",
+        "inbox_events",
+        "inbox_heads",
+        "concern_idempotency",
+        "concern_deadlines",
+    ] {
+        assert!(tables.contains(&t.to_string()), "{t}");
+    }
+    let holds = |needle: &[u8]| dump.windows(needle.len()).any(|w| w == needle);
+    // The dump does see what is meant to be in clear.
+    assert!(holds(c.id.as_str().as_bytes()), "the dump reads the rows");
+    assert!(holds(b"school-oakfield"));
+    for secret in [
+        c.narrative.as_bytes(),
+        b"NARRATIVE",
+        child().digits().as_bytes(),
+        b"ACK-NOTE",
+        b"LEAD-Jane",
+        b"DECISION-NOTE",
+        b"JUSTIFICATION",
+        b"REQUEST-ID",
+        b"DOMESTIC_ABUSE",
+        b"domestic",
+    ] {
+        assert!(
+            !holds(secret),
+            "{:?} is in clear in the database",
+            String::from_utf8_lossy(secret)
+        );
+    }
+    // And it all reads back.
+    assert_eq!(a.get(&c.id).await.unwrap(), Some(decided));
+    assert_eq!(
+        a.events(&agency("school-oakfield"), cursor - 1, cursor, 10)
+            .await
+            .unwrap(),
+        vec![(cursor, notice)]
+    );
+    // A sealed concern moved under another id does not open.
+    let other = concern(
+        &keys,
+        "police-met",
+        &["school-oakfield"],
+        datetime!(2026-11-23 14:00 UTC),
+    );
+    a.raise(&other, None).await.unwrap();
+    sql.execute(
+        "UPDATE concerns SET sealed = (SELECT sealed FROM concerns WHERE id = $1) WHERE id = $2",
+        &[&c.id.as_str(), &other.id.as_str()],
+    )
+    .await
+    .unwrap();
+    let err = a.get(&other.id).await.unwrap_err();
+    assert!(err.to_string().contains("does not open"), "{err}");
+
+    drop(sql);
+    db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_delivers_when_no_listener_runs_and_after_the_listener_is_cut() {
+    let Some(url) = server_url("concerns_poll") else {
+        return;
+    };
+    let db = TestDb::create(&url, "concerns_poll").await;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let keys = keys_in(keys_dir.path());
+    let config = db.config(4);
+    let polling_only = PgInboxSettings {
+        listen: false,
+        poll_interval: Duration::from_secs(1),
+    };
+    let (a, b) = tokio::join!(
+        replica(&config, keys.clone(), polling_only),
+        replica(&config, keys.clone(), PgInboxSettings::default())
+    );
+    assert!(!a.listening());
+    let school = agency("school-oakfield");
+    let mut on_a = a.durable_cursor(&school).unwrap();
+    let to = ["school-oakfield"];
+    let due = datetime!(2026-11-23 14:00 UTC);
+    for round in 1..=3u64 {
+        b.raise(&concern(&keys, "police-met", &to, due), None)
+            .await
+            .unwrap();
+        let took = reaches(&mut on_a, round, Duration::from_secs(3)).await;
+        println!("round {round}: seen by polling (no LISTEN) after {took:?}");
+        assert!(took < Duration::from_secs(3));
+    }
+
+    // A listening replica whose connection is cut by the server keeps delivering:
+    // polling meanwhile, then a new LISTEN (and a catch-up read of the heads).
+    let c = replica(&config, keys.clone(), PgInboxSettings::default()).await;
+    until_listening(&c).await;
+    let mut on_c = c.durable_cursor(&school).unwrap();
+    let sql = db.sql().await;
+    let cut: i64 = sql
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = $1 AND datname = current_database()",
+            &[&sgw::pg::concerns::LISTENER_APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(cut >= 1, "listeners cut: {cut}");
+    b.raise(&concern(&keys, "police-met", &to, due), None)
+        .await
+        .unwrap();
+    let took = reaches(&mut on_c, 4, Duration::from_secs(3)).await;
+    println!("after the listener was cut: seen after {took:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.listening() {
+        assert!(Instant::now() < deadline, "the listener did not come back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b.raise(&concern(&keys, "police-met", &to, due), None)
+        .await
+        .unwrap();
+    let took = reaches(&mut on_c, 5, Duration::from_secs(3)).await;
+    println!("after the listener came back: seen after {took:?}");
+
+    drop(sql);
+    drop((a, b, c));
+    db.drop_database().await;
+}
