@@ -169,7 +169,10 @@ impl Records {
             &subject_ref,
             request_id,
         );
-        entry.reason = format!("{} consent statements listed", consents.len());
+        entry.reason = match consents.len() {
+            1 => "1 consent statement listed".to_owned(),
+            n => format!("{n} consent statements listed"),
+        };
         self.auditor.append(entry).await?;
         consents.sort_by(|a, b| {
             (b.statement.recorded_at, b.id()).cmp(&(a.statement.recorded_at, a.id()))
