@@ -691,3 +691,136 @@ async fn polling_delivers_when_no_listener_runs_and_after_the_listener_is_cut() 
     drop((a, b, c));
     db.drop_database().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raise_waits_for_an_uncommitted_holder_of_its_key_and_follows_its_outcome() {
+    let Some(url) = server_url("concerns_idem_wait") else {
+        return;
+    };
+    let db = TestDb::create(&url, "concerns_idem_wait").await;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let keys = keys_in(keys_dir.path());
+    let (a, _b) = two_replicas(&db, &keys).await;
+    let police = agency("police-met");
+    let to = ["school-oakfield"];
+    let due = datetime!(2026-11-23 14:00 UTC);
+
+    for commit in [true, false] {
+        let key = IdempotencyKey::new(&police, &format!("req-held-{commit}"));
+        // Another "replica" mid-raise: the key and its concern inserted, not committed.
+        let mut other = db.sql().await;
+        let held = other.transaction().await.unwrap();
+        let holder = concern(&keys, "police-met", &to, due);
+        held.execute(
+            "INSERT INTO concerns (id, sealed) VALUES ($1, '\\x00')",
+            &[&holder.id.as_str()],
+        )
+        .await
+        .unwrap();
+        // The stored key: SHA-256(sender || 0 || request_id), as the sled store's.
+        let key_bytes: Vec<u8> = {
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            ctx.update(b"police-met\0");
+            ctx.update(format!("req-held-{commit}").as_bytes());
+            ctx.finish().as_ref().to_vec()
+        };
+        held.execute(
+            "INSERT INTO concern_idempotency (key, concern_id) VALUES ($1, $2)",
+            &[&key_bytes, &holder.id.as_str()],
+        )
+        .await
+        .unwrap();
+
+        let mine = concern(&keys, "police-met", &to, due);
+        let raising = {
+            let (a, mine, key) = (a.clone(), mine.clone(), key.clone());
+            tokio::spawn(async move { a.raise(&mine, Some(&key)).await.unwrap() })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !raising.is_finished(),
+            "the raise waits for the key's holder"
+        );
+        if commit {
+            held.commit().await.unwrap();
+            assert_eq!(raising.await.unwrap(), Raised::Existing(holder.id.clone()));
+            assert_eq!(a.get(&mine.id).await.unwrap(), None, "nothing written");
+        } else {
+            held.rollback().await.unwrap();
+            assert_eq!(raising.await.unwrap(), Raised::New);
+            assert_eq!(a.raised_by_key(&key).await.unwrap(), Some(mine.id.clone()));
+            assert_eq!(a.get(&mine.id).await.unwrap(), Some(mine));
+        }
+    }
+    // The inbox holds only the one concern that was raised, at cursor 1.
+    let school = a
+        .events(&agency("school-oakfield"), 0, 99, 10)
+        .await
+        .unwrap();
+    assert_eq!(school.iter().map(|e| e.0).collect::<Vec<_>>(), [1]);
+
+    drop((a, _b));
+    db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_updates_of_one_concern_through_both_replicas_lose_nothing() {
+    let Some(url) = server_url("concerns_rmw") else {
+        return;
+    };
+    let db = TestDb::create(&url, "concerns_rmw").await;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let keys = keys_in(keys_dir.path());
+    let (a, b) = two_replicas(&db, &keys).await;
+    let c = concern(
+        &keys,
+        "police-met",
+        &["school-oakfield", "csc-southwark"],
+        datetime!(2026-11-23 14:00 UTC),
+    );
+    a.raise(&c, None).await.unwrap();
+    const EACH: usize = 25;
+    let mut handles = Vec::new();
+    for (mark, store) in [('a', a.clone()), ('b', b.clone())] {
+        for _ in 0..4 {
+            let (store, id) = (store.clone(), c.id.clone());
+            handles.push(tokio::spawn(async move {
+                for _ in 0..EACH {
+                    store
+                        .update(&id, |c| {
+                            c.recipients[0].note.push(mark);
+                            Edit {
+                                record: true,
+                                events: vec![(
+                                    agency("police-met"),
+                                    InboxEvent::Concern(c.id.clone()),
+                                )],
+                                settle_until: None,
+                            }
+                        })
+                        .await
+                        .unwrap()
+                        .unwrap();
+                }
+            }));
+        }
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let note = b.get(&c.id).await.unwrap().unwrap().recipients[0]
+        .note
+        .clone();
+    assert_eq!(note.len(), 8 * EACH, "every edit kept: {note}");
+    assert_eq!(note.matches('a').count(), 4 * EACH);
+    let police = a
+        .events(&agency("police-met"), 0, u64::MAX, 1000)
+        .await
+        .unwrap();
+    assert_eq!(
+        police.iter().map(|e| e.0).collect::<Vec<_>>(),
+        (1..=(8 * EACH) as u64).collect::<Vec<_>>()
+    );
+    drop((a, b));
+    db.drop_database().await;
+}

@@ -19,8 +19,9 @@
 //! # Cursors across replicas
 //! Every write that appends events is one transaction that, for each agency it
 //! touches (in agency id order, so two writers never wait on each other in a
-//! cycle), takes the agency's `inbox_heads` row with `UPDATE ... RETURNING` — a
-//! row lock held until COMMIT — and numbers its events from the value it read. So
+//! cycle), takes the agency's `inbox_heads` row with `INSERT ... ON CONFLICT DO
+//! UPDATE ... RETURNING` — a row lock held until COMMIT — and numbers its events
+//! from the value it read. So
 //! an agency's cursors are dense (1, 2, 3, ...), never repeat, and are committed in
 //! cursor order: the next writer cannot take the row before the previous one has
 //! committed (or rolled back, which gives its numbers back). A committed
@@ -88,19 +89,21 @@ const UPDATE_CONCERN: &str = "UPDATE concerns SET sealed = $2 WHERE id = $1";
 const CLAIM_KEY: &str = "INSERT INTO concern_idempotency (key, concern_id) VALUES ($1, $2) \
      ON CONFLICT (key) DO NOTHING RETURNING concern_id";
 const SELECT_KEY: &str = "SELECT concern_id FROM concern_idempotency WHERE key = $1";
-const INSERT_DEADLINE: &str = "INSERT INTO concern_deadlines (due_micros, concern_id) \
-     VALUES ($1, $2) ON CONFLICT DO NOTHING";
+const INSERT_DEADLINES: &str = "INSERT INTO concern_deadlines (due_micros, concern_id) \
+     SELECT due, $2 FROM unnest($1::bigint[]) AS due ON CONFLICT DO NOTHING";
 const DELETE_DEADLINES: &str =
     "DELETE FROM concern_deadlines WHERE concern_id = $1 AND due_micros <= $2";
 const SELECT_DUE: &str = "SELECT concern_id, min(due_micros) FROM concern_deadlines \
      WHERE due_micros <= $1 GROUP BY concern_id ORDER BY 2, concern_id COLLATE \"C\"";
-const ENSURE_HEAD: &str = "INSERT INTO inbox_heads (agency_id, last_cursor) VALUES ($1, 0) \
-     ON CONFLICT (agency_id) DO NOTHING";
-const TAKE_CURSORS: &str = "UPDATE inbox_heads SET last_cursor = last_cursor + $2 \
-     WHERE agency_id = $1 RETURNING last_cursor";
-const INSERT_EVENT: &str = "INSERT INTO inbox_events (agency_id, seq, kind, concern_id, event) \
-     VALUES ($1, $2, $3, $4, $5)";
-const NOTIFY: &str = "SELECT pg_notify('sgw_inbox', $1)";
+/// Takes `$2` cursors of agency `$1`: creates its head row or locks it (the row
+/// lock of `ON CONFLICT DO UPDATE`, held until COMMIT) and returns the last one.
+const TAKE_CURSORS: &str = "INSERT INTO inbox_heads (agency_id, last_cursor) VALUES ($1, $2) \
+     ON CONFLICT (agency_id) DO UPDATE SET last_cursor = inbox_heads.last_cursor + EXCLUDED.last_cursor \
+     RETURNING last_cursor";
+const INSERT_EVENTS: &str = "INSERT INTO inbox_events (agency_id, seq, kind, concern_id, event) \
+     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bytea[])";
+const NOTIFY: &str =
+    "SELECT count(pg_notify('sgw_inbox', agency)) FROM unnest($1::text[]) AS agency";
 const SELECT_EVENTS: &str = "SELECT seq, event FROM inbox_events \
      WHERE agency_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4";
 const SELECT_HEADS: &str =
@@ -113,7 +116,8 @@ pub struct PgInboxSettings {
     /// polls.
     pub listen: bool,
     /// How often every watched head is read while the listener is not connected,
-    /// and how long to wait before reconnecting it. 1 s by default.
+    /// how long to wait before reconnecting it, and how often (and how patiently)
+    /// the listening connection is pinged. 1 s by default.
     pub poll_interval: Duration,
 }
 
@@ -310,12 +314,13 @@ impl PgConcernStore {
         }
         let stmt = tx.prepare_cached(INSERT_CONCERN).await.map_err(pg)?;
         tx.execute(&stmt, &[&id, &sealed]).await.map_err(pg)?;
-        let stmt = tx.prepare_cached(INSERT_DEADLINE).await.map_err(pg)?;
-        for d in &concern.recipients {
-            tx.execute(&stmt, &[&micros(d.due_at), &id])
-                .await
-                .map_err(pg)?;
-        }
+        let due: Vec<i64> = concern
+            .recipients
+            .iter()
+            .map(|d| micros(d.due_at))
+            .collect();
+        let stmt = tx.prepare_cached(INSERT_DEADLINES).await.map_err(pg)?;
+        tx.execute(&stmt, &[&due, &id]).await.map_err(pg)?;
         let appended = append(&tx, &encoded).await?;
         tx.commit().await.map_err(pg)?;
         self.publish(&appended);
@@ -553,37 +558,38 @@ async fn append<C: GenericClient>(
     for e in events {
         *counts.entry(e.agency.as_str()).or_default() += 1;
     }
-    let ensure = tx.prepare_cached(ENSURE_HEAD).await.map_err(pg)?;
     let take = tx.prepare_cached(TAKE_CURSORS).await.map_err(pg)?;
     // The first cursor of each agency's run.
     let mut next: BTreeMap<&str, i64> = BTreeMap::new();
     for (agency, n) in &counts {
-        tx.execute(&ensure, &[agency]).await.map_err(pg)?;
         let last: i64 = tx.query_one(&take, &[agency, n]).await.map_err(pg)?.get(0);
         next.insert(agency, last - n + 1);
     }
-    let insert = tx.prepare_cached(INSERT_EVENT).await.map_err(pg)?;
     let mut appended = Vec::with_capacity(events.len());
+    let (mut agencies, mut seqs, mut kinds, mut concern_ids, mut bytes) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for e in events {
         let slot = next
             .get_mut(e.agency.as_str())
             .ok_or_else(|| StoreError::Corrupt("cursor not taken".into()))?;
         let seq = *slot;
         *slot += 1;
-        tx.execute(
-            &insert,
-            &[&e.agency.as_str(), &seq, &e.kind, &e.concern_id, &e.bytes],
-        )
-        .await
-        .map_err(pg)?;
         let cursor =
             u64::try_from(seq).map_err(|_| StoreError::Corrupt("negative inbox cursor".into()))?;
         appended.push((e.agency.clone(), cursor));
+        agencies.push(e.agency.as_str());
+        seqs.push(seq);
+        kinds.push(e.kind);
+        concern_ids.push(e.concern_id.as_deref());
+        bytes.push(e.bytes.as_slice());
     }
+    let insert = tx.prepare_cached(INSERT_EVENTS).await.map_err(pg)?;
+    tx.execute(&insert, &[&agencies, &seqs, &kinds, &concern_ids, &bytes])
+        .await
+        .map_err(pg)?;
     let notify = tx.prepare_cached(NOTIFY).await.map_err(pg)?;
-    for agency in counts.keys() {
-        tx.execute(&notify, &[agency]).await.map_err(pg)?;
-    }
+    let notified: Vec<&str> = counts.keys().copied().collect();
+    tx.query_one(&notify, &[&notified]).await.map_err(pg)?;
     Ok(appended)
 }
 
@@ -627,7 +633,8 @@ async fn poll(pool: Pool, heads: Arc<Heads>, interval: Duration, stop: Cancellat
     }
 }
 
-/// Keeps a `LISTEN sgw_inbox` connection, reconnecting after `retry` when it drops.
+/// Keeps a `LISTEN sgw_inbox` connection, reconnecting after `retry` when it drops
+/// or stops answering pings (sent every `retry`).
 async fn listen(
     config: tokio_postgres::Config,
     pool: Pool,
@@ -636,7 +643,7 @@ async fn listen(
     stop: CancellationToken,
 ) {
     loop {
-        let ended = listen_once(&config, &pool, &heads, &stop).await;
+        let ended = listen_once(&config, &pool, &heads, retry, &stop).await;
         heads.listening.store(false, Ordering::SeqCst);
         match ended {
             Ok(()) => return,
@@ -654,6 +661,7 @@ async fn listen_once(
     config: &tokio_postgres::Config,
     pool: &Pool,
     heads: &Heads,
+    ping: Duration,
     stop: &CancellationToken,
 ) -> Result<(), String> {
     let (client, mut connection) = config
@@ -686,10 +694,21 @@ async fn listen_once(
     refresh(pool, heads, heads.watched())
         .await
         .map_err(|e| format!("reading the inbox heads: {e}"))?;
+    // A connection can die without closing (a half-open TCP connection): ping it,
+    // and give up on it when the server does not answer within `ping`.
+    let mut ping_tick = tokio::time::interval(ping);
+    ping_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             got = rx.recv() => got.ok_or_else(|| "the listening connection closed".to_owned())?,
+            _ = ping_tick.tick() => {
+                match tokio::time::timeout(ping, client.simple_query("")).await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => return Err(format!("ping: {}", describe(&e))),
+                    Err(_) => return Err(format!("ping: no answer within {ping:?}")),
+                }
+            }
         };
         let mut agencies = BTreeSet::from([first]);
         while let Ok(more) = rx.try_recv() {

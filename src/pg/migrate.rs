@@ -126,8 +126,8 @@ CREATE TABLE concerns (
     sealed bytea NOT NULL
 );
 
--- One row per agency: its newest cursor. A writer locks the row (UPDATE, a row
--- lock held until COMMIT) to take the next cursors, so an agency's cursors are
+-- One row per agency: its newest cursor. A writer locks the row (an upsert: a
+-- row lock held until COMMIT) to take the next cursors, so an agency's cursors are
 -- dense and in commit order on every replica, and a committed last_cursor means
 -- every event up to it is committed.
 CREATE TABLE inbox_heads (
