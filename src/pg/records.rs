@@ -41,7 +41,8 @@ use super::config::{PgConfig, PgError};
 use super::describe;
 use crate::records::model::{Consent, ConsentId, Record, RecordId};
 use crate::records::store::{
-    content_context, meta_context, micros, StoreError, StoredConsent, StoredRecord,
+    content_context, meta_context, micros, open_consent, open_record, seal, StoreError,
+    StoredConsent, StoredRecord,
 };
 use crate::store::keys::SubjectRef;
 use crate::store::Keys;
@@ -105,10 +106,10 @@ impl PgRecordStore {
     /// Stores a record: metadata, content and retention date in one row, durably
     /// when this returns. Storing an id again replaces it.
     pub async fn put_record(&self, record: &Record, content: &[u8]) -> Result<(), StoreError> {
-        let sealed_content = self.seal(&content_context(&record.id), content)?;
+        let sealed_content = seal(&self.keys, &content_context(&record.id), content)?;
         let meta = serde_json::to_vec(&StoredRecord::from(record))
             .map_err(|e| StoreError::Io(format!("encoding: {e}")))?;
-        let sealed_meta = self.seal(&meta_context(&record.id), &meta)?;
+        let sealed_meta = seal(&self.keys, &meta_context(&record.id), &meta)?;
         let client = self.client().await?;
         let stmt = client.prepare_cached(UPSERT_RECORD).await.map_err(pg)?;
         client
@@ -134,7 +135,7 @@ impl PgRecordStore {
         let Some(row) = client.query_opt(&stmt, &[&id.as_str()]).await.map_err(pg)? else {
             return Ok(None);
         };
-        let record = self.open_record(id, row.get(1))?;
+        let record = open_record(&self.keys, id, row.get(1))?;
         filed_under(&record.subject_ref, row.get(0), || format!("record {id}"))?;
         Ok(Some(record))
     }
@@ -153,7 +154,7 @@ impl PgRecordStore {
         rows.iter()
             .map(|row| {
                 let id = parse_id(row.get(0), RecordId::parse)?;
-                let record = self.open_record(&id, row.get(1))?;
+                let record = open_record(&self.keys, &id, row.get(1))?;
                 filed_under(&record.subject_ref, subject.as_str(), || {
                     format!("record {id}")
                 })?;
@@ -228,7 +229,7 @@ impl PgRecordStore {
     pub async fn put_consent(&self, consent: &Consent) -> Result<(), StoreError> {
         let plain = serde_json::to_vec(&StoredConsent::from(consent))
             .map_err(|e| StoreError::Io(format!("encoding: {e}")))?;
-        let sealed = self.seal(consent.id().as_bytes(), &plain)?;
+        let sealed = seal(&self.keys, consent.id().as_bytes(), &plain)?;
         let client = self.client().await?;
         let stmt = client.prepare_cached(UPSERT_CONSENT).await.map_err(pg)?;
         client
@@ -248,7 +249,7 @@ impl PgRecordStore {
         let Some(row) = client.query_opt(&stmt, &[&id.as_str()]).await.map_err(pg)? else {
             return Ok(None);
         };
-        let consent = self.open_consent(id.as_str(), row.get(1))?;
+        let consent = open_consent(&self.keys, id.as_str(), row.get(1))?;
         filed_under(&consent.subject_ref(), row.get(0), || {
             format!("consent {id}")
         })?;
@@ -271,7 +272,7 @@ impl PgRecordStore {
         rows.iter()
             .map(|row| {
                 let id = parse_id(row.get(0), ConsentId::parse)?;
-                let consent = self.open_consent(id.as_str(), row.get(1))?;
+                let consent = open_consent(&self.keys, id.as_str(), row.get(1))?;
                 filed_under(&consent.subject_ref(), subject.as_str(), || {
                     format!("consent {id}")
                 })?;
@@ -287,39 +288,6 @@ impl PgRecordStore {
             .get()
             .await
             .map_err(|e| StoreError::Io(format!("postgres: {e}")))
-    }
-
-    fn seal(&self, context: &[u8], plain: &[u8]) -> Result<Vec<u8>, StoreError> {
-        self.keys
-            .data_seal
-            .seal(context, plain)
-            .map_err(|e| StoreError::Io(format!("sealing: {e}")))
-    }
-
-    fn open_record(&self, id: &RecordId, sealed: &[u8]) -> Result<Record, StoreError> {
-        let plain = self
-            .keys
-            .data_seal
-            .open(&meta_context(id), sealed)
-            .map_err(|_| StoreError::Corrupt(format!("record {id}: metadata does not open")))?;
-        let stored: StoredRecord = serde_json::from_slice(&plain)
-            .map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))?;
-        stored
-            .into_record(id.clone())
-            .map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))
-    }
-
-    fn open_consent(&self, id: &str, sealed: &[u8]) -> Result<Consent, StoreError> {
-        let plain = self
-            .keys
-            .data_seal
-            .open(id.as_bytes(), sealed)
-            .map_err(|_| StoreError::Corrupt(format!("consent {id}: does not open")))?;
-        let stored: StoredConsent = serde_json::from_slice(&plain)
-            .map_err(|e| StoreError::Corrupt(format!("consent {id}: {e}")))?;
-        stored
-            .into_consent(id)
-            .map_err(|e| StoreError::Corrupt(format!("consent {id}: {e}")))
     }
 }
 

@@ -135,9 +135,10 @@ impl RecordStore {
     /// Stores a new record: its content file first (durably), then its metadata and
     /// indexes in one batch, durably.
     pub fn put_record(&self, record: &Record, content: &[u8]) -> Result<(), StoreError> {
-        let sealed_content = self.seal(&content_context(&record.id), content)?;
+        let sealed_content = seal(&self.keys, &content_context(&record.id), content)?;
         self.write_content(&record.id, &sealed_content)?;
-        let sealed_meta = self.seal(
+        let sealed_meta = seal(
+            &self.keys,
             &meta_context(&record.id),
             &json(&StoredRecord::from(record))?,
         )?;
@@ -164,7 +165,7 @@ impl RecordStore {
         let subject = subject_ref_of(&subject)?;
         match self.tree.get(record_key(&subject, id))? {
             Some(sealed) => {
-                let record = self.open_record(id, &sealed)?;
+                let record = open_record(&self.keys, id, &sealed)?;
                 self.cache.keep_record(seen, Arc::new(record.clone()));
                 Ok(Some(record))
             }
@@ -181,7 +182,7 @@ impl RecordStore {
         for item in self.tree.scan_prefix(&prefix) {
             let (key, sealed) = item?;
             let id = id_after(&key, prefix.len(), RecordId::parse)?;
-            out.push(self.open_record(&id, &sealed)?);
+            out.push(open_record(&self.keys, &id, &sealed)?);
         }
         Ok(out)
     }
@@ -264,7 +265,8 @@ impl RecordStore {
     /// Stores a consent statement, new or changed, durably.
     pub fn put_consent(&self, consent: &Consent) -> Result<(), StoreError> {
         let subject = consent.subject_ref();
-        let sealed = self.seal(
+        let sealed = seal(
+            &self.keys,
             consent.id().as_bytes(),
             &json(&StoredConsent::from(consent))?,
         )?;
@@ -282,7 +284,7 @@ impl RecordStore {
         };
         let subject = subject_ref_of(&subject)?;
         match self.tree.get(consent_key(&subject, id.as_str()))? {
-            Some(sealed) => self.open_consent(id.as_str(), &sealed).map(Some),
+            Some(sealed) => open_consent(&self.keys, id.as_str(), &sealed).map(Some),
             None => Err(StoreError::Corrupt(format!(
                 "consent {id}: index without statement"
             ))),
@@ -298,48 +300,13 @@ impl RecordStore {
         for item in self.tree.scan_prefix(&prefix) {
             let (key, sealed) = item?;
             let id = id_after(&key, prefix.len(), ConsentId::parse)?;
-            out.push(self.open_consent(id.as_str(), &sealed)?);
+            out.push(open_consent(&self.keys, id.as_str(), &sealed)?);
         }
         Ok(out)
     }
 
     // --- helpers ---
 
-    fn seal(&self, context: &[u8], plain: &[u8]) -> Result<Vec<u8>, StoreError> {
-        self.keys
-            .data_seal
-            .seal(context, plain)
-            .map_err(|e| StoreError::Io(format!("sealing: {e}")))
-    }
-
-    fn open_record(&self, id: &RecordId, sealed: &[u8]) -> Result<Record, StoreError> {
-        let plain = self
-            .keys
-            .data_seal
-            .open(&meta_context(id), sealed)
-            .map_err(|_| StoreError::Corrupt(format!("record {id}: metadata does not open")))?;
-        let stored: StoredRecord = serde_json::from_slice(&plain)
-            .map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))?;
-        stored
-            .into_record(id.clone())
-            .map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))
-    }
-
-    fn open_consent(&self, id: &str, sealed: &[u8]) -> Result<Consent, StoreError> {
-        let plain = self
-            .keys
-            .data_seal
-            .open(id.as_bytes(), sealed)
-            .map_err(|_| StoreError::Corrupt(format!("consent {id}: does not open")))?;
-        let stored: StoredConsent = serde_json::from_slice(&plain)
-            .map_err(|e| StoreError::Corrupt(format!("consent {id}: {e}")))?;
-        stored
-            .into_consent(id)
-            .map_err(|e| StoreError::Corrupt(format!("consent {id}: {e}")))
-    }
-
-    /// Writes a content file durably: a temporary name, synced, renamed, folder
-    /// synced.
     fn write_content(&self, id: &RecordId, sealed: &[u8]) -> Result<(), StoreError> {
         let io =
             |what: &str, e: std::io::Error| StoreError::Io(format!("{what} content of {id}: {e}"));
@@ -533,6 +500,41 @@ impl StoredConsent {
 }
 
 // === keys, times, files ===
+
+// === sealing, shared by every record store (sled here, PostgreSQL in `crate::pg`) ===
+
+/// Seals `plain` with the data key, `context` as associated data.
+pub(crate) fn seal(keys: &Keys, context: &[u8], plain: &[u8]) -> Result<Vec<u8>, StoreError> {
+    keys.data_seal
+        .seal(context, plain)
+        .map_err(|e| StoreError::Io(format!("sealing: {e}")))
+}
+
+/// Opens a record's sealed metadata.
+pub(crate) fn open_record(keys: &Keys, id: &RecordId, sealed: &[u8]) -> Result<Record, StoreError> {
+    let plain = keys
+        .data_seal
+        .open(&meta_context(id), sealed)
+        .map_err(|_| StoreError::Corrupt(format!("record {id}: metadata does not open")))?;
+    let stored: StoredRecord = serde_json::from_slice(&plain)
+        .map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))?;
+    stored
+        .into_record(id.clone())
+        .map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))
+}
+
+/// Opens a sealed consent statement.
+pub(crate) fn open_consent(keys: &Keys, id: &str, sealed: &[u8]) -> Result<Consent, StoreError> {
+    let plain = keys
+        .data_seal
+        .open(id.as_bytes(), sealed)
+        .map_err(|_| StoreError::Corrupt(format!("consent {id}: does not open")))?;
+    let stored: StoredConsent = serde_json::from_slice(&plain)
+        .map_err(|e| StoreError::Corrupt(format!("consent {id}: {e}")))?;
+    stored
+        .into_consent(id)
+        .map_err(|e| StoreError::Corrupt(format!("consent {id}: {e}")))
+}
 
 /// Microseconds since the epoch (saturating): the precision everything is stored in.
 pub fn micros(t: OffsetDateTime) -> i64 {
