@@ -100,7 +100,8 @@ fn concern(keys: &Keys, raised_by: &str, to: &[&str], due: OffsetDateTime) -> Co
     }
 }
 
-/// Waits until `watch` reaches at least `cursor`; how long that took.
+/// Waits until `watch` reaches at least `cursor`; how long that took (zero if it
+/// already had).
 async fn reaches(watch: &mut watch::Receiver<u64>, cursor: u64, within: Duration) -> Duration {
     let start = Instant::now();
     let waited = tokio::time::timeout(within, watch.wait_for(|v| *v >= cursor))
@@ -138,10 +139,16 @@ async fn a_subscriber_on_one_replica_sees_an_event_raised_through_the_other_with
             &["school-oakfield", "csc-southwark"],
             datetime!(2026-11-23 14:00 UTC),
         );
+        // From the start of B's raise (so its commit, the notification and A's read
+        // of the head are all inside) to A's subscriber waking: an upper bound.
+        let start = Instant::now();
         assert_eq!(b.raise(&c, None).await.unwrap(), Raised::New);
-        // From B's commit to A's subscriber waking.
-        let took = reaches(&mut on_a, round, Duration::from_secs(3)).await;
-        println!("round {round}: event raised through B seen on A after {took:?}");
+        let raised = start.elapsed();
+        reaches(&mut on_a, round, Duration::from_secs(3)).await;
+        let took = start.elapsed();
+        println!(
+            "round {round}: raise through B took {raised:?}; A woke {took:?} after the raise began"
+        );
         worst = worst.max(took);
         let seen = a.events(&school, round - 1, round, 10).await.unwrap();
         assert_eq!(seen, vec![(round, InboxEvent::Concern(c.id.clone()))]);
@@ -647,10 +654,12 @@ async fn polling_delivers_when_no_listener_runs_and_after_the_listener_is_cut() 
     let to = ["school-oakfield"];
     let due = datetime!(2026-11-23 14:00 UTC);
     for round in 1..=3u64 {
+        let start = Instant::now();
         b.raise(&concern(&keys, "police-met", &to, due), None)
             .await
             .unwrap();
-        let took = reaches(&mut on_a, round, Duration::from_secs(3)).await;
+        reaches(&mut on_a, round, Duration::from_secs(3)).await;
+        let took = start.elapsed();
         println!("round {round}: seen by polling (no LISTEN) after {took:?}");
         assert!(took < Duration::from_secs(3));
     }
@@ -671,20 +680,24 @@ async fn polling_delivers_when_no_listener_runs_and_after_the_listener_is_cut() 
         .unwrap()
         .get(0);
     assert!(cut >= 1, "listeners cut: {cut}");
+    let start = Instant::now();
     b.raise(&concern(&keys, "police-met", &to, due), None)
         .await
         .unwrap();
-    let took = reaches(&mut on_c, 4, Duration::from_secs(3)).await;
+    reaches(&mut on_c, 4, Duration::from_secs(3)).await;
+    let took = start.elapsed();
     println!("after the listener was cut: seen after {took:?}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !c.listening() {
         assert!(Instant::now() < deadline, "the listener did not come back");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let start = Instant::now();
     b.raise(&concern(&keys, "police-met", &to, due), None)
         .await
         .unwrap();
-    let took = reaches(&mut on_c, 5, Duration::from_secs(3)).await;
+    reaches(&mut on_c, 5, Duration::from_secs(3)).await;
+    let took = start.elapsed();
     println!("after the listener came back: seen after {took:?}");
 
     drop(sql);
@@ -821,6 +834,113 @@ async fn concurrent_updates_of_one_concern_through_both_replicas_lose_nothing() 
         police.iter().map(|e| e.0).collect::<Vec<_>>(),
         (1..=(8 * EACH) as u64).collect::<Vec<_>>()
     );
+    drop((a, b));
+    db.drop_database().await;
+}
+
+/// Sends SIGCONT to the stopped server processes when dropped (even on a panic), so
+/// that the test database can still be dropped.
+struct Stopped(Vec<i32>);
+
+impl Stopped {
+    fn signal(pids: &[i32], sig: &str) -> bool {
+        pids.iter().all(|pid| {
+            std::process::Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        Stopped::signal(&self.0, "-CONT");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_takes_over_when_the_listening_connection_goes_silent() {
+    let Some(url) = server_url("concerns_silent") else {
+        return;
+    };
+    let db = TestDb::create(&url, "concerns_silent").await;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let keys = keys_in(keys_dir.path());
+    let (a, b) = two_replicas(&db, &keys).await;
+    until_listening(&a).await;
+    until_listening(&b).await;
+    let sql = db.sql().await;
+    let pids: Vec<i32> = sql
+        .query(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE application_name = $1 AND datname = current_database()",
+            &[&sgw::pg::concerns::LISTENER_APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(pids.len(), 2, "one listener per replica");
+    // Only a server on this machine, whose backends we may signal.
+    let local = pids.iter().all(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.windows(8).any(|w| w == b"postgres"))
+    });
+    if !local {
+        println!(
+            "concerns_silent: skipped: the server's backends are not processes on this machine"
+        );
+        drop(sql);
+        drop((a, b));
+        db.drop_database().await;
+        return;
+    }
+    // Both listening backends stop answering, their connections stay open: to the
+    // replicas this looks like a half-open connection.
+    assert!(Stopped::signal(&pids, "-STOP"), "SIGSTOP the listeners");
+    let stopped = Stopped(pids);
+    let school = agency("school-oakfield");
+    let mut on_a = a.durable_cursor(&school).unwrap();
+    let to = ["school-oakfield"];
+    let due = datetime!(2026-11-23 14:00 UTC);
+    let start = Instant::now();
+    b.raise(&concern(&keys, "police-met", &to, due), None)
+        .await
+        .unwrap();
+    reaches(&mut on_a, 1, Duration::from_secs(5)).await;
+    let took = start.elapsed();
+    println!("listener silent: seen by polling after {took:?} (two intervals without an answer, then the next tick)");
+    assert!(
+        a.listening(),
+        "not yet given up on (patience is 10 intervals)"
+    );
+
+    // Answering again: the listener is trusted again and wakes subscribers at once.
+    drop(stopped);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut raised = 1;
+    loop {
+        let start = Instant::now();
+        b.raise(&concern(&keys, "police-met", &to, due), None)
+            .await
+            .unwrap();
+        raised += 1;
+        reaches(&mut on_a, raised, Duration::from_secs(5)).await;
+        let took = start.elapsed();
+        if took < Duration::from_millis(200) {
+            println!("listener answering again: seen after {took:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the listener never woke subscribers again"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    drop(sql);
     drop((a, b));
     db.drop_database().await;
 }

@@ -58,8 +58,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{GenericClient, Pool};
 use time::OffsetDateTime;
@@ -109,15 +109,24 @@ const SELECT_EVENTS: &str = "SELECT seq, event FROM inbox_events \
 const SELECT_HEADS: &str =
     "SELECT agency_id, last_cursor FROM inbox_heads WHERE agency_id = ANY($1)";
 
+/// The shortest [`PgInboxSettings::poll_interval`] honoured.
+const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// How many poll intervals the listening connection may leave a ping unanswered
+/// before it is dropped and reconnected (polling takes over much sooner: see
+/// [`PgInboxSettings::poll_interval`]).
+const PING_PATIENCE: u32 = 10;
+
 /// How a replica learns of events appended by the others.
 #[derive(Debug, Clone)]
 pub struct PgInboxSettings {
     /// Keep a `LISTEN sgw_inbox` connection (on by default). Off, the replica only
     /// polls.
     pub listen: bool,
-    /// How often every watched head is read while the listener is not connected,
-    /// how long to wait before reconnecting it, and how often (and how patiently)
-    /// the listening connection is pinged. 1 s by default.
+    /// How often every watched head is read while the listener cannot be relied
+    /// on (not connected, or its connection has not answered a ping for two
+    /// intervals: a half-open connection), how long to wait before reconnecting
+    /// it, and how often the listening connection is pinged. 1 s by default.
     pub poll_interval: Duration,
 }
 
@@ -146,6 +155,8 @@ struct Heads {
     durable: HashMap<String, watch::Sender<u64>>,
     /// Whether the listener is connected and listening.
     listening: AtomicBool,
+    /// When the listening connection last answered (LISTEN or a ping).
+    answered: Mutex<Instant>,
     /// A notification could not be followed up: poll at the next tick.
     missed: AtomicBool,
 }
@@ -166,6 +177,22 @@ impl Heads {
 
     fn watched(&self) -> Vec<String> {
         self.durable.keys().cloned().collect()
+    }
+
+    fn answered_now(&self) {
+        *self.answered.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    /// Whether the listener can be relied on: listening, and its connection
+    /// answered within `within`.
+    fn trusted(&self, within: Duration) -> bool {
+        self.listening.load(Ordering::SeqCst)
+            && self
+                .answered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed()
+                <= within
     }
 }
 
@@ -207,27 +234,24 @@ impl PgConcernStore {
                 .map(|a| (a.as_str().to_owned(), watch::channel(0).0))
                 .collect(),
             listening: AtomicBool::new(false),
+            answered: Mutex::new(Instant::now()),
             missed: AtomicBool::new(false),
         });
         refresh(&pool, &heads, heads.watched())
             .await
             .map_err(PgError::Connect)?;
         let stop = CancellationToken::new();
+        let interval = settings.poll_interval.max(MIN_POLL_INTERVAL);
         if settings.listen {
             tokio::spawn(listen(
                 listener,
                 pool.clone(),
                 heads.clone(),
-                settings.poll_interval,
+                interval,
                 stop.clone(),
             ));
         }
-        tokio::spawn(poll(
-            pool.clone(),
-            heads.clone(),
-            settings.poll_interval,
-            stop.clone(),
-        ));
+        tokio::spawn(poll(pool.clone(), heads.clone(), interval, stop.clone()));
         Ok(PgConcernStore {
             pool,
             keys,
@@ -612,8 +636,8 @@ async fn refresh(pool: &Pool, heads: &Heads, agencies: Vec<String>) -> Result<()
     Ok(())
 }
 
-/// Every `interval`, reads every watched head when the listener is not listening
-/// (or missed a follow-up).
+/// Every `interval`, reads every watched head when the listener cannot be relied on
+/// (not listening, silent for two intervals, or a follow-up failed).
 async fn poll(pool: Pool, heads: Arc<Heads>, interval: Duration, stop: CancellationToken) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -624,7 +648,7 @@ async fn poll(pool: Pool, heads: Arc<Heads>, interval: Duration, stop: Cancellat
         }
         // Clear the flag on every tick, listening or not.
         let missed = heads.missed.swap(false, Ordering::SeqCst);
-        if missed || !heads.listening.load(Ordering::SeqCst) {
+        if missed || !heads.trusted(2 * interval) {
             if let Err(e) = refresh(&pool, &heads, heads.watched()).await {
                 heads.missed.store(true, Ordering::SeqCst);
                 tracing::warn!(error = %e, "inbox poll failed");
@@ -634,7 +658,8 @@ async fn poll(pool: Pool, heads: Arc<Heads>, interval: Duration, stop: Cancellat
 }
 
 /// Keeps a `LISTEN sgw_inbox` connection, reconnecting after `retry` when it drops
-/// or stops answering pings (sent every `retry`).
+/// or leaves a ping (sent every `retry`) unanswered for `PING_PATIENCE` times
+/// `retry`.
 async fn listen(
     config: tokio_postgres::Config,
     pool: Pool,
@@ -660,7 +685,7 @@ async fn listen(
 async fn listen_once(
     config: &tokio_postgres::Config,
     pool: &Pool,
-    heads: &Heads,
+    heads: &Arc<Heads>,
     ping: Duration,
     stop: &CancellationToken,
 ) -> Result<(), String> {
@@ -689,26 +714,46 @@ async fn listen_once(
         .batch_execute("LISTEN sgw_inbox")
         .await
         .map_err(|e| format!("LISTEN: {}", describe(&e)))?;
+    heads.answered_now();
     heads.listening.store(true, Ordering::SeqCst);
     // Anything committed before LISTEN took effect.
     refresh(pool, heads, heads.watched())
         .await
         .map_err(|e| format!("reading the inbox heads: {e}"))?;
-    // A connection can die without closing (a half-open TCP connection): ping it,
-    // and give up on it when the server does not answer within `ping`.
-    let mut ping_tick = tokio::time::interval(ping);
-    ping_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A connection can die without closing (a half-open TCP connection). A pinger
+    // records each answer (the poller stops trusting a listener that has not
+    // answered for two intervals) and gives up on the connection when a ping goes
+    // unanswered for PING_PATIENCE intervals; notifications are handled meanwhile.
+    let client = Arc::new(client);
+    let (failed_tx, mut failed) = tokio::sync::oneshot::channel::<String>();
+    let pinger = {
+        let client = client.clone();
+        let patience = ping * PING_PATIENCE;
+        let heads = heads.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ping);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let why = match tokio::time::timeout(patience, client.simple_query("")).await {
+                    Ok(Ok(_)) => {
+                        heads.answered_now();
+                        continue;
+                    }
+                    Ok(Err(e)) => format!("ping: {}", describe(&e)),
+                    Err(_) => format!("ping: no answer within {patience:?}"),
+                };
+                let _ = failed_tx.send(why);
+                return;
+            }
+        })
+    };
+    let _abort_pinger = AbortOnDrop(pinger);
     loop {
         let first = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             got = rx.recv() => got.ok_or_else(|| "the listening connection closed".to_owned())?,
-            _ = ping_tick.tick() => {
-                match tokio::time::timeout(ping, client.simple_query("")).await {
-                    Ok(Ok(_)) => continue,
-                    Ok(Err(e)) => return Err(format!("ping: {}", describe(&e))),
-                    Err(_) => return Err(format!("ping: no answer within {ping:?}")),
-                }
-            }
+            why = &mut failed => return Err(why.unwrap_or_else(|_| "the pinger stopped".to_owned())),
         };
         let mut agencies = BTreeSet::from([first]);
         while let Ok(more) = rx.try_recv() {
