@@ -944,3 +944,91 @@ async fn polling_takes_over_when_the_listening_connection_goes_silent() {
     drop((a, b));
     db.drop_database().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_sweeping_one_overdue_concern_escalate_it_once() {
+    let Some(url) = server_url("concerns_sweep") else {
+        return;
+    };
+    let db = TestDb::create(&url, "concerns_sweep").await;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let keys = keys_in(keys_dir.path());
+    let (a, b) = two_replicas(&db, &keys).await;
+    let due = datetime!(2026-11-23 11:00 UTC);
+    let now = datetime!(2026-11-23 12:00 UTC);
+    const ROUNDS: usize = 20;
+    let mut ids = Vec::new();
+    for _ in 0..ROUNDS {
+        let c = concern(
+            &keys,
+            "police-met",
+            &["school-oakfield", "csc-southwark"],
+            due,
+        );
+        a.raise(&c, None).await.unwrap();
+        ids.push(c.id);
+    }
+    // The sweeper's store step, as src/concerns/sweeper.rs does it: under the
+    // concern's lock, mark the late recipients; only if that changed anything,
+    // rewrite the concern and tell the sender and the front door.
+    let sweep = |store: PgConcernStore, id: ConcernId, barrier: Arc<tokio::sync::Barrier>| {
+        tokio::spawn(async move {
+            barrier.wait().await;
+            let mut escalated = false;
+            store
+                .update(&id, |c| {
+                    let late = [agency("school-oakfield"), agency("csc-southwark")];
+                    if c.mark_escalated(&late).is_empty() {
+                        return Edit {
+                            settle_until: Some(now),
+                            ..Edit::default()
+                        };
+                    }
+                    escalated = true;
+                    let event = InboxEvent::Escalation(Escalation {
+                        concern_id: c.id.clone(),
+                        reason: "late".into(),
+                        due_at: due,
+                    });
+                    Edit {
+                        record: true,
+                        events: vec![
+                            (agency("police-met"), event.clone()),
+                            (agency("csc-southwark"), event),
+                        ],
+                        settle_until: Some(now),
+                    }
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            escalated
+        })
+    };
+    for id in &ids {
+        assert!(a.due_by(now).await.unwrap().contains(id), "due");
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let ha = sweep(a.clone(), id.clone(), barrier.clone());
+        let hb = sweep(b.clone(), id.clone(), barrier);
+        let (ea, eb) = (ha.await.unwrap(), hb.await.unwrap());
+        assert!(ea ^ eb, "exactly one replica escalated ({ea}, {eb})");
+        let c = b.get(id).await.unwrap().unwrap();
+        assert!(c.recipients.iter().all(|d| d.escalated));
+    }
+    assert!(a.due_by(now).await.unwrap().is_empty(), "all settled");
+    let police = a
+        .events(&agency("police-met"), 0, u64::MAX, 1000)
+        .await
+        .unwrap();
+    assert_eq!(police.len(), ROUNDS, "one escalation per concern");
+    let escalated: BTreeSet<&str> = police
+        .iter()
+        .map(|(_, e)| match e {
+            InboxEvent::Escalation(e) => e.concern_id.as_str(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(escalated.len(), ROUNDS);
+    drop((a, b));
+    db.drop_database().await;
+}
