@@ -8,106 +8,20 @@
 //! Replicas are independent `PgAuditLog`s with their own pools and writer tasks,
 //! sharing only the database and the key files, as gateway processes would.
 
+mod pg_common;
+
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pg_common::{server_url, with_database, TestDb};
 use sgw::audit::merkle::{self, Hash, MemoryTree};
 use sgw::audit::{Actor, AuditError, NewEntry};
 use sgw::domain::{Clock, ManualClock, SystemClock};
 use sgw::pg::{Lease, PgAuditLog, PgAuditSettings, PgConfig};
 use sgw::proto::v1::{ActorRole, AuditAction, AuditOutcome};
 use sgw::store::Keys;
-use tokio_postgres::NoTls;
-
-const URL_VAR: &str = "SGW_TEST_POSTGRES_URL";
-
-/// The server's URL, or `None` after printing why the test is skipped.
-fn server_url(test: &str) -> Option<String> {
-    match std::env::var(URL_VAR) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            println!("{test}: skipped: {URL_VAR} is unset (no PostgreSQL server to test against; .ci/run starts one)");
-            None
-        }
-    }
-}
-
-/// `url` with its database name replaced by `db`.
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let authority_end = base[scheme_end..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + i);
-    format!("{}/{db}{query}", &base[..authority_end])
-}
-
-/// A fresh, empty database for one test; dropped by [`TestDb::drop_database`].
-struct TestDb {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    async fn create(admin_url: &str, test: &str) -> TestDb {
-        let name = format!("sgw_{test}_{}", std::process::id());
-        let admin = admin(admin_url).await;
-        // One statement per call: DROP/CREATE DATABASE refuse to run in the implicit
-        // transaction of a multi-statement query.
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await
-            .expect("drop a leftover test database");
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create the test database");
-        TestDb {
-            admin_url: admin_url.to_owned(),
-            url: with_database(admin_url, &name),
-            name,
-        }
-    }
-
-    fn config(&self, pool_size: usize) -> PgConfig {
-        let mut c = PgConfig::new(self.url.clone());
-        c.pool_size = pool_size;
-        c.statement_timeout = Duration::from_secs(20);
-        c
-    }
-
-    /// A plain connection to this database, for looking at (and tampering with) rows.
-    async fn sql(&self) -> tokio_postgres::Client {
-        admin(&self.url).await
-    }
-
-    async fn drop_database(self) {
-        let admin = admin(&self.admin_url).await;
-        admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await
-            .expect("drop the test database");
-    }
-}
-
-async fn admin(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect to {URL_VAR}: {e}"));
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
-}
 
 /// Keys in a folder every replica of a test loads them from (as replicas share key
 /// files or a secrets mount).
@@ -720,7 +634,7 @@ async fn kill_nine_one_writer_process_mid_load_loses_no_acknowledged_entry() {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env(CHILD_URL, &db.url)
+        .env(CHILD_URL, db.url())
         .env(CHILD_KEYS, keys.path())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

@@ -154,7 +154,7 @@ impl ConcernStore {
     /// The concern with this id.
     pub fn get(&self, id: &ConcernId) -> Result<Option<Concern>, StoreError> {
         match self.tree.get(concern_key(id))? {
-            Some(sealed) => self.open_concern(id, &sealed).map(Some),
+            Some(sealed) => open_concern(&self.keys, id, &sealed).map(Some),
             None => Ok(None),
         }
     }
@@ -181,7 +181,7 @@ impl ConcernStore {
         concern: &Concern,
         key: Option<&IdempotencyKey>,
     ) -> Result<Raised, StoreError> {
-        let sealed = self.seal_concern(concern)?;
+        let sealed = seal_concern(&self.keys, concern)?;
         let appended = {
             let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(key) = key {
@@ -231,7 +231,7 @@ impl ConcernStore {
             }
             let mut batch = sled::Batch::default();
             if edit.record {
-                batch.insert(concern_key(id), self.seal_concern(&concern)?);
+                batch.insert(concern_key(id), seal_concern(&self.keys, &concern)?);
             }
             if let Some(until) = edit.settle_until {
                 for key in self.deadline_keys(id, until)? {
@@ -383,33 +383,6 @@ impl ConcernStore {
             }
         }
         Ok(keys)
-    }
-
-    fn seal_concern(&self, concern: &Concern) -> Result<Vec<u8>, StoreError> {
-        let json = serde_json::to_vec(&StoredConcern::from(concern))
-            .map_err(|e| StoreError::Corrupt(format!("encoding a concern: {e}")))?;
-        self.keys
-            .data_seal
-            .seal(concern.id.as_str().as_bytes(), &json)
-            .map_err(|e| StoreError::Io(e.to_string()))
-    }
-
-    fn open_concern(&self, id: &ConcernId, sealed: &[u8]) -> Result<Concern, StoreError> {
-        let corrupt = |what: &str| StoreError::Corrupt(format!("concern {id}: {what}"));
-        let json = self
-            .keys
-            .data_seal
-            .open(id.as_str().as_bytes(), sealed)
-            .map_err(|_| corrupt("does not open"))?;
-        let stored: StoredConcern =
-            serde_json::from_slice(&json).map_err(|_| corrupt("malformed record"))?;
-        let concern = stored
-            .into_concern()
-            .ok_or_else(|| corrupt("malformed field"))?;
-        if &concern.id != id {
-            return Err(corrupt("stored under another id"));
-        }
-        Ok(concern)
     }
 }
 
@@ -616,6 +589,40 @@ impl StoredConcern {
             decision,
         })
     }
+}
+
+// === sealing, shared by every concern store (sled here, PostgreSQL in `crate::pg`) ===
+
+/// Seals a concern with the data key, its id as associated data.
+pub(crate) fn seal_concern(keys: &Keys, concern: &Concern) -> Result<Vec<u8>, StoreError> {
+    let json = serde_json::to_vec(&StoredConcern::from(concern))
+        .map_err(|e| StoreError::Corrupt(format!("encoding a concern: {e}")))?;
+    keys.data_seal
+        .seal(concern.id.as_str().as_bytes(), &json)
+        .map_err(|e| StoreError::Io(e.to_string()))
+}
+
+/// Opens the concern sealed under `id`; corrupt if it does not open, does not
+/// parse, or holds another concern.
+pub(crate) fn open_concern(
+    keys: &Keys,
+    id: &ConcernId,
+    sealed: &[u8],
+) -> Result<Concern, StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("concern {id}: {what}"));
+    let json = keys
+        .data_seal
+        .open(id.as_str().as_bytes(), sealed)
+        .map_err(|_| corrupt("does not open"))?;
+    let stored: StoredConcern =
+        serde_json::from_slice(&json).map_err(|_| corrupt("malformed record"))?;
+    let concern = stored
+        .into_concern()
+        .ok_or_else(|| corrupt("malformed field"))?;
+    if &concern.id != id {
+        return Err(corrupt("stored under another id"));
+    }
+    Ok(concern)
 }
 
 pub(crate) fn encode_event(keys: &Keys, event: &InboxEvent) -> Result<Vec<u8>, StoreError> {

@@ -71,7 +71,8 @@ use super::config::{PgConfig, PgError};
 use super::describe;
 use crate::concerns::model::{Concern, ConcernId, InboxEvent};
 use crate::concerns::store::{
-    decode_event, encode_event, micros, Edit, IdempotencyKey, Raised, StoreError, StoredConcern,
+    decode_event, encode_event, micros, open_concern, seal_concern, Edit, IdempotencyKey, Raised,
+    StoreError,
 };
 use crate::domain::AgencyId;
 use crate::store::Keys;
@@ -275,7 +276,7 @@ impl PgConcernStore {
         let client = self.client().await?;
         let stmt = client.prepare_cached(SELECT_CONCERN).await.map_err(pg)?;
         match client.query_opt(&stmt, &[&id.as_str()]).await.map_err(pg)? {
-            Some(row) => self.open_concern(id, row.get(0)).map(Some),
+            Some(row) => open_concern(&self.keys, id, row.get(0)).map(Some),
             None => Ok(None),
         }
     }
@@ -306,7 +307,7 @@ impl PgConcernStore {
         concern: &Concern,
         key: Option<&IdempotencyKey>,
     ) -> Result<Raised, StoreError> {
-        let sealed = self.seal_concern(concern)?;
+        let sealed = seal_concern(&self.keys, concern)?;
         let events: Vec<(AgencyId, InboxEvent)> = concern
             .recipients
             .iter()
@@ -371,14 +372,14 @@ impl PgConcernStore {
             tx.rollback().await.map_err(pg)?;
             return Ok(None);
         };
-        let mut concern = self.open_concern(id, row.get(0))?;
+        let mut concern = open_concern(&self.keys, id, row.get(0))?;
         let edit = edit(&mut concern);
         if !edit.record && edit.events.is_empty() && edit.settle_until.is_none() {
             tx.rollback().await.map_err(pg)?;
             return Ok(Some(concern));
         }
         if edit.record {
-            let sealed = self.seal_concern(&concern)?;
+            let sealed = seal_concern(&self.keys, &concern)?;
             let stmt = tx.prepare_cached(UPDATE_CONCERN).await.map_err(pg)?;
             tx.execute(&stmt, &[&id.as_str(), &sealed])
                 .await
@@ -518,33 +519,6 @@ impl PgConcernStore {
                 })
             })
             .collect()
-    }
-
-    fn seal_concern(&self, concern: &Concern) -> Result<Vec<u8>, StoreError> {
-        let json = serde_json::to_vec(&StoredConcern::from(concern))
-            .map_err(|e| StoreError::Corrupt(format!("encoding a concern: {e}")))?;
-        self.keys
-            .data_seal
-            .seal(concern.id.as_str().as_bytes(), &json)
-            .map_err(|e| StoreError::Io(e.to_string()))
-    }
-
-    fn open_concern(&self, id: &ConcernId, sealed: &[u8]) -> Result<Concern, StoreError> {
-        let corrupt = |what: &str| StoreError::Corrupt(format!("concern {id}: {what}"));
-        let json = self
-            .keys
-            .data_seal
-            .open(id.as_str().as_bytes(), sealed)
-            .map_err(|_| corrupt("does not open"))?;
-        let stored: StoredConcern =
-            serde_json::from_slice(&json).map_err(|_| corrupt("malformed record"))?;
-        let concern = stored
-            .into_concern()
-            .ok_or_else(|| corrupt("malformed field"))?;
-        if &concern.id != id {
-            return Err(corrupt("stored under another id"));
-        }
-        Ok(concern)
     }
 }
 

@@ -1,7 +1,10 @@
-//! Helpers for the PostgreSQL tests, the same as those at the top of
-//! tests/pg_records.rs and tests/pg_audit.rs (which keep their own copies for now):
+//! Helpers shared by the PostgreSQL tests (tests/pg_*.rs, each with `mod pg_common;`):
 //! the server's URL from `SGW_TEST_POSTGRES_URL` (skip with a printed reason when
-//! unset), and a fresh database per test, dropped when the test passes.
+//! unset), a fresh database per test, dropped when the test passes, and a dump of
+//! every table for looking for clear text.
+
+// Each test crate compiles its own copy and not every one uses every helper.
+#![allow(dead_code)]
 
 use std::time::Duration;
 
@@ -67,6 +70,11 @@ impl TestDb {
         c.pool_size = pool_size;
         c.statement_timeout = Duration::from_secs(20);
         c
+    }
+
+    /// This database's URL (for handing to a child process).
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// A plain connection to this database, for looking at (and tampering with) rows.
