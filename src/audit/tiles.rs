@@ -127,7 +127,7 @@ impl PartialTile {
         }
     }
 
-    /// A partial tile from the complete nodes of its lowest row (fewer than 64).
+    /// A partial tile from the complete nodes of its lowest row (fewer than [`TILE_WIDTH`]).
     fn from_lowest_row(id: TileId, lowest: &[Hash]) -> PartialTile {
         let mut tile = PartialTile::empty(id);
         tile.filled = lowest.len() as u64;
@@ -166,7 +166,7 @@ impl Default for Edge {
 
 impl Edge {
     /// Rebuilds the edge of a stored tree of `size` leaves from the leaf hashes
-    /// of its last partial tile (`size % 64` of them) and its stored full tiles.
+    /// of its last partial tile (`size % TILE_WIDTH` of them) and its stored full tiles.
     pub(crate) fn rebuild(
         size: u64,
         last_leaves: &[Hash],

@@ -294,43 +294,71 @@ struct Writer {
 /// call, often a context switch); from a task on a worker, waking a waiter only
 /// queues it there. So a commit of n entries costs one remote wake, not n
 /// (profiled at 64 callers: ~2.6 futex calls per disclosure before).
-struct Dispatcher(mpsc::UnboundedSender<Vec<Receipt>>);
+///
+/// The task runs on the runtime that was current when the log was opened; the
+/// gateway opens and uses its auditor on one runtime, which outlives both.
+struct Dispatcher(mpsc::UnboundedSender<Answer>);
+
+/// What the writer hands to the [`Dispatcher`], answered in the order sent.
+enum Answer {
+    /// The receipts of one commit.
+    Receipts(Vec<Receipt>),
+    /// The writer has let go of the store: answered after every receipt before it,
+    /// so that `close` never returns ahead of a receipt for an entry on disk.
+    Closed(oneshot::Sender<()>),
+}
 
 /// One waiter and its answer.
-struct Receipt(oneshot::Sender<Result<Durable, AuditError>>, Durable);
+struct Receipt {
+    waiter: oneshot::Sender<Result<Durable, AuditError>>,
+    durable: Durable,
+}
+
+impl Answer {
+    fn deliver(self) {
+        match self {
+            Answer::Receipts(receipts) => {
+                for Receipt { waiter, durable } in receipts {
+                    let _ = waiter.send(Ok(durable));
+                }
+            }
+            Answer::Closed(reply) => {
+                let _ = reply.send(());
+            }
+        }
+    }
+}
 
 impl Dispatcher {
     /// Starts the forwarding task on the current runtime, if there is one.
     fn start() -> Option<Dispatcher> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
-        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Receipt>>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Answer>();
         runtime.spawn(async move {
-            while let Some(receipts) = rx.recv().await {
-                for Receipt(reply, durable) in receipts {
-                    let _ = reply.send(Ok(durable));
-                }
+            while let Some(answer) = rx.recv().await {
+                answer.deliver();
             }
         });
         Some(Dispatcher(tx))
     }
-
-    /// Answers every waiter: through the task, or from this thread if the task
-    /// has gone (the runtime is shutting down).
-    fn answer(dispatcher: Option<&Dispatcher>, receipts: Vec<Receipt>) {
-        let receipts = match dispatcher {
-            Some(d) => match d.0.send(receipts) {
-                Ok(()) => return,
-                Err(mpsc::error::SendError(receipts)) => receipts,
-            },
-            None => receipts,
-        };
-        for Receipt(reply, durable) in receipts {
-            let _ = reply.send(Ok(durable));
-        }
-    }
 }
 
 impl Writer {
+    /// Answers through the dispatcher, or from this thread if there is none or its
+    /// task has gone with its runtime. (Answers queued to a task that is then
+    /// dropped are lost with it: those calls fail as if the writer had stopped, and
+    /// disclose nothing.)
+    fn answer(&self, answer: Answer) {
+        let answer = match &self.dispatcher {
+            Some(d) => match d.0.send(answer) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(answer)) => answer,
+            },
+            None => answer,
+        };
+        answer.deliver();
+    }
+
     fn run(mut self) {
         let mut commands = Vec::with_capacity(self.settings.max_batch);
         loop {
@@ -366,7 +394,7 @@ impl Writer {
             if !closing.is_empty() {
                 self.release();
                 for reply in closing {
-                    let _ = reply.send(());
+                    self.answer(Answer::Closed(reply));
                 }
                 return;
             }
@@ -403,7 +431,10 @@ impl Writer {
                     match c {
                         Command::Append(_, reply) => {
                             if let Some(d) = di.next() {
-                                receipts.push(Receipt(reply, d));
+                                receipts.push(Receipt {
+                                    waiter: reply,
+                                    durable: d,
+                                });
                             }
                         }
                         Command::Checkpoint(reply) => {
@@ -418,7 +449,7 @@ impl Writer {
                         }
                     }
                 }
-                Dispatcher::answer(self.dispatcher.as_ref(), receipts);
+                self.answer(Answer::Receipts(receipts));
             }
             Err(e) => {
                 tracing::error!(error = %e, "audit commit failed: failing closed until the store recovers");
