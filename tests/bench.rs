@@ -2,16 +2,19 @@
 //! bare echo on a temporary data dir and development PKI, seeds records and consents,
 //! drives every op of the mix over mutual TLS, and reports figures and ratios. Speed
 //! is not asserted here (the benchmarks measure it); that the tool works end to end,
-//! with every call answered as expected, is.
+//! with every call answered as expected, is. Linux only: the tool reads RSS and CPU
+//! from `/proc`.
+#![cfg(target_os = "linux")]
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 #[test]
 fn sgw_bench_drives_the_whole_mix_against_the_echo_and_reports_it_as_json() {
     let work = tempfile::tempdir().expect("temp dir");
-    let out = Command::new(env!("CARGO_BIN_EXE_sgw"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sgw"))
         .current_dir(work.path())
         .args([
             "bench",
@@ -36,8 +39,37 @@ fn sgw_bench_drives_the_whole_mix_against_the_echo_and_reports_it_as_json() {
             "--baseline",
             "--json",
         ])
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run sgw bench");
+    // A hung bench must fail the test, not hang the suite. (Killed, it cannot stop
+    // the gateway and echo it started; the deadline is far beyond a normal run.)
+    let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for sgw bench") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("sgw bench did not finish within 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = std::process::Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    };
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "sgw bench failed: {stderr}");
     let report: Value = serde_json::from_slice(&out.stdout)
@@ -79,7 +111,7 @@ fn sgw_bench_drives_the_whole_mix_against_the_echo_and_reports_it_as_json() {
         (throughput - expected).abs() < 1e-9 * expected.max(1.0),
         "{report:#}"
     );
-    // Every call wrote a durable audit entry, in group commits the gateway reported.
+    // The gateway reported its audit group commits (read from its metrics endpoint).
     assert!(
         report["audit_mean_group"].as_f64().unwrap_or(0.0) >= 1.0,
         "{report:#}"

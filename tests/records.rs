@@ -1002,11 +1002,6 @@ async fn records_past_retention_are_refused_then_purged_with_an_audit_entry() {
     assert_eq!(purged[0].actor_id, "system");
     assert_eq!(purged[0].actor_role, ActorRole::System as i32);
     assert_eq!(purged[0].target_agency_id, "nhs-guys");
-    let left: Vec<String> = std::fs::read_dir(&content_dir)
-        .expect("dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(left, [kept.record_id.as_str()]);
     // The record is gone; the audit entries about it stay. The purge audits, then
     // deletes the content, then the metadata: until the last step is done (its fsyncs
     // can take a while on a busy disk) the record is still refused as expired.
@@ -1027,6 +1022,12 @@ async fn records_past_retention_are_refused_then_purged_with_an_audit_entry() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The metadata goes last, so by now the content file has gone too.
+    let left: Vec<String> = std::fs::read_dir(&content_dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, [kept.record_id.as_str()]);
     assert!(audited(&gw, &env, AuditAction::RecordShared)
         .await
         .iter()

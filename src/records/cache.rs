@@ -11,7 +11,7 @@
 //!
 //! Consents are deliberately not cached: a withdrawal applies to the very next call.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -47,6 +47,43 @@ struct Inner {
     records: HashMap<RecordId, Arc<Record>>,
     contents: HashMap<RecordId, Arc<[u8]>>,
     content_bytes: usize,
+    /// Ids in the order they were kept: the oldest goes first (FIFO). An id whose
+    /// entry a purge removed stays here until it reaches the front.
+    record_order: VecDeque<RecordId>,
+    content_order: VecDeque<RecordId>,
+}
+
+impl Inner {
+    /// Drops the oldest record still held.
+    fn evict_record(&mut self) {
+        while let Some(id) = self.record_order.pop_front() {
+            if self.records.remove(&id).is_some() {
+                return;
+            }
+        }
+    }
+
+    /// Drops the oldest content still held.
+    fn evict_content(&mut self) {
+        while let Some(id) = self.content_order.pop_front() {
+            if let Some(gone) = self.contents.remove(&id) {
+                self.content_bytes -= gone.len();
+                return;
+            }
+        }
+    }
+
+    /// Keeps the order queues from growing with the ids of purged records.
+    fn compact(&mut self) {
+        if self.record_order.len() > 2 * self.records.len() + 64 {
+            let records = &self.records;
+            self.record_order.retain(|id| records.contains_key(id));
+        }
+        if self.content_order.len() > 2 * self.contents.len() + 64 {
+            let contents = &self.contents;
+            self.content_order.retain(|id| contents.contains_key(id));
+        }
+    }
 }
 
 /// The cache. Shared by the clones of a store.
@@ -87,15 +124,13 @@ impl RecordCache {
             return;
         }
         let mut inner = self.lock();
-        if !self.current(seen) {
+        if !self.current(seen) || inner.records.contains_key(&record.id) {
             return;
         }
         if inner.records.len() >= self.limits.records {
-            // Any entry will do: every one of them is as cheap to read again.
-            if let Some(victim) = inner.records.keys().next().cloned() {
-                inner.records.remove(&victim);
-            }
+            inner.evict_record();
         }
+        inner.record_order.push_back(record.id.clone());
         inner.records.insert(record.id.clone(), record);
     }
 
@@ -110,15 +145,11 @@ impl RecordCache {
         if !self.current(seen) || inner.contents.contains_key(id) {
             return;
         }
-        while inner.content_bytes + len > self.limits.content_bytes {
-            let Some(victim) = inner.contents.keys().next().cloned() else {
-                break;
-            };
-            if let Some(gone) = inner.contents.remove(&victim) {
-                inner.content_bytes -= gone.len();
-            }
+        while inner.content_bytes + len > self.limits.content_bytes && !inner.contents.is_empty() {
+            inner.evict_content();
         }
         inner.content_bytes += len;
+        inner.content_order.push_back(id.clone());
         inner.contents.insert(id.clone(), sealed);
     }
 
@@ -130,6 +161,7 @@ impl RecordCache {
         if let Some(gone) = inner.contents.remove(id) {
             inner.content_bytes -= gone.len();
         }
+        inner.compact();
     }
 
     fn current(&self, seen: Epoch) -> bool {
@@ -209,9 +241,39 @@ mod tests {
             inner.contents.values().map(|c| c.len()).sum::<usize>()
         );
         drop(inner);
+        // The oldest go first: of records 0..10, 7, 8 and 9 are left.
+        for n in 0..10 {
+            assert_eq!(cache.record(&record(n).id).is_some(), n >= 7, "record {n}");
+        }
         // Over the per-entry limit: never kept.
         let big = record(99);
         cache.keep_content(cache.epoch(), &big.id, Arc::from(vec![0u8; 11]));
         assert!(cache.content(&big.id).is_none());
+    }
+
+    #[test]
+    fn purged_ids_do_not_pile_up_in_the_eviction_order() {
+        let cache = RecordCache::new(CacheLimits::default());
+        for _round in 0..4 {
+            for n in 0..=255u8 {
+                let r = record(n);
+                cache.keep_record(cache.epoch(), r.clone());
+                cache.keep_content(cache.epoch(), &r.id, Arc::from(&b"sealed"[..]));
+                cache.forget(&r.id);
+            }
+        }
+        let inner = cache.lock();
+        assert!(inner.records.is_empty() && inner.contents.is_empty());
+        assert_eq!(inner.content_bytes, 0);
+        assert!(
+            inner.record_order.len() <= 65,
+            "{}",
+            inner.record_order.len()
+        );
+        assert!(
+            inner.content_order.len() <= 65,
+            "{}",
+            inner.content_order.len()
+        );
     }
 }

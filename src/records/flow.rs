@@ -19,10 +19,6 @@ use crate::proto::v1::{AuditAction, AuditOutcome};
 /// given.
 const MAX_IDS_IN_REASON: usize = 50;
 
-/// Contents up to this size are read on the calling task; larger ones on the
-/// blocking pool, so a 1 MiB read never stalls the other calls of a worker.
-const INLINE_READ_BYTES: u64 = 64 * 1024;
-
 impl Records {
     /// ShareRecord: validates every field, audits (RECORD_SHARED), stores the record
     /// durably and returns it. The caller owns it.
@@ -232,12 +228,12 @@ impl Records {
         };
 
         let id = record.id.clone();
-        // A small file is in the page cache and reads in a few microseconds: less
-        // than the hop to the blocking pool and back (profiled at 64 callers).
-        let content = if record.content_len <= INLINE_READ_BYTES {
-            self.inline(move |s| s.content(&id))?
-        } else {
-            self.blocking(move |s| s.content(&id)).await?
+        // Content the cache holds (sealed) is opened here: the hop to the blocking
+        // pool and back cost more than that (profiled at 64 callers). A file read
+        // goes to the blocking pool, so a cold or busy disk never stalls a worker.
+        let content = match self.inline(|s| s.cached_content(&id))? {
+            Some(content) => content,
+            None => self.blocking(move |s| s.content(&id)).await?,
         };
         let mut entry = Self::entry(
             caller,

@@ -190,7 +190,8 @@ impl Records {
     }
 
     /// Runs a quick store read on the calling task: for sled reads, which are
-    /// served from its page cache. File I/O still goes through [`Self::blocking`].
+    /// served from its page cache, and the record cache. File I/O goes through
+    /// [`Self::blocking`].
     fn inline<T>(
         &self,
         f: impl FnOnce(&RecordStore) -> Result<T, StoreError>,

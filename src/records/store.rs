@@ -187,7 +187,16 @@ impl RecordStore {
         Ok(out)
     }
 
-    /// A record's content.
+    /// A record's content, if its sealed form is in the cache: no file I/O, so it
+    /// may run on an async worker.
+    pub fn cached_content(&self, id: &RecordId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.cache
+            .content(id)
+            .map(|sealed| open_content(&self.keys, id, &sealed))
+            .transpose()
+    }
+
+    /// A record's content: from the cache, or read from its file (blocking I/O).
     pub fn content(&self, id: &RecordId) -> Result<Vec<u8>, StoreError> {
         let sealed = match self.cache.content(id) {
             Some(sealed) => sealed,
@@ -206,10 +215,7 @@ impl RecordStore {
                 sealed
             }
         };
-        self.keys
-            .data_seal
-            .open(&content_context(id), &sealed)
-            .map_err(|_| StoreError::Corrupt(format!("record {id}: content does not open")))
+        open_content(&self.keys, id, &sealed)
     }
 
     /// The records whose retention ended at or before `now`, soonest first, at most
@@ -521,6 +527,13 @@ pub(crate) fn open_record(keys: &Keys, id: &RecordId, sealed: &[u8]) -> Result<R
     stored
         .into_record(id.clone())
         .map_err(|e| StoreError::Corrupt(format!("record {id}: {e}")))
+}
+
+/// Opens a record's sealed content.
+fn open_content(keys: &Keys, id: &RecordId, sealed: &[u8]) -> Result<Vec<u8>, StoreError> {
+    keys.data_seal
+        .open(&content_context(id), sealed)
+        .map_err(|_| StoreError::Corrupt(format!("record {id}: content does not open")))
 }
 
 /// Opens a sealed consent statement.
