@@ -71,6 +71,8 @@ pub struct Config {
     pub metrics: Metrics,
     /// Graceful shutdown (`[shutdown]`).
     pub shutdown: Shutdown,
+    /// Where the gateway keeps its state (`[storage]`).
+    pub storage: Storage,
     index: RegistryIndex,
 }
 
@@ -237,12 +239,49 @@ pub struct Metrics {
     pub listen: Option<SocketAddr>,
 }
 
+/// `[storage]`: where the audit log, records, consents, concerns and inboxes live.
+#[derive(Debug, Clone, Default)]
+pub enum Storage {
+    /// `backend = "sled"` (the default): embedded sled databases under `data_dir`,
+    /// for one gateway process on one machine.
+    #[default]
+    Sled,
+    /// `backend = "postgres"`: one PostgreSQL database shared by any number of
+    /// gateway replicas. The key files stay under `data_dir` (or where
+    /// `audit.signing_key` says) and must be the same on every replica.
+    Postgres(PostgresStorage),
+}
+
+/// `[storage]` with `backend = "postgres"`.
+#[derive(Debug, Clone)]
+pub struct PostgresStorage {
+    /// `url`, `pool_size`, `statement_timeout`, `connect_timeout`,
+    /// `allow_plaintext_network`: how to reach the database.
+    pub connection: crate::pg::PgConfig,
+    /// `replica`: this replica's name in leases and logs, unique among live replicas.
+    /// Default: `<host name>:<listen port>/<process id>`.
+    pub replica: String,
+}
+
 /// `[shutdown]`: graceful shutdown on SIGTERM or Ctrl-C.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shutdown {
     /// `grace`: how long open calls and streams may run on before they are cut.
     /// Default `"10s"`; `"0s"` cuts them at once.
     pub grace: Duration,
+}
+
+/// A replica's default name: the host name, the listen port and the process id, so
+/// that replicas on one machine differ (even on port 0) and a restarted replica does
+/// not take over a lease its dead predecessor held before it expires.
+fn default_replica_name(listen: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "sgw".to_owned());
+    format!("{host}:{}/{}", listen.port(), std::process::id())
 }
 
 /// Read-only lookups over the registry of a [`Config`]: who is registered, in which
@@ -763,6 +802,8 @@ impl Loader<'_> {
             )?,
         };
 
+        let storage = self.storage(raw.storage, listen)?;
+
         Ok(Config {
             listen,
             data_dir,
@@ -779,6 +820,7 @@ impl Loader<'_> {
             audit,
             metrics,
             shutdown,
+            storage,
             index: RegistryIndex {
                 ids: ids
                     .into_iter()
@@ -1117,6 +1159,92 @@ impl Loader<'_> {
         })
     }
 
+    fn storage(&self, raw: RawStorage, listen: SocketAddr) -> Result<Storage, ConfigError> {
+        let backend = raw.backend.as_ref().map(|b| b.get_ref().as_str());
+        match backend {
+            None | Some("sled") => {
+                let stray = [
+                    ("storage.url", raw.url.as_ref().map(Spanned::span)),
+                    (
+                        "storage.statement_timeout",
+                        raw.statement_timeout.as_ref().map(Spanned::span),
+                    ),
+                    (
+                        "storage.connect_timeout",
+                        raw.connect_timeout.as_ref().map(Spanned::span),
+                    ),
+                    ("storage.replica", raw.replica.as_ref().map(Spanned::span)),
+                ];
+                if let Some((field, span)) = stray.into_iter().find(|(_, s)| s.is_some()) {
+                    return Err(self.invalid(
+                        span,
+                        Problem::out_of_range(
+                            field,
+                            "applies only with backend = \"postgres\"".into(),
+                        ),
+                    ));
+                }
+                Ok(Storage::Sled)
+            }
+            Some("postgres") => {
+                let Some(url) = raw.url else {
+                    return Err(self.invalid(
+                        raw.backend.map(|b| b.span()),
+                        Problem::out_of_range(
+                            "storage.url",
+                            "is required with backend = \"postgres\" (e.g. \"postgres://sgw@127.0.0.1:5432/sgw\")".into(),
+                        ),
+                    ));
+                };
+                let url_span = url.span();
+                let mut connection = crate::pg::PgConfig::new(url.into_inner());
+                if let Some(n) = raw.pool_size {
+                    if n == 0 {
+                        return Err(self.invalid(
+                            None,
+                            Problem::out_of_range("storage.pool_size", "must be at least 1".into()),
+                        ));
+                    }
+                    connection.pool_size = n;
+                }
+                connection.statement_timeout = self.positive_duration(
+                    "storage.statement_timeout",
+                    raw.statement_timeout,
+                    connection.statement_timeout,
+                )?;
+                connection.connect_timeout = self.positive_duration(
+                    "storage.connect_timeout",
+                    raw.connect_timeout,
+                    connection.connect_timeout,
+                )?;
+                connection.allow_plaintext_network = raw.allow_plaintext_network.unwrap_or(false);
+                // The URL may hold a password: the message names the problem, never
+                // the URL.
+                connection.driver_config().map_err(|e| {
+                    self.invalid(
+                        Some(url_span),
+                        Problem::out_of_range("storage.url", e.to_string()),
+                    )
+                })?;
+                let replica = match raw.replica {
+                    Some(r) => self.non_blank("storage.replica", r)?,
+                    None => default_replica_name(listen),
+                };
+                Ok(Storage::Postgres(PostgresStorage {
+                    connection,
+                    replica,
+                }))
+            }
+            Some(other) => Err(self.invalid(
+                raw.backend.as_ref().map(Spanned::span),
+                Problem::out_of_range(
+                    "storage.backend",
+                    format!("{other:?} is not a backend; use \"sled\" or \"postgres\""),
+                ),
+            )),
+        }
+    }
+
     // --- leaf parsers ---
 
     /// A path, made absolute against the config file's folder.
@@ -1372,6 +1500,8 @@ struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     shutdown: RawShutdown,
+    #[serde(default)]
+    storage: RawStorage,
 }
 
 #[derive(Deserialize)]
@@ -1466,6 +1596,18 @@ struct RawAudit {
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     listen: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    backend: Option<Spanned<String>>,
+    url: Option<Spanned<String>>,
+    pool_size: Option<usize>,
+    statement_timeout: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+    allow_plaintext_network: Option<bool>,
+    replica: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

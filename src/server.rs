@@ -80,7 +80,7 @@ pub async fn bind(config: Config) -> Result<Bound, ServeError> {
     let acceptor = Acceptor::new(listener, tls.clone(), limits);
     let stop = CancellationToken::new();
     let metrics = Arc::new(crate::metrics::Metrics::default());
-    metrics.watch_audit(app.auditor.stats().clone());
+    metrics.watch_audit(app.auditor.stats());
     let metrics_listener = crate::metrics::bind(config.metrics.listen)
         .await
         .map_err(|source| ServeError::Bind {

@@ -107,6 +107,9 @@ fn checkpoint_message(signed: &SignedCheckpoint) -> Checkpoint {
     }
 }
 
+/// Entries read at a time by ExportEntries.
+const EXPORT_CHUNK: u64 = 64;
+
 type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportEntriesResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -126,14 +129,12 @@ impl AuditService for Audit {
                 filter.subject.clone(),
             )
             .await?;
-            let log = self.app.auditor.log().clone();
-            let token = req.page_token;
             let max_scan = page_size.saturating_mul(20).max(10_000);
-            let page = tokio::task::spawn_blocking(move || {
-                query::run(&log, &filter, &token, page_size, max_scan)
-            })
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
+            let page = self
+                .app
+                .auditor
+                .query(&filter, &req.page_token, page_size, max_scan)
+                .await?;
             Ok(QueryDisclosuresResponse {
                 entries: page.entries,
                 next_page_token: page.next_page_token.unwrap_or_default(),
@@ -158,13 +159,12 @@ impl AuditService for Audit {
                 .ok_or_else(|| ApiError::Invalid("subject is required".into()))?;
             let subject = self.app.subject_ref(subject)?;
             self.audit_call(&ctx, "SubjectAccessReport".into(), Some(subject.clone())).await?;
-            let log = self.app.auditor.log().clone();
             let filter = query::Filter { subject: Some(subject), ..Default::default() };
-            let page = tokio::task::spawn_blocking(move || {
-                query::run(&log, &filter, "", SUBJECT_REPORT_MAX + 1, usize::MAX)
-            })
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
+            let page = self
+                .app
+                .auditor
+                .query(&filter, "", SUBJECT_REPORT_MAX + 1, usize::MAX)
+                .await?;
             if page.entries.len() > SUBJECT_REPORT_MAX {
                 return Err(ApiError::Exhausted(format!(
                     "more than {SUBJECT_REPORT_MAX} entries concern this child; page through them with QueryDisclosures and the subject filter"
@@ -203,8 +203,7 @@ impl AuditService for Audit {
         let ctx = request_context(&req)?;
         let req = req.into_inner();
         let result = async {
-            let log = self.app.auditor.log();
-            let size = log.size();
+            let size = self.app.auditor.size().await?;
             if req.tree_size > size || req.seq >= req.tree_size {
                 return Err(ApiError::OutOfRange(format!(
                     "need seq < tree_size <= {size} (the log's size); got seq {} and tree_size {}",
@@ -220,7 +219,11 @@ impl AuditService for Audit {
                 None,
             )
             .await?;
-            let (leaf, hashes) = log.inclusion_proof(req.seq, req.tree_size)?;
+            let (leaf, hashes) = self
+                .app
+                .auditor
+                .inclusion_proof(req.seq, req.tree_size)
+                .await?;
             Ok(GetInclusionProofResponse {
                 leaf_index: req.seq,
                 tree_size: req.tree_size,
@@ -241,8 +244,7 @@ impl AuditService for Audit {
         let ctx = request_context(&req)?;
         let req = req.into_inner();
         let result = async {
-            let log = self.app.auditor.log();
-            let size = log.size();
+            let size = self.app.auditor.size().await?;
             if req.to_size > size || req.from_size > req.to_size {
                 return Err(ApiError::OutOfRange(format!(
                     "need from_size <= to_size <= {size} (the log's size); got from_size {} and to_size {}",
@@ -255,7 +257,11 @@ impl AuditService for Audit {
                 None,
             )
             .await?;
-            let hashes = log.consistency_proof(req.from_size, req.to_size)?;
+            let hashes = self
+                .app
+                .auditor
+                .consistency_proof(req.from_size, req.to_size)
+                .await?;
             Ok(GetConsistencyProofResponse {
                 from_size: req.from_size,
                 to_size: req.to_size,
@@ -277,8 +283,8 @@ impl AuditService for Audit {
         let ctx = request_context(&req)?;
         let req = req.into_inner();
         let result = async {
-            let log = self.app.auditor.log().clone();
-            let size = log.size();
+            let log = self.app.auditor.clone();
+            let size = log.size().await?;
             let to = if req.to_seq == 0 { size } else { req.to_seq };
             if req.from_seq > size || to > size || to < req.from_seq {
                 return Err(ApiError::OutOfRange(format!(
@@ -291,16 +297,23 @@ impl AuditService for Audit {
             let (tx, rx) = tokio::sync::mpsc::channel(64);
             let from = req.from_seq;
             let request_id = ctx.request_id.clone();
-            tokio::task::spawn_blocking(move || {
-                for seq in from..to {
-                    let item = log
-                        .entry(seq)
-                        .map(|entry| ExportEntriesResponse { entry: Some(entry) })
-                        .map_err(|e| ApiError::from(e).into_status(&request_id));
-                    let failed = item.is_err();
-                    if tx.blocking_send(item).is_err() || failed {
-                        return;
+            tokio::spawn(async move {
+                let mut seq = from;
+                while seq < to {
+                    let end = to.min(seq + EXPORT_CHUNK);
+                    let entries = match log.entries(seq, end).await {
+                        Ok(entries) => entries,
+                        Err(e) => {
+                            let _ = tx.send(Err(ApiError::from(e).into_status(&request_id))).await;
+                            return;
+                        }
+                    };
+                    for entry in entries {
+                        if tx.send(Ok(ExportEntriesResponse { entry: Some(entry) })).await.is_err() {
+                            return;
+                        }
                     }
+                    seq = end;
                 }
             });
             Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as ExportStream)

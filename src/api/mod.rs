@@ -18,7 +18,7 @@ use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
 use crate::audit::writer::AuditSettings;
-use crate::audit::{Actor, AuditError, Auditor, LogHealth, NewEntry};
+use crate::audit::{Actor, AuditError, AuditHandle, Auditor, LogHealth, NewEntry};
 use crate::auth::AuthLayer;
 use crate::auth::RequestId;
 use crate::config::Config;
@@ -65,6 +65,9 @@ pub enum AppError {
     /// The record store could not be opened.
     #[error("record store: {0}")]
     Records(#[from] crate::records::StoreError),
+    /// The PostgreSQL storage could not be reached or set up.
+    #[error(transparent)]
+    Postgres(#[from] crate::pg::PgError),
     /// Reflection could not be built from the descriptor set (a build problem).
     #[error("reflection: {0}")]
     Reflection(String),
@@ -83,8 +86,8 @@ pub struct App {
     pub config: Arc<Config>,
     /// Secret keys.
     pub keys: Arc<Keys>,
-    /// The audit writer and reader.
-    pub auditor: Auditor,
+    /// The audit log: appends and reads.
+    pub auditor: AuditHandle,
     /// The clock every capability reads.
     pub clock: Arc<dyn Clock>,
     /// Concern notifications: store, inboxes, deadlines.
@@ -92,7 +95,19 @@ pub struct App {
     /// Consent-bound records and consent statements.
     pub records: Arc<crate::records::Records>,
     revocations: Arc<Revocations>,
+    /// The log size up to which CERTIFICATE_REVOKED entries have been applied.
+    revoked_upto: std::sync::atomic::AtomicU64,
     tls: Option<Arc<TlsState>>,
+    /// Whose turn it is to sweep.
+    turns: Arc<dyn crate::store::Turns>,
+    /// With PostgreSQL: the other replicas.
+    replicas: Option<Replicas>,
+}
+
+/// What a replica over PostgreSQL runs beside the services.
+struct Replicas {
+    audit: Arc<crate::pg::PgAudit>,
+    cluster: Arc<crate::pg::cluster::PgCluster>,
 }
 
 /// Who is calling and the request's id, taken from what the auth layer attached.
@@ -134,45 +149,50 @@ impl App {
             &config.data_dir,
             config.audit.signing_key.as_deref(),
         )?);
-        let settings = AuditSettings {
-            dir: config.data_dir.join("audit"),
-            log_id: config.audit.log_id.clone(),
-            max_batch: config.audit.max_batch,
-            cache_bytes: 64 * 1024 * 1024,
-        };
-        let auditor = {
-            let keys = keys.clone();
-            let clock = clock.clone();
-            tokio::task::spawn_blocking(move || Auditor::open(settings, keys, clock))
-                .await
-                .map_err(|e| AuditError::Unavailable(e.to_string()))??
+        let mut replicas = None;
+        let mut turns: Arc<dyn crate::store::Turns> = Arc::new(crate::store::AlwaysMine);
+        let (auditor, concern_store, record_store) = match &config.storage {
+            crate::config::Storage::Sled => open_sled(&config, &keys, &clock).await?,
+            crate::config::Storage::Postgres(pg) => {
+                let backend =
+                    crate::pg::backend::open(pg, &config, keys.clone(), clock.clone()).await?;
+                tracing::info!(replica = %pg.replica, "storage: postgres");
+                turns = Arc::new(crate::pg::backend::PgTurns::new(
+                    backend.pool.clone(),
+                    &pg.replica,
+                ));
+                replicas = Some(Replicas {
+                    audit: backend.audit.clone(),
+                    cluster: Arc::new(crate::pg::cluster::PgCluster::new(
+                        backend.pool.clone(),
+                        &pg.replica,
+                    )),
+                });
+                let auditor: AuditHandle = backend.audit.clone();
+                (
+                    auditor,
+                    backend.concerns as Arc<dyn crate::concerns::ConcernRepo>,
+                    backend.records as Arc<dyn crate::records::RecordRepo>,
+                )
+            }
         };
         // Operator revocations persist as CERTIFICATE_REVOKED entries of the audit
         // log: the log is their durable record, read back at every start.
-        let revoked = {
-            let log = auditor.log().clone();
-            tokio::task::spawn_blocking(move || revoked_serials(&log))
-                .await
-                .map_err(|e| AuditError::Unavailable(e.to_string()))??
-        };
-        let concerns = {
-            let (config, keys, auditor, clock) =
-                (config.clone(), keys.clone(), auditor.clone(), clock.clone());
-            tokio::task::spawn_blocking(move || {
-                crate::concerns::Concerns::open(config, keys, auditor, clock)
-            })
-            .await
-            .map_err(|e| crate::concerns::StoreError::Io(e.to_string()))??
-        };
-        let records = {
-            let (config, keys, auditor, clock) =
-                (config.clone(), keys.clone(), auditor.clone(), clock.clone());
-            tokio::task::spawn_blocking(move || {
-                crate::records::Records::open(config, keys, auditor, clock)
-            })
-            .await
-            .map_err(|e| crate::records::StoreError::Io(e.to_string()))??
-        };
+        let (revoked, revoked_upto) = revoked_serials(&*auditor, 0).await?;
+        let concerns = crate::concerns::Concerns::new(
+            config.clone(),
+            keys.clone(),
+            auditor.clone(),
+            clock.clone(),
+            concern_store,
+        );
+        let records = crate::records::Records::new(
+            config.clone(),
+            keys.clone(),
+            auditor.clone(),
+            clock.clone(),
+            record_store,
+        );
         // A disclosure under a safeguarding override tells the record's owner through
         // its concern inbox (DESIGN.md invariant 5).
         let concerns = Arc::new(concerns);
@@ -185,7 +205,10 @@ impl App {
             concerns,
             records: Arc::new(records),
             revocations: Arc::new(Revocations::new(revoked)),
+            revoked_upto: std::sync::atomic::AtomicU64::new(revoked_upto),
             tls: None,
+            turns,
+            replicas,
         })
     }
 
@@ -226,9 +249,15 @@ impl App {
         );
         entry.object_id = serial.clone();
         entry.reason = reason.to_owned();
-        self.auditor.append(entry).await?;
+        let durable = self.auditor.append(entry).await?;
         self.revocations.revoke(&serial);
         tracing::warn!(serial = %serial, operator = %ctx.caller.id, "certificate revoked");
+        if let Some(replicas) = &self.replicas {
+            // In force on every live replica before the operator is answered.
+            if let Err(e) = replicas.cluster.await_revocation(durable.seq()).await {
+                tracing::error!(serial = %serial, problem = %e, "revocation recorded and in force here, but not yet confirmed by every replica");
+            }
+        }
         Ok(())
     }
 
@@ -237,9 +266,45 @@ impl App {
         self.tls.clone()
     }
 
-    /// Re-reads the TLS files. On success new handshakes use the new material and
-    /// the reload is audited (TLS_RELOADED, with old and new fingerprints); on
-    /// failure the running configuration is untouched and the error names the file.
+    /// OperationsService.ReloadTls: reloads here and, over PostgreSQL, on every
+    /// replica, answering once each live replica has reloaded (or refused its new
+    /// files, which is FAILED_PRECONDITION naming the replicas and why).
+    pub async fn reload_tls_everywhere(
+        &self,
+        actor: Actor,
+        request_id: &str,
+    ) -> Result<(), ApiError> {
+        let Some(replicas) = &self.replicas else {
+            return self.reload_tls(actor, request_id).await;
+        };
+        let generation = replicas
+            .cluster
+            .start_tls_reload()
+            .await
+            .map_err(ApiError::Internal)?;
+        self.reload_tls(actor, request_id).await?;
+        let refused = replicas
+            .cluster
+            .await_tls_reload(generation)
+            .await
+            .map_err(|e| ApiError::Internal(format!("reloaded here; {e}")))?;
+        if !refused.is_empty() {
+            let which: Vec<String> = refused
+                .into_iter()
+                .map(|(replica, why)| format!("{replica}: {why}"))
+                .collect();
+            return Err(ApiError::Precondition(format!(
+                "reloaded here, refused by replicas (they keep their running configuration): {}",
+                which.join("; ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Re-reads this gateway's TLS files. On success new handshakes use the new
+    /// material and the reload is audited (TLS_RELOADED, with old and new
+    /// fingerprints); on failure the running configuration is untouched and the
+    /// error names the file.
     pub async fn reload_tls(&self, actor: Actor, request_id: &str) -> Result<(), ApiError> {
         let Some(tls) = &self.tls else {
             return Err(ApiError::Internal("TLS state not attached".into()));
@@ -311,6 +376,27 @@ impl App {
         }
     }
 
+    /// Applies CERTIFICATE_REVOKED entries appended since the last look, by this
+    /// replica or another sharing the log. Returns how many serials were new.
+    pub async fn refresh_revocations(&self) -> Result<(usize, u64), AuditError> {
+        use std::sync::atomic::Ordering;
+        let from = self.revoked_upto.load(Ordering::Acquire);
+        let (serials, upto) = revoked_serials(&*self.auditor, from).await?;
+        let mut new = 0;
+        for serial in serials {
+            if !self.revocations.is_revoked(&serial) {
+                self.revocations.revoke(&serial);
+                tracing::warn!(serial = %serial, "certificate revoked through another replica");
+                new += 1;
+            }
+        }
+        let upto = self
+            .revoked_upto
+            .fetch_max(upto, Ordering::AcqRel)
+            .max(upto);
+        Ok((new, upto))
+    }
+
     /// Mounts every gateway service on `server`, limits applied, and keeps health
     /// in step with the audit log (NOT_SERVING while it cannot be written).
     pub async fn add_services(
@@ -333,13 +419,24 @@ impl App {
         tokio::spawn(crate::concerns::sweep_periodically(
             self.concerns.clone(),
             crate::concerns::sweep_interval(&self.config.deadlines),
+            self.turns.clone(),
             stop.clone(),
         ));
         tokio::spawn(crate::records::purge_periodically(
             self.records.clone(),
             crate::records::PURGE_INTERVAL,
+            self.turns.clone(),
             stop.clone(),
         ));
+        if let Some(replicas) = &self.replicas {
+            tokio::spawn(replicas.audit.clone().watch_health(stop.clone()));
+            tokio::spawn(
+                replicas
+                    .cluster
+                    .clone()
+                    .run(Arc::new(AsMember(self.clone())), stop.clone()),
+            );
+        }
         server
             .add_service(
                 ConcernServiceServer::new(concerns::ConcernApi::new(self.clone(), stop))
@@ -376,6 +473,71 @@ impl App {
     }
 }
 
+/// Opens the embedded sled stores under `data_dir`.
+async fn open_sled(
+    config: &Arc<Config>,
+    keys: &Arc<Keys>,
+    clock: &Arc<dyn Clock>,
+) -> Result<
+    (
+        AuditHandle,
+        Arc<dyn crate::concerns::ConcernRepo>,
+        Arc<dyn crate::records::RecordRepo>,
+    ),
+    AppError,
+> {
+    let settings = AuditSettings {
+        dir: config.data_dir.join("audit"),
+        log_id: config.audit.log_id.clone(),
+        max_batch: config.audit.max_batch,
+        cache_bytes: 64 * 1024 * 1024,
+    };
+    let (config, keys, clock) = (config.clone(), keys.clone(), clock.clone());
+    let opened = tokio::task::spawn_blocking(move || -> Result<_, AppError> {
+        let auditor = Auditor::open(settings, keys.clone(), clock)?;
+        let concerns = crate::concerns::ConcernStore::open(
+            &config.data_dir.join("store"),
+            keys.clone(),
+            config.agencies.iter().map(|a| a.id.clone()),
+        )?;
+        let records = crate::records::RecordStore::open(
+            &config.data_dir.join("records"),
+            &config.data_dir.join("record-content"),
+            keys,
+        )?;
+        Ok((auditor, concerns, records))
+    })
+    .await
+    .map_err(|e| AuditError::Unavailable(e.to_string()))??;
+    let (auditor, concerns, records) = opened;
+    Ok((
+        Arc::new(auditor),
+        Arc::new(concerns),
+        Arc::new(crate::records::SledRecords::new(records)),
+    ))
+}
+
+/// The gateway as a member of a cluster of replicas.
+struct AsMember(Arc<App>);
+
+#[async_trait::async_trait]
+impl crate::pg::cluster::Member for AsMember {
+    async fn apply_revocations(&self) -> Result<u64, String> {
+        self.0
+            .refresh_revocations()
+            .await
+            .map(|(_, upto)| upto)
+            .map_err(|e| e.to_string())
+    }
+
+    async fn reload_tls(&self) -> Result<(), String> {
+        self.0
+            .reload_tls(Actor::system(), "cluster-reload")
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Delivers override notices from the records capability to the owner's concern
 /// inbox. Neither capability knows the other; this is the one place they meet.
 struct OverrideToInbox(Arc<crate::concerns::Concerns>);
@@ -399,17 +561,28 @@ impl crate::records::OverrideNotifier for OverrideToInbox {
 }
 
 /// The serials revoked by operators, from the audit log.
-fn revoked_serials(
-    log: &crate::audit::AuditLog,
-) -> Result<std::collections::HashSet<String>, AuditError> {
+/// The serials revoked by CERTIFICATE_REVOKED entries at or after seq `from`, and
+/// the log size they were read up to.
+async fn revoked_serials(
+    log: &dyn crate::audit::AuditStore,
+    from: u64,
+) -> Result<(std::collections::HashSet<String>, u64), AuditError> {
     let filter = crate::audit::query::Filter {
         action: Some(AuditAction::CertificateRevoked as i32),
         ..Default::default()
     };
+    let upto = log.size().await?;
     let mut serials = std::collections::HashSet::new();
-    let mut token = String::new();
+    if from >= upto {
+        return Ok((serials, upto));
+    }
+    let mut token = if from == 0 {
+        String::new()
+    } else {
+        crate::audit::query::encode_token(from, &filter)
+    };
     loop {
-        let page = crate::audit::query::run(log, &filter, &token, 1000, usize::MAX)?;
+        let page = log.query(&filter, &token, 1000, usize::MAX).await?;
         serials.extend(
             page.entries
                 .into_iter()
@@ -418,7 +591,7 @@ fn revoked_serials(
         );
         match page.next_page_token {
             Some(t) => token = t,
-            None => return Ok(serials),
+            None => return Ok((serials, upto)),
         }
     }
 }
@@ -451,7 +624,7 @@ const SERVICES: &[&str] = &[
 /// Signs a checkpoint every `interval` while entries are being appended, so an
 /// auditor always finds a recent one and old ones stay provable.
 async fn checkpoint_periodically(
-    auditor: Auditor,
+    auditor: AuditHandle,
     interval: std::time::Duration,
     stop: CancellationToken,
 ) {
@@ -463,7 +636,9 @@ async fn checkpoint_periodically(
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let size = auditor.log().size();
+        let Ok(size) = auditor.size().await else {
+            continue;
+        };
         if size == 0 || signed_at == Some(size) {
             continue;
         }

@@ -86,7 +86,7 @@ impl OperationsService for Operations {
     ) -> Result<Response<ReloadTlsResponse>, Status> {
         let ctx = request_context(&req)?;
         self.app
-            .reload_tls(Actor::from(&ctx.caller), &ctx.request_id)
+            .reload_tls_everywhere(Actor::from(&ctx.caller), &ctx.request_id)
             .await
             .map_err(|e| e.into_status(&ctx.request_id))?;
         Ok(Response::new(ReloadTlsResponse {

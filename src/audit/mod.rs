@@ -17,6 +17,7 @@
 //! - [`writer`]: the single writer task: group commit, one durability point per batch.
 //! - [`verify`]: offline verification of a stopped gateway's log.
 
+pub mod backend;
 pub mod checkpoint;
 pub mod entry;
 pub mod log;
@@ -26,6 +27,7 @@ pub(crate) mod tiles;
 pub mod verify;
 pub mod writer;
 
+pub use backend::{AuditHandle, AuditStore};
 pub use entry::{Actor, NewEntry};
 pub use log::AuditLog;
 pub use writer::{Auditor, Durable, LogHealth};

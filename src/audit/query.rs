@@ -28,7 +28,9 @@ pub struct Filter {
 }
 
 impl Filter {
-    fn matches(&self, e: &AuditEntry) -> bool {
+    /// Whether `e` passes every filter (checked on the decoded entry, whatever an
+    /// index said).
+    pub(crate) fn matches(&self, e: &AuditEntry) -> bool {
         let t = e
             .time
             .as_ref()
@@ -91,15 +93,17 @@ pub struct Page {
     pub next_page_token: Option<String>,
 }
 
-/// Opaque page token: the next seq to look at, bound to the query's filters.
-fn encode_token(seq: u64, filter: &Filter) -> String {
+/// Opaque page token: the next seq to look at, bound to the query's filters. The
+/// PostgreSQL log (`crate::pg::PgAuditLog::query`) issues and reads the same tokens.
+pub(crate) fn encode_token(seq: u64, filter: &Filter) -> String {
     let mut raw = [0u8; 16];
     raw[..8].copy_from_slice(&seq.to_be_bytes());
     raw[8..].copy_from_slice(&filter.fingerprint());
     URL_SAFE_NO_PAD.encode(raw)
 }
 
-fn decode_token(token: &str, filter: &Filter) -> Result<u64, AuditError> {
+/// The seq a token from [`encode_token`] holds, if it was issued for `filter`.
+pub(crate) fn decode_token(token: &str, filter: &Filter) -> Result<u64, AuditError> {
     let raw = URL_SAFE_NO_PAD
         .decode(token)
         .map_err(|_| AuditError::BadPageToken)?;

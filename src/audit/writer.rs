@@ -41,6 +41,11 @@ pub struct Durable {
 }
 
 impl Durable {
+    /// A receipt for `seq`: for audit stores, once the entry's commit is durable.
+    pub(crate) fn new(seq: u64, time_micros: i64) -> Self {
+        Durable { seq, time_micros }
+    }
+
     /// The entry's sequence number (its Merkle leaf index).
     pub fn seq(&self) -> u64 {
         self.seq

@@ -83,8 +83,8 @@ impl Concerns {
             Some(k) => Some(self.locks.lock(&format!("raise/{}", k.hex())).await),
             None => None,
         };
-        if let Some(k) = key.clone() {
-            if let Some(id) = self.blocking(move |s| s.raised_by_key(&k)).await? {
+        if let Some(k) = &key {
+            if let Some(id) = self.store.raised_by_key(k).await? {
                 return self.existing(&id).await;
             }
         }
@@ -140,11 +140,7 @@ impl Concerns {
         );
         self.auditor.append(entry).await?;
 
-        let stored = concern.clone();
-        match self
-            .blocking(move |s| s.raise(&stored, key.as_ref()))
-            .await?
-        {
+        match self.store.raise(&concern, key.as_ref()).await? {
             Raised::New => Ok(concern),
             // Only if another gateway process shares the store; kept for safety.
             Raised::Existing(id) => self.existing(&id).await,
@@ -197,42 +193,53 @@ impl Concerns {
             .limits
             .max_message_bytes
             .saturating_sub(MESSAGE_HEADROOM_BYTES);
-        let reader = agency.clone();
-        let (found, next) = self
-            .blocking(move |s| {
-                let mut found = Vec::new();
-                let mut bytes = 0usize;
-                let mut scanned = 0usize;
-                let mut last = after;
-                loop {
-                    let batch = s.events(&reader, last, upto, 256)?;
-                    if batch.is_empty() {
-                        return Ok((found, None));
-                    }
-                    for (cursor, event) in batch {
-                        if let InboxEvent::Concern(id) = event {
-                            if let Some(c) = s.get(&id)? {
-                                let shown = c.status_once_delivered_to(&reader, now);
-                                if status.is_none_or(|want| want == shown) {
-                                    let size = encoded_size_bound(&c);
-                                    if !found.is_empty() && bytes + size > budget {
-                                        // Full: the next page starts with this event.
-                                        return Ok((found, Some(last)));
-                                    }
-                                    bytes += size;
-                                    found.push(c);
+        let (found, next) = 'page: {
+            let mut found = Vec::new();
+            let mut bytes = 0usize;
+            let mut scanned = 0usize;
+            let mut last = after;
+            loop {
+                let batch = self.store.events(&agency, last, upto, 256).await?;
+                if batch.is_empty() {
+                    break 'page (found, None);
+                }
+                let ids: Vec<ConcernId> = batch
+                    .iter()
+                    .filter_map(|(_, event)| match event {
+                        InboxEvent::Concern(id) => Some(id.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                let mut loaded: std::collections::HashMap<ConcernId, Concern> = self
+                    .store
+                    .get_many(&ids)
+                    .await?
+                    .into_iter()
+                    .map(|c| (c.id.clone(), c))
+                    .collect();
+                for (cursor, event) in batch {
+                    if let InboxEvent::Concern(id) = event {
+                        if let Some(c) = loaded.remove(&id) {
+                            let shown = c.status_once_delivered_to(&agency, now);
+                            if status.is_none_or(|want| want == shown) {
+                                let size = encoded_size_bound(&c);
+                                if !found.is_empty() && bytes + size > budget {
+                                    // Full: the next page starts with this event.
+                                    break 'page (found, Some(last));
                                 }
+                                bytes += size;
+                                found.push(c);
                             }
                         }
-                        last = cursor;
-                        scanned += 1;
-                        if found.len() == page_size || scanned >= max_scan {
-                            return Ok((found, (last < upto).then_some(last)));
-                        }
+                    }
+                    last = cursor;
+                    scanned += 1;
+                    if found.len() == page_size || scanned >= max_scan {
+                        break 'page (found, (last < upto).then_some(last));
                     }
                 }
-            })
-            .await?;
+            }
+        };
         let concerns = self.deliver_all(caller, &agency, found, request_id).await?;
         Ok(InboxPage {
             concerns,
@@ -282,14 +289,16 @@ impl Concerns {
         entry.justification = note.to_owned();
         let at = from_micros(self.auditor.append(entry).await?.time_micros());
         let note = note.to_owned();
-        self.blocking(move |s| {
-            s.update(&id, |c| Edit {
-                record: c.acknowledge(&agency, at, &note),
-                ..Edit::default()
-            })
-        })
-        .await?
-        .ok_or_else(|| ConcernError::Internal("acknowledged concern vanished".into()))
+        self.store
+            .update(
+                &id,
+                Box::new(move |c| Edit {
+                    record: c.acknowledge(&agency, at, &note),
+                    ..Edit::default()
+                }),
+            )
+            .await?
+            .ok_or_else(|| ConcernError::Internal("acknowledged concern vanished".into()))
     }
 
     /// RecordDecision: the front door's decision and lead practitioner (audited
@@ -362,20 +371,22 @@ impl Concerns {
             decided_at: at,
             decided_by: agency,
         };
-        self.blocking(move |s| {
-            s.update(&id, |c| {
-                let first = c.decision.is_none();
-                if first {
-                    c.decision = Some(record);
-                }
-                Edit {
-                    record: first,
-                    ..Edit::default()
-                }
-            })
-        })
-        .await?
-        .ok_or_else(|| ConcernError::Internal("decided concern vanished".into()))
+        self.store
+            .update(
+                &id,
+                Box::new(move |c| {
+                    let first = c.decision.is_none();
+                    if first {
+                        c.decision = Some(record);
+                    }
+                    Edit {
+                        record: first,
+                        ..Edit::default()
+                    }
+                }),
+            )
+            .await?
+            .ok_or_else(|| ConcernError::Internal("decided concern vanished".into()))
     }
 
     /// The concern, if `agency` is a party to it; NOT_FOUND otherwise, exactly as
@@ -422,14 +433,16 @@ impl Concerns {
         );
         let at = from_micros(self.auditor.append(entry).await?.time_micros());
         let agency = agency.clone();
-        self.blocking(move |s| {
-            s.update(&id, |c| Edit {
-                record: c.mark_delivered(&agency, at),
-                ..Edit::default()
-            })
-        })
-        .await?
-        .ok_or_else(|| ConcernError::Internal("delivered concern vanished".into()))
+        self.store
+            .update(
+                &id,
+                Box::new(move |c| Edit {
+                    record: c.mark_delivered(&agency, at),
+                    ..Edit::default()
+                }),
+            )
+            .await?
+            .ok_or_else(|| ConcernError::Internal("delivered concern vanished".into()))
     }
 
     /// Delivers several concerns to `agency` at once (their audit entries share

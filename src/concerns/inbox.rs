@@ -118,13 +118,9 @@ impl Concerns {
         loop {
             let newest = *durable.borrow_and_update();
             if last < newest {
-                let reader = agency.clone();
-                let batch = match self
-                    .blocking(move |s| s.events(&reader, last, newest, READ_BATCH))
-                    .await
-                {
+                let batch = match self.store.events(agency, last, newest, READ_BATCH).await {
                     Ok(batch) => batch,
-                    Err(e) => return Some(e),
+                    Err(e) => return Some(e.into()),
                 };
                 let items = match self.render(caller, agency, batch, request_id).await {
                     Ok(items) => items,
@@ -174,17 +170,7 @@ impl Concerns {
                 InboxEvent::Escalation(_) | InboxEvent::OverrideNotice(_) => None,
             })
             .collect();
-        let loaded = self
-            .blocking(move |s| {
-                let mut found = Vec::with_capacity(ids.len());
-                for id in ids {
-                    if let Some(c) = s.get(&id)? {
-                        found.push(c);
-                    }
-                }
-                Ok(found)
-            })
-            .await?;
+        let loaded = self.store.get_many(&ids).await?;
         let delivered: HashMap<_, _> = self
             .deliver_all(caller, agency, loaded, request_id)
             .await?

@@ -45,6 +45,7 @@
 //!   and ids, never another agency's data.
 
 pub mod model;
+pub mod repo;
 pub mod store;
 
 mod flow;
@@ -65,10 +66,11 @@ pub use model::{
     overdue, Concern, ConcernId, ConcernStatus, Decision, DecisionRecord, Delivery, Escalation,
     InboxEvent, Overdue, OverrideNoticeEvent,
 };
+pub use repo::{ConcernRepo, EditFn};
 pub use store::{ConcernStore, StoreError};
 pub use sweeper::{sweep_interval, sweep_periodically};
 
-use crate::audit::{AuditError, Auditor};
+use crate::audit::{AuditError, AuditHandle};
 use crate::config::Config;
 use crate::domain::deadline::AckCalendar;
 use crate::domain::{AgencyId, Clock, Sector};
@@ -114,14 +116,14 @@ pub enum ConcernError {
 /// RESOURCE_EXHAUSTED (it resumes from its cursor).
 pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(30);
 
-/// The concerns capability: configuration, the audit writer, the store, the clock.
+/// The concerns capability: configuration, the audit log, the store, the clock.
 pub struct Concerns {
     config: Arc<Config>,
     keys: Arc<Keys>,
-    auditor: Auditor,
+    auditor: AuditHandle,
     clock: Arc<dyn Clock>,
     calendar: AckCalendar,
-    store: ConcernStore,
+    store: Arc<dyn ConcernRepo>,
     rng: SystemRandom,
     locks: Stripes,
     subscribers: Arc<inbox::Subscribers>,
@@ -131,11 +133,11 @@ pub struct Concerns {
 // === impl Concerns ===
 
 impl Concerns {
-    /// Opens the store in `data_dir/store`. Blocking (sled).
+    /// Opens the sled store in `data_dir/store`. Blocking.
     pub fn open(
         config: Arc<Config>,
         keys: Arc<Keys>,
-        auditor: Auditor,
+        auditor: AuditHandle,
         clock: Arc<dyn Clock>,
     ) -> Result<Concerns, StoreError> {
         let dir = config.data_dir.join("store");
@@ -144,7 +146,18 @@ impl Concerns {
             keys.clone(),
             config.agencies.iter().map(|a| a.id.clone()),
         )?;
-        Ok(Concerns {
+        Ok(Self::new(config, keys, auditor, clock, Arc::new(store)))
+    }
+
+    /// The capability over any store.
+    pub fn new(
+        config: Arc<Config>,
+        keys: Arc<Keys>,
+        auditor: AuditHandle,
+        clock: Arc<dyn Clock>,
+        store: Arc<dyn ConcernRepo>,
+    ) -> Concerns {
+        Concerns {
             calendar: AckCalendar::from_config(&config.deadlines),
             subscribers: Arc::new(inbox::Subscribers::new(
                 config.limits.max_subscribers_per_agency,
@@ -157,7 +170,7 @@ impl Concerns {
             rng: SystemRandom::new(),
             locks: Stripes::new(64),
             stall_after: DEFAULT_STALL_AFTER,
-        })
+        }
     }
 
     /// Sets how long a stream may stall before it is ended (tests).
@@ -167,13 +180,13 @@ impl Concerns {
     }
 
     /// The store (read access for tools and tests).
-    pub fn store(&self) -> &ConcernStore {
+    pub fn store(&self) -> &Arc<dyn ConcernRepo> {
         &self.store
     }
 
     /// Makes everything durable; called once the last call has finished.
     pub async fn close(&self) {
-        if let Err(e) = self.blocking(|s| s.close()).await {
+        if let Err(e) = self.store.close().await {
             tracing::error!(error = %e, "closing the concern store");
         }
     }
@@ -185,26 +198,14 @@ impl Concerns {
         owner: &AgencyId,
         notice: OverrideNoticeEvent,
     ) -> Result<u64, ConcernError> {
-        let owner = owner.clone();
-        self.blocking(move |s| s.append_event(&owner, InboxEvent::OverrideNotice(notice)))
-            .await
-    }
-
-    /// Runs a store operation on the blocking pool.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&ConcernStore) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, ConcernError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| ConcernError::Internal(format!("store task: {e}")))?
-            .map_err(ConcernError::from)
+        Ok(self
+            .store
+            .append_event(owner, InboxEvent::OverrideNotice(notice))
+            .await?)
     }
 
     async fn load(&self, id: &ConcernId) -> Result<Option<Concern>, ConcernError> {
-        let id = id.clone();
-        self.blocking(move |s| s.get(&id)).await
+        Ok(self.store.get(id).await?)
     }
 
     fn new_id(&self) -> Result<ConcernId, ConcernError> {

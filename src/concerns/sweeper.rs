@@ -32,13 +32,21 @@ pub fn sweep_interval(deadlines: &Deadlines) -> Duration {
 }
 
 /// Sweeps every `every` until `stop`.
-pub async fn sweep_periodically(concerns: Arc<Concerns>, every: Duration, stop: CancellationToken) {
+pub async fn sweep_periodically(
+    concerns: Arc<Concerns>,
+    every: Duration,
+    turns: Arc<dyn crate::store::Turns>,
+    stop: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
+        }
+        if !turns.mine("deadline-sweeper", every).await {
+            continue;
         }
         if let Err(e) = concerns.sweep().await {
             tracing::warn!(error = %e, "deadline sweep failed; retrying at the next tick");
@@ -50,16 +58,16 @@ impl Concerns {
     /// One sweep at the clock's now. Returns how many concerns were escalated.
     pub async fn sweep(&self) -> Result<usize, ConcernError> {
         let now = self.clock.now();
-        let due = self.blocking(move |s| s.due_by(now)).await?;
+        let due = self.store.due_by(now).await?;
         let mut escalated = 0;
         for id in due {
             let Some(concern) = self.load(&id).await? else {
-                self.blocking(move |s| s.settle(&id, now)).await?;
+                self.store.settle(&id, now).await?;
                 continue;
             };
             let Some(late) = overdue(now, [&concern]).into_iter().next() else {
                 // Acknowledged (or decided) in time: nothing to escalate.
-                self.blocking(move |s| s.settle(&id, now)).await?;
+                self.store.settle(&id, now).await?;
                 continue;
             };
             let reason = late.reason(concern.urgency);
@@ -82,11 +90,12 @@ impl Concerns {
                 reason,
                 due_at: late.due_at,
             });
-            let store_id = id.clone();
             let late_recipients = late.recipients.clone();
             let after = self
-                .blocking(move |s| {
-                    s.update(&store_id, |c| {
+                .store
+                .update(
+                    &id,
+                    Box::new(move |c| {
                         if c.mark_escalated(&late.recipients).is_empty() {
                             return Edit {
                                 settle_until: Some(now),
@@ -102,8 +111,8 @@ impl Concerns {
                             events: to.into_iter().map(|a| (a, escalation.clone())).collect(),
                             settle_until: Some(now),
                         }
-                    })
-                })
+                    }),
+                )
                 .await?;
             let escalated_now = after.is_some_and(|c| {
                 late_recipients

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::audit::writer::AuditSettings;
+use crate::audit::Auditor;
 use crate::domain::{ConcernCategory, ManualClock, NhsNumber, PrincipalId, Role, Urgency};
 use crate::proto::v1::AuditAction;
 
@@ -42,7 +43,7 @@ async fn fixture(stall_after: Duration) -> Fixture {
         cache_bytes: 1 << 20,
     };
     let auditor = Auditor::open(settings, keys.clone(), clock.clone()).unwrap();
-    let concerns = Concerns::open(config, keys, auditor.clone(), clock.clone())
+    let concerns = Concerns::open(config, keys, Arc::new(auditor.clone()), clock.clone())
         .unwrap()
         .with_stall_after(stall_after);
     Fixture {
@@ -146,7 +147,7 @@ async fn the_sweeper_escalates_each_late_recipient_once_to_sender_and_front_door
     f.clock.advance(time::Duration::hours(5));
     assert_eq!(f.concerns.sweep().await.unwrap(), 0, "still once");
 
-    let after = f.concerns.store().get(&c.id).unwrap().unwrap();
+    let after = f.concerns.store().get(&c.id).await.unwrap().unwrap();
     assert_eq!(after.status(), ConcernStatus::Overdue);
     assert!(after.delivery(&front_door).unwrap().escalated);
     assert!(!after.delivery(&school_id).unwrap().escalated);
@@ -158,7 +159,7 @@ async fn the_sweeper_escalates_each_late_recipient_once_to_sender_and_front_door
     assert_eq!(escalated[0].object_id, c.id.as_str());
 
     let store = f.concerns.store();
-    let sender_events = store.events(&police_id, 0, u64::MAX, 10).unwrap();
+    let sender_events = store.events(&police_id, 0, u64::MAX, 10).await.unwrap();
     assert_eq!(sender_events.len(), 1);
     let InboxEvent::Escalation(e) = &sender_events[0].1 else {
         panic!("not an escalation: {sender_events:?}");
@@ -166,7 +167,7 @@ async fn the_sweeper_escalates_each_late_recipient_once_to_sender_and_front_door
     assert_eq!(e.concern_id, c.id);
     assert_eq!(e.due_at, datetime!(2026-11-24 11:00 UTC));
     assert!(e.reason.contains("csc-southwark"), "{}", e.reason);
-    let front_door_events = store.events(&front_door, 0, u64::MAX, 10).unwrap();
+    let front_door_events = store.events(&front_door, 0, u64::MAX, 10).await.unwrap();
     assert_eq!(
         front_door_events.len(),
         2,

@@ -35,6 +35,14 @@
 //! first runs the [`merkle`] function against a recorder that answers zeros, fetches
 //! every tile the recorder saw in **one** query, and runs the function again over
 //! those tiles: O(log n) rows, two round trips with the size check.
+//!
+//! Auditors' queries ([`PgAuditLog::query`]) have the sled log's semantics
+//! (`crate::audit::query::run`) and page tokens: the same driving index (the first
+//! of subject, target, actor, action that the filter sets, read in seq order from
+//! its `(column, seq)` index, or the primary key with none: `ScanBy`), the same
+//! scan bound counted in rows of that index, the other filters checked on the
+//! opened entry. Time bounds become a seq range by searching the opened entries'
+//! times (never decreasing with seq), 16 probes per round trip.
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -55,6 +63,7 @@ use crate::audit::checkpoint::{self, Checkpoint, SignedCheckpoint};
 use crate::audit::entry::{canonical_bytes, micros_from_timestamp, NewEntry};
 use crate::audit::log::seal_context;
 use crate::audit::merkle::{self, Hash, MemoryTree, NodeSource};
+use crate::audit::query::{self, Filter, Page};
 use crate::audit::AuditError;
 use crate::domain::Clock;
 use crate::proto::v1::AuditEntry;
@@ -84,6 +93,18 @@ const UPDATE_HEAD: &str = "UPDATE audit_head SET size = $1, last_time_micros = $
 const SELECT_SIZE: &str = "SELECT size FROM audit_head WHERE id = 1";
 const SELECT_ENTRY: &str = "SELECT h.size, e.sealed FROM audit_head h \
      LEFT JOIN audit_entries e ON e.seq = $1 WHERE h.id = 1";
+/// Entries `[$1, $2)` with the size read in the same statement (one snapshot): one
+/// row with a NULL seq when the range holds none.
+const SELECT_RANGE: &str = "SELECT h.size, e.seq, e.sealed FROM audit_head h \
+     LEFT JOIN audit_entries e ON e.seq >= $1 AND e.seq < $2 WHERE h.id = 1 ORDER BY e.seq";
+const SELECT_SEQS: &str =
+    "SELECT seq, sealed FROM audit_entries WHERE seq = ANY($1::int8[]) ORDER BY seq";
+
+/// Rows one query of a page's scan reads at most (the page's `max_scan` bounds the
+/// rows of all its queries together).
+const SCAN_CHUNK: usize = 1_024;
+/// Seqs probed per round trip when a time bound is turned into a seq.
+const TIME_PROBES: u64 = 16;
 
 /// Where an appended entry went: its seq (Merkle leaf index) and time. Returned only
 /// after the transaction that wrote it has committed durably.
@@ -269,6 +290,146 @@ impl PgAuditLog {
         let sealed =
             sealed.ok_or_else(|| AuditError::Corrupt(format!("seq {seq}: entry missing")))?;
         open_entry(&self.inner.keys, seq, &sealed)
+    }
+
+    /// Entries `[from, to)`, oldest first, each opened and checked as
+    /// [`PgAuditLog::entry`] does, read in one statement (so meant for ranges of a few
+    /// hundred: the whole range is held in memory). `OutOfRange` when `to` is beyond
+    /// the log's size or `from > to`.
+    pub async fn entries(&self, from: u64, to: u64) -> Result<Vec<AuditEntry>, AuditError> {
+        if from > to {
+            return Err(AuditError::OutOfRange(format!(
+                "from {from} is greater than to {to}"
+            )));
+        }
+        let client = self.inner.client().await?;
+        let rows = client
+            .query(
+                &prepare(&client, SELECT_RANGE).await?,
+                &[&to_i64(from)?, &to_i64(to)?],
+            )
+            .await
+            .map_err(unavailable)?;
+        let size = match rows.first() {
+            Some(row) => to_u64(row.get(0), "tree size")?,
+            None => return Err(AuditError::Corrupt("the audit head row is missing".into())),
+        };
+        if to > size {
+            return Err(AuditError::OutOfRange(format!(
+                "to {to} is beyond the log's {size} entries"
+            )));
+        }
+        let mut entries = Vec::with_capacity(((to - from) as usize).min(4_096));
+        let mut next = from;
+        for row in &rows {
+            let (Some(seq), Some(sealed)) =
+                (row.get::<_, Option<i64>>(1), row.get::<_, Option<&[u8]>>(2))
+            else {
+                continue;
+            };
+            if to_u64(seq, "seq")? != next {
+                return Err(corrupt(next, "entry missing"));
+            }
+            entries.push(open_entry(&self.inner.keys, next, sealed)?);
+            next += 1;
+        }
+        if next != to {
+            return Err(corrupt(next, "entry missing"));
+        }
+        Ok(entries)
+    }
+
+    /// One page of an auditor's query, with exactly the semantics and page tokens of
+    /// the sled log's `crate::audit::query::run` (see the module documentation): the
+    /// matching entries, oldest first, at most `page_size` of them, examining at most
+    /// `max_scan` rows of the driving index (a short, even empty, page with a token
+    /// when that bound is hit), and a token only when there may be more below the
+    /// size read at the start. Every entry is opened and checked as
+    /// [`PgAuditLog::entry`] does and must pass `filter` itself, so an altered index
+    /// column can hide an entry but never bring in one that does not match.
+    pub async fn query(
+        &self,
+        filter: &Filter,
+        page_token: &str,
+        page_size: usize,
+        max_scan: usize,
+    ) -> Result<Page, AuditError> {
+        let client = self.inner.client().await?;
+        let size = to_u64(
+            client
+                .query_one(&prepare(&client, SELECT_SIZE).await?, &[])
+                .await
+                .map_err(unavailable)?
+                .get(0),
+            "tree size",
+        )?;
+        let mut lo = if page_token.is_empty() {
+            0
+        } else {
+            query::decode_token(page_token, filter)?
+        };
+        if let Some(since) = filter.since_micros {
+            lo = lo.max(first_seq_at_or_after(&client, &self.inner.keys, since, size).await?);
+        }
+        let hi = match filter.until_micros {
+            Some(until) => first_seq_at_or_after(&client, &self.inner.keys, until, size).await?,
+            None => size,
+        };
+        if lo >= hi {
+            return Ok(Page {
+                entries: Vec::new(),
+                next_page_token: None,
+            });
+        }
+        let by = ScanBy::for_filter(filter);
+        let stmt = prepare(&client, by.sql()).await?;
+        let hi_param = to_i64(hi)?;
+        let mut entries = Vec::with_capacity(page_size.min(1024));
+        let mut scanned = 0usize;
+        let mut from = lo;
+        // The first query asks for as many rows as the page holds (each matches
+        // unless another filter or an altered column rejects it); later ones for
+        // twice the last, up to SCAN_CHUNK.
+        let mut chunk = page_size.clamp(1, SCAN_CHUNK);
+        loop {
+            let want = chunk.min(max_scan.saturating_sub(scanned).max(1));
+            let (from_param, limit) = (to_i64(from)?, want as i64);
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&from_param, &hi_param, &limit];
+            params.extend(by.value());
+            let rows = client.query(&stmt, &params).await.map_err(unavailable)?;
+            let got = rows.len();
+            for row in rows {
+                let seq = to_u64(row.get(0), "seq")?;
+                if matches!(by, ScanBy::Seq) && seq != from {
+                    // Without an index every seq of the range is read, as the sled
+                    // log reads them: a gap is damage.
+                    return Err(corrupt(from, "entry missing"));
+                }
+                let entry = open_entry(&self.inner.keys, seq, row.get(1))?;
+                if filter.matches(&entry) {
+                    entries.push(entry);
+                }
+                scanned += 1;
+                if entries.len() >= page_size || scanned >= max_scan {
+                    let next = seq + 1;
+                    return Ok(Page {
+                        entries,
+                        next_page_token: (next < hi).then(|| query::encode_token(next, filter)),
+                    });
+                }
+                from = seq + 1;
+            }
+            if got < want {
+                if matches!(by, ScanBy::Seq) && from < hi {
+                    return Err(corrupt(from, "entry missing"));
+                }
+                return Ok(Page {
+                    entries,
+                    next_page_token: None,
+                });
+            }
+            chunk = chunk.saturating_mul(2).min(SCAN_CHUNK);
+        }
     }
 
     /// The root of the first `size` entries.
@@ -688,6 +849,136 @@ async fn writer(inner: Arc<Inner>, mut rx: mpsc::Receiver<(NewEntry, Reply)>, ma
             }
         }
     }
+}
+
+/// The index a query's scan reads: the sled log's choice (`query::run`), in the
+/// same order, so both count the same rows against `max_scan`.
+enum ScanBy<'a> {
+    Subject(&'a str),
+    Target(&'a str),
+    Actor(&'a str),
+    Action(i32),
+    /// No column filter: every seq, by the primary key.
+    Seq,
+}
+
+impl<'a> ScanBy<'a> {
+    fn for_filter(filter: &'a Filter) -> ScanBy<'a> {
+        if let Some(s) = &filter.subject {
+            ScanBy::Subject(s.as_str())
+        } else if let Some(t) = &filter.target_agency_id {
+            ScanBy::Target(t)
+        } else if let Some(a) = &filter.actor_id {
+            ScanBy::Actor(a)
+        } else if let Some(a) = filter.action {
+            ScanBy::Action(a)
+        } else {
+            ScanBy::Seq
+        }
+    }
+
+    /// The column's value, `$4` of [`ScanBy::sql`].
+    fn value(&self) -> Option<&(dyn ToSql + Sync)> {
+        match self {
+            ScanBy::Subject(v) | ScanBy::Target(v) | ScanBy::Actor(v) => Some(v),
+            ScanBy::Action(a) => Some(a),
+            ScanBy::Seq => None,
+        }
+    }
+
+    /// Parameters: `$1` the first seq, `$2` the end seq (exclusive), `$3` the most
+    /// rows, `$4` the column's value (none for [`ScanBy::Seq`]).
+    ///
+    /// `(col, seq) >= ($4, $1) AND (col, seq) < ($4, $2)` is `col = $4 AND seq >= $1
+    /// AND seq < $2` (false for a NULL column), written so that only the
+    /// `(col, seq)` index can serve it: with `col = $4` a prepared statement's
+    /// generic plan may walk the primary key over the whole seq range and filter,
+    /// unbounded work for a rare value. The `IS NOT NULL` lets the partial indexes
+    /// serve it.
+    fn sql(&self) -> &'static str {
+        match self {
+            ScanBy::Subject(_) => {
+                "SELECT seq, sealed FROM audit_entries WHERE subject_ref IS NOT NULL \
+                 AND (subject_ref, seq) >= ($4, $1) AND (subject_ref, seq) < ($4, $2) \
+                 ORDER BY subject_ref, seq LIMIT $3"
+            }
+            ScanBy::Target(_) => {
+                "SELECT seq, sealed FROM audit_entries WHERE target_agency_id IS NOT NULL \
+                 AND (target_agency_id, seq) >= ($4, $1) AND (target_agency_id, seq) < ($4, $2) \
+                 ORDER BY target_agency_id, seq LIMIT $3"
+            }
+            ScanBy::Actor(_) => {
+                "SELECT seq, sealed FROM audit_entries \
+                 WHERE (actor_id, seq) >= ($4, $1) AND (actor_id, seq) < ($4, $2) \
+                 ORDER BY actor_id, seq LIMIT $3"
+            }
+            ScanBy::Action(_) => {
+                "SELECT seq, sealed FROM audit_entries \
+                 WHERE (action, seq) >= ($4, $1) AND (action, seq) < ($4, $2) \
+                 ORDER BY action, seq LIMIT $3"
+            }
+            ScanBy::Seq => {
+                "SELECT seq, sealed FROM audit_entries \
+                 WHERE seq >= $1 AND seq < $2 ORDER BY seq LIMIT $3"
+            }
+        }
+    }
+}
+
+/// The first seq below `size` whose entry's time is at or after `micros` (`size` if
+/// none), as the sled log's `first_seq_at_or_after` finds it: times never decrease
+/// with seq, and the time read is the opened entry's, not the `time_micros` column.
+/// Each round trip reads [`TIME_PROBES`] evenly spaced entries of the range left.
+async fn first_seq_at_or_after(
+    client: &deadpool_postgres::Object,
+    keys: &Keys,
+    micros: i64,
+    size: u64,
+) -> Result<u64, AuditError> {
+    let stmt = prepare(client, SELECT_SEQS).await?;
+    let (mut lo, mut hi) = (0u64, size);
+    while lo < hi {
+        let probes = time_probes(lo, hi);
+        let params = probes
+            .iter()
+            .map(|&p| to_i64(p))
+            .collect::<Result<Vec<i64>, _>>()?;
+        let rows = client.query(&stmt, &[&params]).await.map_err(unavailable)?;
+        let mut rows = rows.iter();
+        let (mut new_lo, mut new_hi) = (lo, hi);
+        for &probe in &probes {
+            let row = rows
+                .next()
+                .filter(|r| r.get::<_, i64>(0) == probe as i64)
+                .ok_or_else(|| corrupt(probe, "entry missing"))?;
+            let t = open_entry(keys, probe, row.get(1))?
+                .time
+                .as_ref()
+                .map(micros_from_timestamp)
+                .unwrap_or(i64::MIN);
+            if t < micros {
+                new_lo = probe + 1;
+            } else {
+                new_hi = probe;
+                break;
+            }
+        }
+        (lo, hi) = (new_lo, new_hi);
+    }
+    Ok(lo)
+}
+
+/// Up to [`TIME_PROBES`] distinct seqs in `[lo, hi)`, ascending and evenly spaced
+/// (all of them when the range is that small).
+fn time_probes(lo: u64, hi: u64) -> Vec<u64> {
+    let n = hi - lo;
+    if n <= TIME_PROBES {
+        return (lo..hi).collect();
+    }
+    // Steps of at least one, since n > TIME_PROBES; u128 so that n * i cannot overflow.
+    (1..=TIME_PROBES)
+        .map(|i| lo + (u128::from(n) * u128::from(i) / u128::from(TIME_PROBES + 1)) as u64)
+        .collect()
 }
 
 /// Records which nodes a [`merkle`] function reads, answering zeros.

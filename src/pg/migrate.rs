@@ -162,6 +162,42 @@ CREATE TABLE concern_deadlines (
 CREATE INDEX concern_deadlines_concern ON concern_deadlines (concern_id, due_micros);
 "#,
     },
+    Migration {
+        version: 4,
+        name: "subject locks",
+        sql: r#"
+-- One row per child (its keyed hash), locked FOR SHARE by a disclosure from before
+-- it reads consent until its audit entry is committed, and FOR UPDATE by a consent
+-- change from before its audit entry until the statement is stored: disclosures
+-- and consent changes about one child are ordered across every replica.
+CREATE TABLE subject_locks (
+    subject_ref text PRIMARY KEY
+);
+"#,
+    },
+    Migration {
+        version: 5,
+        name: "replicas and the cluster's TLS generation",
+        sql: r#"
+-- Each live replica's report: the log size up to which it has applied
+-- CERTIFICATE_REVOKED entries, the TLS generation it has reloaded for (and why not,
+-- when its files were refused), and when it last reported.
+CREATE TABLE replicas (
+    name text PRIMARY KEY,
+    revoked_upto bigint NOT NULL CHECK (revoked_upto >= 0),
+    tls_generation bigint NOT NULL CHECK (tls_generation >= 0),
+    tls_error text,
+    seen_at timestamptz NOT NULL
+);
+
+-- Bumped by an operator's ReloadTls: every replica reloads its files once for it.
+CREATE TABLE cluster_state (
+    id smallint PRIMARY KEY CHECK (id = 1),
+    tls_generation bigint NOT NULL CHECK (tls_generation >= 0)
+);
+INSERT INTO cluster_state (id, tls_generation) VALUES (1, 0);
+"#,
+    },
 ];
 
 /// The newest schema this build knows.

@@ -1,6 +1,7 @@
 //! PostgreSQL storage, so that several stateless gateway replicas can share one
-//! database (issue 9). Today: the audit log, records and consents, concerns and
-//! inboxes; the gateway does not use them yet.
+//! database (`[storage] backend = "postgres"`): the audit log, records and consents,
+//! concerns and inboxes, behind the same traits as the sled stores
+//! ([`backend`]).
 //!
 //! - [`config`]: connection settings and the connection pool (deadpool-postgres).
 //! - [`migrate`]: versioned schema migrations, applied at start, safe when several
@@ -37,6 +38,8 @@
 //!   is the way to close this.
 
 pub mod audit;
+pub mod backend;
+pub mod cluster;
 pub mod concerns;
 pub mod config;
 pub mod lease;
@@ -44,6 +47,7 @@ pub mod migrate;
 pub mod records;
 
 pub use audit::{Appended, PgAuditLog, PgAuditSettings, VerifySummary};
+pub use backend::{Backend, PgAudit};
 pub use concerns::{PgConcernStore, PgInboxSettings};
 pub use config::{PgConfig, PgError};
 pub use lease::Lease;

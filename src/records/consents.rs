@@ -68,7 +68,7 @@ impl Records {
 
         // A new statement may be a refusal, which must bind the very next request
         // as a withdrawal does.
-        let _changing = self.locks.changing_consent(&subject_ref).await;
+        let _changing = self.store.changing_consent(&subject_ref).await?;
         let mut entry = Self::entry(
             caller,
             AuditAction::ConsentRecorded,
@@ -84,8 +84,7 @@ impl Records {
         );
         entry.justification = consent.note.clone();
         self.auditor.append(entry).await?;
-        let stored = consent.clone();
-        self.blocking(move |s| s.put_consent(&stored)).await?;
+        self.store.put_consent(&consent).await?;
         tracing::info!(consent = %id, state = %consent.statement.state, "consent recorded");
         Ok(consent)
     }
@@ -107,7 +106,7 @@ impl Records {
             return Err(RecordError::NotFound(format!("consent {id} not found")));
         };
         let subject_ref = found.subject_ref();
-        let _changing = self.locks.changing_consent(&subject_ref).await;
+        let _changing = self.store.changing_consent(&subject_ref).await?;
         // Read again under the lock: another withdrawal may have come first.
         let Some(mut consent) = self.load_consent(id).await? else {
             return Err(RecordError::NotFound(format!("consent {id} not found")));
@@ -141,8 +140,7 @@ impl Records {
         entry.reason = "WITHDRAWN".into();
         entry.justification = note.to_owned();
         self.auditor.append(entry).await?;
-        let stored = consent.clone();
-        self.blocking(move |s| s.put_consent(&stored)).await?;
+        self.store.put_consent(&consent).await?;
         tracing::info!(consent = %id, "consent withdrawn");
         Ok(consent)
     }
@@ -158,8 +156,7 @@ impl Records {
     ) -> Result<Vec<Consent>, RecordError> {
         let (agency, _) = agency_of(caller)?;
         let subject_ref = self.keys.subject_ref(subject);
-        let about = subject_ref.clone();
-        let mut consents = self.blocking(move |s| s.consents_about(&about)).await?;
+        let mut consents = self.store.consents_about(&subject_ref).await?;
         // Which agencies hold consent about a child tells of their involvement:
         // audited (CONSENTS_LISTED) before it is answered, as RECORDS_FOUND is.
         let mut entry = Self::entry(
@@ -187,7 +184,6 @@ impl Records {
     }
 
     async fn load_consent(&self, id: &ConsentId) -> Result<Option<Consent>, RecordError> {
-        let id = id.clone();
-        self.blocking(move |s| s.consent(&id)).await
+        Ok(self.store.consent(id).await?)
     }
 }

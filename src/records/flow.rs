@@ -84,10 +84,7 @@ impl Records {
         );
         self.auditor.append(entry).await?;
 
-        let stored = record.clone();
-        let content = req.content;
-        self.blocking(move |s| s.put_record(&stored, &content))
-            .await?;
+        self.store.put_record(&record, &req.content).await?;
         tracing::info!(record = %record.id, category = %record.category, "record shared");
         Ok(record)
     }
@@ -105,10 +102,8 @@ impl Records {
     ) -> Result<Vec<Found>, RecordError> {
         let (agency, sector) = agency_of(caller)?;
         let subject_ref = self.keys.subject_ref(subject);
-        let about = subject_ref.clone();
-        let (records, consents) = self
-            .blocking(move |s| Ok((s.records_about(&about)?, s.consents_about(&about)?)))
-            .await?;
+        let records = self.store.records_about(&subject_ref).await?;
+        let consents = self.store.consents_about(&subject_ref).await?;
         let statements: Vec<ConsentStatement> = consents.into_iter().map(|c| c.statement).collect();
         let now = self.clock.now();
         let registry = self.config.registry();
@@ -167,10 +162,7 @@ impl Records {
                 self.config.limits.max_note_chars,
             )?;
         }
-        let id = req.record_id.clone();
-        // sled reads answer from memory: a hop to the blocking pool costs more than
-        // the read (profiled: about a third of a GetRecord's server CPU).
-        let Some(record) = self.inline(move |s| s.record(&id))? else {
+        let Some(record) = self.store.record(&req.record_id).await? else {
             self.audit_unknown(caller, &req, request_id).await?;
             return Err(not_found(&req.record_id));
         };
@@ -195,9 +187,8 @@ impl Records {
             return Err(not_found(&req.record_id));
         }
 
-        let _disclosing = self.locks.disclosing(&record.subject_ref).await;
-        let about = record.subject_ref.clone();
-        let consents = self.inline(move |s| s.consents_about(&about))?;
+        let disclosing = self.store.disclosing(&record.subject_ref).await?;
+        let consents = self.store.consents_about(&record.subject_ref).await?;
         let statements: Vec<ConsentStatement> = consents.into_iter().map(|c| c.statement).collect();
         let request = disclosure_request(
             &record,
@@ -227,14 +218,7 @@ impl Records {
             }
         };
 
-        let id = record.id.clone();
-        // Content the cache holds (sealed) is opened here: the hop to the blocking
-        // pool and back cost more than that (profiled at 64 callers). A file read
-        // goes to the blocking pool, so a cold or busy disk never stalls a worker.
-        let content = match self.inline(|s| s.cached_content(&id))? {
-            Some(content) => content,
-            None => self.blocking(move |s| s.content(&id)).await?,
-        };
+        let content = self.store.content(&record.id).await?;
         let mut entry = Self::entry(
             caller,
             AuditAction::RecordDisclosed,
@@ -251,7 +235,7 @@ impl Records {
         entry.justification = allowed.justification.clone().unwrap_or_default();
         entry.reason = disclosed_reason(&allowed);
         let durable = self.auditor.append(entry).await?;
-        drop(_disclosing);
+        drop(disclosing);
 
         if allowed.basis == Basis::SafeguardingOverride {
             let notice = OverrideNotice {

@@ -53,6 +53,7 @@
 pub mod cache;
 pub mod model;
 pub mod notice;
+pub mod repo;
 pub mod store;
 
 mod consents;
@@ -68,9 +69,10 @@ pub use model::{
 };
 pub use notice::{NoNotifier, NoticeError, NoticeFuture, OverrideNotice, OverrideNotifier};
 pub use purge::{purge_periodically, PURGE_INTERVAL};
+pub use repo::{RecordRepo, SledRecords, SubjectHold};
 pub use store::{Due, RecordStore, StoreError};
 
-use crate::audit::{Actor, AuditError, Auditor, NewEntry};
+use crate::audit::{Actor, AuditError, AuditHandle, NewEntry};
 use crate::config::Config;
 use crate::domain::policy::{Basis, Denied};
 use crate::domain::{AgencyId, Clock, Purpose, Sector};
@@ -118,15 +120,14 @@ pub enum RecordError {
     Internal(String),
 }
 
-/// The records capability: configuration, keys, the audit writer, the store, the
+/// The records capability: configuration, keys, the audit log, the store, the
 /// clock, and who to tell of overrides.
 pub struct Records {
     config: Arc<Config>,
     keys: Arc<Keys>,
-    auditor: Auditor,
+    auditor: AuditHandle,
     clock: Arc<dyn Clock>,
-    store: RecordStore,
-    locks: SubjectLocks,
+    store: Arc<dyn RecordRepo>,
     notifier: Arc<dyn OverrideNotifier>,
     rng: SystemRandom,
 }
@@ -134,12 +135,13 @@ pub struct Records {
 // === impl Records ===
 
 impl Records {
-    /// Opens the store in `data_dir/records` (content in `data_dir/record-content`).
-    /// Blocking (sled). Override notices go nowhere until [`Records::with_notifier`].
+    /// Opens the sled store in `data_dir/records` (content in
+    /// `data_dir/record-content`). Blocking. Override notices go nowhere until
+    /// [`Records::with_notifier`].
     pub fn open(
         config: Arc<Config>,
         keys: Arc<Keys>,
-        auditor: Auditor,
+        auditor: AuditHandle,
         clock: Arc<dyn Clock>,
     ) -> Result<Records, StoreError> {
         let store = RecordStore::open(
@@ -147,16 +149,32 @@ impl Records {
             &config.data_dir.join("record-content"),
             keys.clone(),
         )?;
-        Ok(Records {
+        Ok(Self::new(
+            config,
+            keys,
+            auditor,
+            clock,
+            Arc::new(SledRecords::new(store)),
+        ))
+    }
+
+    /// The capability over any store.
+    pub fn new(
+        config: Arc<Config>,
+        keys: Arc<Keys>,
+        auditor: AuditHandle,
+        clock: Arc<dyn Clock>,
+        store: Arc<dyn RecordRepo>,
+    ) -> Records {
+        Records {
             config,
             keys,
             auditor,
             clock,
             store,
-            locks: SubjectLocks::new(256),
             notifier: Arc::new(NoNotifier),
             rng: SystemRandom::new(),
-        })
+        }
     }
 
     /// Sends override notices to `notifier` (the gateway: the owner's inbox).
@@ -166,37 +184,15 @@ impl Records {
     }
 
     /// The store (read access for tools and tests).
-    pub fn store(&self) -> &RecordStore {
+    pub fn store(&self) -> &Arc<dyn RecordRepo> {
         &self.store
     }
 
     /// Makes everything durable; called once the last call has finished.
     pub async fn close(&self) {
-        if let Err(e) = self.blocking(|s| s.close()).await {
+        if let Err(e) = self.store.close().await {
             tracing::error!(error = %e, "closing the record store");
         }
-    }
-
-    /// Runs a store operation on the blocking pool.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&RecordStore) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, RecordError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| RecordError::Internal(format!("store task: {e}")))?
-            .map_err(RecordError::from)
-    }
-
-    /// Runs a quick store read on the calling task: for sled reads, which are
-    /// served from its page cache, and the record cache. File I/O goes through
-    /// [`Self::blocking`].
-    fn inline<T>(
-        &self,
-        f: impl FnOnce(&RecordStore) -> Result<T, StoreError>,
-    ) -> Result<T, RecordError> {
-        f(&self.store).map_err(RecordError::from)
     }
 
     fn random_bytes(&self) -> Result<[u8; 16], RecordError> {
@@ -272,41 +268,6 @@ fn pb_basis(b: Basis) -> DisclosureBasis {
         Basis::Consent => DisclosureBasis::Consent,
         Basis::AgreementNoConsentNeeded => DisclosureBasis::AgreementNoConsentNeeded,
         Basis::SafeguardingOverride => DisclosureBasis::SafeguardingOverride,
-    }
-}
-
-/// Read-write locks picked by a child's keyed hash: disclosures of the child's
-/// records share one, consent changes about the child take it alone (see the module
-/// documentation). Striped, so there is no lock per child; a holder never takes a
-/// second stripe. Held across awaits on purpose: the ordering they give is between an
-/// audit append and a store read or write.
-struct SubjectLocks(Vec<tokio::sync::RwLock<()>>);
-
-impl SubjectLocks {
-    fn new(n: usize) -> Self {
-        SubjectLocks(
-            (0..n.max(1))
-                .map(|_| tokio::sync::RwLock::new(()))
-                .collect(),
-        )
-    }
-
-    fn stripe(&self, subject: &SubjectRef) -> &tokio::sync::RwLock<()> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        subject.as_str().hash(&mut h);
-        &self.0[(h.finish() % self.0.len() as u64) as usize]
-    }
-
-    async fn disclosing(&self, subject: &SubjectRef) -> tokio::sync::RwLockReadGuard<'_, ()> {
-        self.stripe(subject).read().await
-    }
-
-    async fn changing_consent(
-        &self,
-        subject: &SubjectRef,
-    ) -> tokio::sync::RwLockWriteGuard<'_, ()> {
-        self.stripe(subject).write().await
     }
 }
 

@@ -27,13 +27,21 @@ const PURGE_REQUEST_ID: &str = "retention-sweeper";
 const PURGE_BATCH: usize = 256;
 
 /// Purges at once, then every `every` until `stop`.
-pub async fn purge_periodically(records: Arc<Records>, every: Duration, stop: CancellationToken) {
+pub async fn purge_periodically(
+    records: Arc<Records>,
+    every: Duration,
+    turns: Arc<dyn crate::store::Turns>,
+    stop: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
+        }
+        if !turns.mine("retention-sweeper", every).await {
+            continue;
         }
         match records.purge_expired().await {
             Ok(0) => {}
@@ -52,14 +60,11 @@ impl Records {
         let mut purged = 0;
         loop {
             let now = self.clock.now();
-            let due = self
-                .blocking(move |s| s.expired_by(now, PURGE_BATCH))
-                .await?;
+            let due = self.store.expired_by(now, PURGE_BATCH).await?;
             let batch = due.len();
             for due in due {
-                let lookup = due.id.clone();
-                let Some(record) = self.blocking(move |s| s.record(&lookup)).await? else {
-                    self.blocking(move |s| s.forget(&due)).await?;
+                let Some(record) = self.store.record(&due.id).await? else {
+                    self.store.forget(&due).await?;
                     continue;
                 };
                 let mut entry = NewEntry::new(
@@ -73,7 +78,7 @@ impl Records {
                 entry.object_id = record.id.to_string();
                 entry.reason = format!("retention ended {}", super::rfc3339(record.retain_until));
                 self.auditor.append(entry).await?;
-                self.blocking(move |s| s.purge(&record)).await?;
+                self.store.purge(&record).await?;
                 purged += 1;
             }
             if batch < PURGE_BATCH {

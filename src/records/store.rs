@@ -72,7 +72,9 @@ const TREE: &str = "records";
 pub struct Due {
     /// The record.
     pub id: RecordId,
-    key: Vec<u8>,
+    /// Where the backend's retention index names it (empty where the retention
+    /// date is a column of the record's row).
+    pub(crate) key: Vec<u8>,
 }
 
 /// The record store. Cheap to clone.

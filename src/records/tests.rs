@@ -9,6 +9,7 @@ use time::Duration;
 
 use super::*;
 use crate::audit::writer::AuditSettings;
+use crate::audit::Auditor;
 use crate::domain::consent::{ConsentGiver, ConsentState};
 use crate::domain::policy::{OverrideRequest, RecordAccess};
 use crate::domain::{ManualClock, NhsNumber, PrincipalId, RecordCategory, Role};
@@ -63,7 +64,7 @@ fn fixture(notifier: Arc<dyn OverrideNotifier>) -> Fixture {
         clock.clone(),
     )
     .expect("audit log");
-    let records = Records::open(config, keys, auditor.clone(), clock.clone())
+    let records = Records::open(config, keys, Arc::new(auditor.clone()), clock.clone())
         .expect("record store")
         .with_notifier(notifier);
     Fixture {
@@ -306,6 +307,15 @@ async fn expired_records_are_refused_to_their_owner_and_purged_by_the_system() {
     assert_eq!(entry.action, AuditAction::RecordPurged as i32);
     assert_eq!(entry.actor_id, "system");
     assert_eq!(entry.object_id, short.id.as_str());
-    assert_eq!(f.records.store().record(&short.id).expect("read"), None);
-    assert!(f.records.store().record(&long.id).expect("read").is_some());
+    assert_eq!(
+        f.records.store().record(&short.id).await.expect("read"),
+        None
+    );
+    assert!(f
+        .records
+        .store()
+        .record(&long.id)
+        .await
+        .expect("read")
+        .is_some());
 }
