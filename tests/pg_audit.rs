@@ -17,10 +17,13 @@ use std::time::{Duration, Instant};
 
 use pg_common::{server_url, with_database, TestDb};
 use sgw::audit::merkle::{self, Hash, MemoryTree};
-use sgw::audit::{Actor, AuditError, NewEntry};
+use sgw::audit::query::{self, Filter, Page};
+use sgw::audit::writer::AuditSettings;
+use sgw::audit::{Actor, AuditError, Auditor, NewEntry};
 use sgw::domain::{Clock, ManualClock, SystemClock};
 use sgw::pg::{Lease, PgAuditLog, PgAuditSettings, PgConfig};
 use sgw::proto::v1::{ActorRole, AuditAction, AuditOutcome};
+use sgw::store::keys::SubjectRef;
 use sgw::store::Keys;
 
 /// Keys in a folder every replica of a test loads them from (as replicas share key
@@ -562,6 +565,545 @@ async fn only_the_lease_holder_signs_checkpoints_and_every_replica_serves_them()
     .unwrap();
     assert_eq!(a.verify().await.unwrap().checkpoints, 2);
     drop((a, b));
+    db.drop_database().await;
+}
+
+// --- queries: the same pages and tokens as the sled log ------------------------------
+
+/// What the test knows of each appended entry, to work out a filter's answer alone.
+#[derive(Debug, Clone)]
+struct Written {
+    seq: u64,
+    time_micros: i64,
+    subject: Option<String>,
+    actor: String,
+    target: String,
+    action: i32,
+}
+
+/// A PostgreSQL log and a sled log holding the same entries: appended in the same
+/// order, one at a time, on one manual clock, so seqs, times and canonical bytes
+/// agree.
+struct TwinLogs {
+    pg: PgAuditLog,
+    sled: Auditor,
+    appended: Vec<Written>,
+    _dir: tempfile::TempDir,
+}
+
+/// Subject `k`'s keyed hash: distinct in its first 12 characters (the filter's
+/// fingerprint, and so a token's binding, sees only those: `SubjectRef`'s Debug).
+fn subject(k: u64) -> SubjectRef {
+    SubjectRef::from_hex(format!("{k:02x}").repeat(32))
+}
+
+/// A deterministic mix of `i`, for spreading field values without a pattern.
+fn mix(i: u64, salt: u64) -> u64 {
+    let mut z = i.wrapping_add(salt).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z ^ (z >> 31)
+}
+
+const ACTORS: [&str; 4] = ["school-1", "gp-2", "police-3", "system"];
+const RARE_ACTOR: &str = "auditor-9";
+const TARGETS: [&str; 4] = ["mash", "school-1", "hospital-4", ""];
+const ACTIONS: [AuditAction; 5] = [
+    AuditAction::ConcernRaised,
+    AuditAction::RecordDisclosed,
+    AuditAction::DisclosureDenied,
+    AuditAction::RecordShared,
+    AuditAction::ConsentRecorded,
+];
+const RARE_ACTION: AuditAction = AuditAction::RecordPurged;
+const QUERY_T0_MICROS: i64 = 1_740_819_600_000_000; // 2025-03-01 09:00 UTC
+
+/// Entry `i` of the query tests: six subjects and none, four actors and a rare one,
+/// four targets (one empty), five actions and a rare one.
+fn varied_entry(i: u64) -> NewEntry {
+    let actor = if mix(i, 1).is_multiple_of(40) {
+        RARE_ACTOR
+    } else {
+        ACTORS[(mix(i, 2) % 4) as usize]
+    };
+    let action = if mix(i, 3).is_multiple_of(30) {
+        RARE_ACTION
+    } else {
+        ACTIONS[(mix(i, 4) % 5) as usize]
+    };
+    let mut e = NewEntry::new(
+        Actor {
+            id: actor.into(),
+            role: ActorRole::Agency,
+            cert_sha256: "cd".repeat(32),
+        },
+        action,
+        AuditOutcome::Allowed,
+        &format!("q-{i}"),
+    );
+    let s = mix(i, 5) % 9;
+    e.subject = (s < 6).then(|| subject(s));
+    e.target_agency_id = TARGETS[(mix(i, 6) % 4) as usize].into();
+    e.object_id = format!("obj-{i}");
+    e
+}
+
+/// `n` varied entries in both logs; the clock moves one second every ten entries,
+/// so runs of entries share a time.
+async fn twin_logs(db: &TestDb, n: u64) -> TwinLogs {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(QUERY_T0_MICROS) * 1000)
+        .unwrap();
+    let clock = Arc::new(ManualClock::new(t0));
+    let pg = replica(db, dir.path(), clock.clone()).await;
+    let sled = Auditor::open(
+        AuditSettings {
+            dir: dir.path().join("audit"),
+            log_id: "sgw.test/audit".into(),
+            max_batch: 64,
+            cache_bytes: 8 << 20,
+        },
+        keys_in(dir.path()),
+        clock.clone(),
+    )
+    .expect("open the sled audit log");
+    let mut appended = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        if i > 0 && i.is_multiple_of(10) {
+            clock.advance(time::Duration::seconds(1));
+        }
+        let e = varied_entry(i);
+        let row = Written {
+            seq: i,
+            time_micros: 0,
+            subject: e.subject.as_ref().map(|s| s.as_str().to_owned()),
+            actor: e.actor.id.clone(),
+            target: e.target_agency_id.clone(),
+            action: e.action as i32,
+        };
+        let in_pg = pg.append(e.clone()).await.expect("pg append");
+        let in_sled = sled.append(e).await.expect("sled append");
+        assert_eq!((in_pg.seq, in_sled.seq()), (i, i));
+        assert_eq!(in_pg.time_micros, in_sled.time_micros());
+        appended.push(Written {
+            time_micros: in_pg.time_micros,
+            ..row
+        });
+    }
+    TwinLogs {
+        pg,
+        sled,
+        appended,
+        _dir: dir,
+    }
+}
+
+/// The seqs `filter` selects, worked out from what was appended. An empty subject or
+/// target selects nothing: neither log indexes empty ones (the API never asks, it
+/// reads an empty field as no filter).
+fn expected_seqs(appended: &[Written], f: &Filter) -> Vec<u64> {
+    let empty = |v: Option<&str>| v == Some("");
+    if empty(f.subject.as_ref().map(|s| s.as_str())) || empty(f.target_agency_id.as_deref()) {
+        return Vec::new();
+    }
+    appended
+        .iter()
+        .filter(|a| {
+            f.subject
+                .as_ref()
+                .is_none_or(|s| a.subject.as_deref() == Some(s.as_str()))
+                && f.actor_id.as_ref().is_none_or(|x| *x == a.actor)
+                && f.target_agency_id.as_ref().is_none_or(|x| *x == a.target)
+                && f.action.is_none_or(|x| x == a.action)
+                && f.since_micros.is_none_or(|t| a.time_micros >= t)
+                && f.until_micros.is_none_or(|t| a.time_micros < t)
+        })
+        .map(|a| a.seq)
+        .collect()
+}
+
+/// What paging through one query to its end saw.
+#[derive(Debug, Default)]
+struct Paged {
+    seqs: Vec<u64>,
+    pages: usize,
+    /// Pages shorter than `page_size` that still carried a token (the scan bound).
+    short_with_token: usize,
+}
+
+/// Pages through `filter` on both logs, asserting that every page (entries and
+/// token) is identical; returns what the PostgreSQL pages held.
+async fn page_through_both(
+    logs: &TwinLogs,
+    filter: &Filter,
+    page_size: usize,
+    max_scan: usize,
+) -> Paged {
+    let mut token = String::new();
+    let mut paged = Paged::default();
+    loop {
+        let what = format!(
+            "{filter:?}, page_size {page_size}, max_scan {max_scan}, page {}",
+            paged.pages
+        );
+        let sled = query::run(logs.sled.log(), filter, &token, page_size, max_scan)
+            .unwrap_or_else(|e| panic!("sled {what}: {e}"));
+        let pg = logs
+            .pg
+            .query(filter, &token, page_size, max_scan)
+            .await
+            .unwrap_or_else(|e| panic!("pg {what}: {e}"));
+        let seqs = |p: &Page| p.entries.iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&pg), seqs(&sled), "{what}: seqs");
+        assert_eq!(pg.next_page_token, sled.next_page_token, "{what}: token");
+        assert_eq!(pg, sled, "{what}: entries");
+        assert!(
+            pg.entries.len() <= page_size.max(1),
+            "{what}: page too long"
+        );
+        paged.pages += 1;
+        paged.seqs.extend(seqs(&pg));
+        match pg.next_page_token {
+            Some(next) => {
+                if pg.entries.len() < page_size {
+                    paged.short_with_token += 1;
+                }
+                token = next;
+            }
+            None => return paged,
+        }
+        assert!(paged.pages <= 2_000, "{what}: paging does not end");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_give_the_sled_logs_pages_and_tokens() {
+    let Some(url) = server_url("pg_query") else {
+        return;
+    };
+    let db = TestDb::create(&url, "pg_query").await;
+    let logs = twin_logs(&db, 300).await;
+    let at = |seq: usize| logs.appended[seq].time_micros;
+    let last = logs.appended.last().unwrap().time_micros;
+    let some = |s: &str| Some(s.to_owned());
+    let rare_action = Some(RARE_ACTION as i32);
+    let filters = [
+        Filter::default(),
+        Filter {
+            subject: Some(subject(0)),
+            ..Default::default()
+        },
+        Filter {
+            subject: Some(subject(4)),
+            ..Default::default()
+        },
+        Filter {
+            subject: Some(subject(99)),
+            ..Default::default()
+        },
+        Filter {
+            actor_id: some("gp-2"),
+            ..Default::default()
+        },
+        Filter {
+            actor_id: some(RARE_ACTOR),
+            ..Default::default()
+        },
+        Filter {
+            target_agency_id: some("mash"),
+            ..Default::default()
+        },
+        Filter {
+            target_agency_id: some(""),
+            ..Default::default()
+        },
+        Filter {
+            action: Some(AuditAction::RecordDisclosed as i32),
+            ..Default::default()
+        },
+        Filter {
+            action: rare_action,
+            ..Default::default()
+        },
+        Filter {
+            subject: Some(subject(1)),
+            actor_id: some("police-3"),
+            ..Default::default()
+        },
+        Filter {
+            subject: Some(subject(2)),
+            target_agency_id: some("hospital-4"),
+            action: Some(AuditAction::ConcernRaised as i32),
+            ..Default::default()
+        },
+        Filter {
+            actor_id: some("school-1"),
+            action: rare_action,
+            ..Default::default()
+        },
+        Filter {
+            target_agency_id: some("school-1"),
+            actor_id: some("system"),
+            ..Default::default()
+        },
+        // Time bounds: on a run's first entry, inside a run, past the end, before
+        // the start, empty and inverted ranges, with and without column filters.
+        Filter {
+            since_micros: Some(at(120)),
+            ..Default::default()
+        },
+        Filter {
+            since_micros: Some(at(125) + 1),
+            ..Default::default()
+        },
+        Filter {
+            until_micros: Some(at(70)),
+            ..Default::default()
+        },
+        Filter {
+            since_micros: Some(at(40)),
+            until_micros: Some(at(230)),
+            ..Default::default()
+        },
+        Filter {
+            since_micros: Some(last + 1),
+            ..Default::default()
+        },
+        Filter {
+            until_micros: Some(QUERY_T0_MICROS),
+            ..Default::default()
+        },
+        Filter {
+            since_micros: Some(at(200)),
+            until_micros: Some(at(100)),
+            ..Default::default()
+        },
+        Filter {
+            since_micros: Some(at(100)),
+            until_micros: Some(at(100)),
+            ..Default::default()
+        },
+        Filter {
+            subject: Some(subject(3)),
+            since_micros: Some(at(50)),
+            until_micros: Some(at(250) + 500_000),
+            ..Default::default()
+        },
+        Filter {
+            actor_id: some("gp-2"),
+            action: Some(AuditAction::RecordShared as i32),
+            until_micros: Some(at(150)),
+            ..Default::default()
+        },
+    ];
+    let mut runs = 0;
+    for filter in &filters {
+        let expected = expected_seqs(&logs.appended, filter);
+        for page_size in [1, 4, 25, 1000] {
+            for max_scan in [usize::MAX, 10_000, 9, 1] {
+                if max_scan == 1 && page_size > 4 {
+                    continue; // one row a page: the smaller page sizes cover it
+                }
+                let paged = page_through_both(&logs, filter, page_size, max_scan).await;
+                assert_eq!(
+                    paged.seqs, expected,
+                    "{filter:?}, page_size {page_size}, max_scan {max_scan}: paging to the end collects exactly the matches"
+                );
+                runs += 1;
+            }
+        }
+    }
+    assert!(
+        expected_seqs(&logs.appended, &filters[5]).len() >= 3,
+        "the rare actor appears a few times"
+    );
+
+    // A sparse filter: the subject's index drives the scan, and only a few of its
+    // rows are by this actor. A small scan bound gives short (even empty) pages with
+    // tokens, and paging to the end still collects exactly the matches.
+    let sparse = Filter {
+        subject: Some(subject(0)),
+        actor_id: some("police-3"),
+        ..Default::default()
+    };
+    let expected = expected_seqs(&logs.appended, &sparse);
+    let driving = expected_seqs(
+        &logs.appended,
+        &Filter {
+            subject: Some(subject(0)),
+            ..Default::default()
+        },
+    );
+    assert!(
+        !expected.is_empty() && expected.len() * 2 < driving.len(),
+        "sparse: {} of {} rows match",
+        expected.len(),
+        driving.len()
+    );
+    let paged = page_through_both(&logs, &sparse, 10, 5).await;
+    assert_eq!(paged.seqs, expected);
+    assert_eq!(paged.pages, driving.len().div_ceil(5), "{paged:?}");
+    assert!(paged.short_with_token >= 3, "{paged:?}");
+
+    // Tokens are bound to their query: another filter's token, a changed bound's,
+    // and garbage are refused by both logs alike.
+    let by_gp = Filter {
+        actor_id: some("gp-2"),
+        ..Default::default()
+    };
+    let token = logs
+        .pg
+        .query(&by_gp, "", 5, usize::MAX)
+        .await
+        .unwrap()
+        .next_page_token
+        .unwrap();
+    let others = [
+        Filter {
+            actor_id: some("police-3"),
+            ..Default::default()
+        },
+        Filter {
+            actor_id: some("gp-2"),
+            since_micros: Some(at(1)),
+            ..Default::default()
+        },
+        Filter::default(),
+    ];
+    for other in &others {
+        assert_eq!(
+            logs.pg.query(other, &token, 5, usize::MAX).await,
+            Err(AuditError::BadPageToken),
+            "{other:?}"
+        );
+        assert_eq!(
+            query::run(logs.sled.log(), other, &token, 5, usize::MAX),
+            Err(AuditError::BadPageToken)
+        );
+    }
+    for garbage in ["!!", "AAAA", &token[1..]] {
+        assert_eq!(
+            logs.pg.query(&by_gp, garbage, 5, usize::MAX).await,
+            Err(AuditError::BadPageToken)
+        );
+    }
+    // The sled log's token goes on in PostgreSQL and the other way round.
+    let sled_first = query::run(logs.sled.log(), &by_gp, "", 5, usize::MAX).unwrap();
+    assert_eq!(sled_first.next_page_token.as_deref(), Some(token.as_str()));
+    assert_eq!(
+        logs.pg.query(&by_gp, &token, 5, usize::MAX).await.unwrap(),
+        query::run(logs.sled.log(), &by_gp, &token, 5, usize::MAX).unwrap()
+    );
+
+    // An altered index column cannot bring in an entry that does not match: one
+    // row's columns claim subject 5 and the rare actor, but its opened entry says
+    // otherwise.
+    let claimed = subject(5);
+    let altered = logs
+        .appended
+        .iter()
+        .find(|a| a.subject.as_deref() != Some(claimed.as_str()) && a.actor != RARE_ACTOR)
+        .unwrap()
+        .seq;
+    let sql = db.sql().await;
+    sql.execute(
+        "UPDATE audit_entries SET subject_ref = $2, actor_id = $3 WHERE seq = $1",
+        &[&(altered as i64), &claimed.as_str(), &RARE_ACTOR],
+    )
+    .await
+    .unwrap();
+    for filter in [
+        Filter {
+            subject: Some(claimed),
+            ..Default::default()
+        },
+        Filter {
+            actor_id: some(RARE_ACTOR),
+            ..Default::default()
+        },
+    ] {
+        let page = logs.pg.query(&filter, "", 1000, usize::MAX).await.unwrap();
+        let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
+        assert!(
+            !seqs.contains(&altered),
+            "{filter:?}: the altered row is not let in"
+        );
+        assert_eq!(seqs, expected_seqs(&logs.appended, &filter));
+    }
+    println!("pg_query: {runs} filter/page-size/scan-bound combinations paged identically");
+    logs.sled.close().await;
+    drop((sql, logs));
+    db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_reads_a_range_opened_and_checked() {
+    let Some(url) = server_url("pg_entries") else {
+        return;
+    };
+    let db = TestDb::create(&url, "pg_entries").await;
+    let logs = twin_logs(&db, 300).await;
+    let n = 300u64;
+    // In chunks of up to 256, as ExportEntries reads: the sled log's entries.
+    let mut all = Vec::new();
+    let mut from = 0;
+    while from < n {
+        let to = (from + 256).min(n);
+        let chunk = logs.pg.entries(from, to).await.unwrap();
+        assert_eq!(chunk.len() as u64, to - from);
+        all.extend(chunk);
+        from = to;
+    }
+    for (seq, e) in all.iter().enumerate() {
+        assert_eq!(*e, logs.sled.log().entry(seq as u64).unwrap(), "seq {seq}");
+        assert!(!e.canonical.is_empty());
+    }
+    assert_eq!(logs.pg.entries(0, n).await.unwrap(), all);
+    assert_eq!(logs.pg.entries(n - 3, n).await.unwrap(), all[297..]);
+    assert_eq!(logs.pg.entries(n, n).await.unwrap(), vec![]);
+    assert_eq!(logs.pg.entries(17, 17).await.unwrap(), vec![]);
+    for (from, to) in [(0, n + 1), (n, n + 1), (n + 5, n + 9), (10, 9)] {
+        assert!(
+            matches!(
+                logs.pg.entries(from, to).await,
+                Err(AuditError::OutOfRange(_))
+            ),
+            "[{from}, {to})"
+        );
+    }
+
+    // Damage is named: a flipped bit, then a deleted row (a gap, for a range
+    // and for an unfiltered query scanning across it).
+    let sql = db.sql().await;
+    sql.execute(
+        "UPDATE audit_entries SET sealed = set_byte(sealed, 20, get_byte(sealed, 20) # 1) WHERE seq = 150",
+        &[],
+    )
+    .await
+    .unwrap();
+    match logs.pg.entries(140, 160).await {
+        Err(AuditError::Corrupt(m)) => assert!(m.contains("seq 150"), "{m}"),
+        other => panic!("a flipped bit not detected: {other:?}"),
+    }
+    assert_eq!(logs.pg.entries(140, 150).await.unwrap(), all[140..150]);
+    sql.execute("DELETE FROM audit_entries WHERE seq = 150", &[])
+        .await
+        .unwrap();
+    for range in [(100, 200), (150, 151), (149, 300)] {
+        match logs.pg.entries(range.0, range.1).await {
+            Err(AuditError::Corrupt(m)) => assert!(m.contains("seq 150"), "{range:?}: {m}"),
+            other => panic!("{range:?}: a gap not detected: {other:?}"),
+        }
+    }
+    match logs
+        .pg
+        .query(&Filter::default(), "", 1000, usize::MAX)
+        .await
+    {
+        Err(AuditError::Corrupt(m)) => assert!(m.contains("seq 150"), "{m}"),
+        other => panic!("a gap in a query's scan not detected: {other:?}"),
+    }
+    logs.sled.close().await;
+    drop((sql, logs));
     db.drop_database().await;
 }
 

@@ -1215,6 +1215,23 @@ mod tests {
     }
 
     #[test]
+    fn time_probes_are_distinct_ascending_and_inside_the_range() {
+        for (lo, hi) in [
+            (0, 1),
+            (0, 16),
+            (0, 17),
+            (5, 40),
+            (0, 1_000_000),
+            (u64::MAX - 100, u64::MAX),
+        ] {
+            let p = time_probes(lo, hi);
+            assert_eq!(p.len() as u64, (hi - lo).min(TIME_PROBES), "[{lo}, {hi})");
+            assert!(p.windows(2).all(|w| w[0] < w[1]), "[{lo}, {hi}): {p:?}");
+            assert!(p.iter().all(|&s| lo <= s && s < hi), "[{lo}, {hi}): {p:?}");
+        }
+    }
+
+    #[test]
     fn tiles_grow_in_order_and_answer_like_a_memory_tree() {
         let leaves: Vec<Hash> = (0u32..300)
             .map(|i| merkle::leaf_hash(&i.to_be_bytes()))

@@ -93,7 +93,7 @@ impl PgConfig {
             .map(|o| format!("{o} "))
             .unwrap_or_default();
         options.push_str(&format!(
-            "-c synchronous_commit=on -c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms}"
+            "-c synchronous_commit=on -c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms} -c client_min_messages=warning"
         ));
         pg.options(&options);
         if pg.get_application_name().is_none() {
