@@ -2113,6 +2113,64 @@ bank_holidays = []                    # ["2026-12-25", ...]
     }
 
     #[test]
+    fn storage_is_sled_unless_postgres_is_chosen() {
+        let c = load(EXAMPLE).expect("loads");
+        assert!(matches!(c.storage, Storage::Sled));
+        let c = load(&format!("{EXAMPLE}\n[storage]\nbackend = \"sled\"\n")).expect("loads");
+        assert!(matches!(c.storage, Storage::Sled));
+
+        let c = load(&format!(
+            "{EXAMPLE}\n[storage]\nbackend = \"postgres\"\n\
+             url = \"postgres://sgw:secret@127.0.0.1:5432/sgw\"\npool_size = 40\n\
+             statement_timeout = \"3s\"\nreplica = \"a\"\n"
+        ))
+        .expect("loads");
+        let Storage::Postgres(pg) = &c.storage else {
+            panic!("{:?}", c.storage)
+        };
+        assert_eq!(pg.connection.pool_size, 40);
+        assert_eq!(pg.connection.statement_timeout, Duration::from_secs(3));
+        assert_eq!(pg.replica, "a");
+        // The password never reaches a debug print (and so never a log line).
+        assert!(!format!("{c:?}").contains("secret"));
+
+        let c = load(&format!(
+            "{EXAMPLE}\n[storage]\nbackend = \"postgres\"\nurl = \"postgres://sgw@localhost/sgw\"\n"
+        ))
+        .expect("loads");
+        let Storage::Postgres(pg) = &c.storage else {
+            panic!()
+        };
+        assert!(
+            pg.replica.contains(&format!("/{}", std::process::id())),
+            "{}",
+            pg.replica
+        );
+    }
+
+    #[test]
+    fn storage_problems_are_named() {
+        for (extra, needle) in [
+            ("backend = \"mysql\"", "\"mysql\" is not a backend"),
+            ("backend = \"postgres\"", "storage.url"),
+            ("url = \"postgres://sgw@127.0.0.1/sgw\"", "applies only with backend = \"postgres\""),
+            (
+                "backend = \"postgres\"\nurl = \"postgres://sgw@127.0.0.1/sgw\"\npool_size = 0",
+                "storage.pool_size",
+            ),
+            (
+                "backend = \"postgres\"\nurl = \"postgres://sgw:hunter2@db.example.org/sgw\"",
+                "storage.url",
+            ),
+            ("backend = \"postgres\"\nurl = \"postgres://sgw@127.0.0.1/sgw\"\nstatement_timeout = \"0s\"", "storage.statement_timeout"),
+        ] {
+            let (_, msg) = problem(load(&format!("{EXAMPLE}\n[storage]\n{extra}\n")));
+            assert!(msg.contains(needle), "{extra}: {msg}");
+            assert!(!msg.contains("hunter2"), "{msg}");
+        }
+    }
+
+    #[test]
     fn trust_domain_must_be_a_dns_name() {
         for bad in [
             "",

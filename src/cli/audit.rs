@@ -1,8 +1,14 @@
-//! `sgw audit`: verify the log (offline on a stopped gateway's data, or online as an
-//! auditor over mTLS) and query it.
+//! `sgw audit`: verify the log (offline from a stopped gateway's sled data, from the
+//! PostgreSQL database named in a gateway's config while replicas serve, or online as
+//! an auditor over mTLS) and query it.
+//!
+//! `verify` exits 0 when the log verified, 1 when it was examined and found bad (or
+//! an online check failed), 2 when it could not be examined (sled locked by a running
+//! gateway, keys missing, database unreachable).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use prost::Message;
@@ -10,9 +16,13 @@ use prost::Message;
 use super::client::ClientArgs;
 use crate::audit::checkpoint::{self, VerifierKey};
 use crate::audit::merkle::{self, MemoryTree};
-use crate::audit::verify;
+use crate::audit::verify::{self, Failure, Summary};
+use crate::audit::AuditError;
+use crate::config::{Config, PostgresStorage, Storage};
+use crate::pg::{PgAuditLog, PgAuditSettings};
 use crate::proto::v1::audit_service_client::AuditServiceClient;
 use crate::proto::v1::*;
+use crate::store::Keys;
 
 /// The `sgw audit` subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -23,23 +33,32 @@ pub enum AuditCommand {
     Query(QueryArgs),
 }
 
-/// Arguments of `sgw audit verify`.
+/// Arguments of `sgw audit verify`. At most one of `--data-dir`, `--config` and
+/// `--addr` says which log; with none, the gateway at the default `--addr`.
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("log").args(["data_dir", "config", "addr"]).multiple(false)))]
 pub struct VerifyArgs {
-    /// Offline: the data_dir of a stopped gateway.
-    #[arg(long, conflicts_with = "addr")]
+    /// Offline: the data_dir of a stopped gateway (sled storage).
+    #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Offline, from a gateway's config file: with sled storage, its data_dir (as
+    /// --data-dir, with its signing_key); with `backend = "postgres"`, the database,
+    /// checked in one snapshot while replicas keep serving. Reads the key files the
+    /// config names and never creates any.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// The gateway's checkpoint signing key, when its config sets `[audit] signing_key`.
-    #[arg(long, requires = "data_dir")]
+    #[arg(long, requires = "data_dir", conflicts_with = "config")]
     pub signing_key: Option<PathBuf>,
     /// A signed checkpoint note saved earlier (from GetCheckpoint's signed_note):
     /// the log must still be consistent with it. Catches a log rolled back or truncated.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// Online: pin the log's C2SP verifier key instead of trusting the one served.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "config")]
     pub verifier_key: Option<String>,
-    /// Online (when --data-dir is not given): the running gateway to check.
+    /// Online (when neither --data-dir nor --config is given): the running gateway to
+    /// check.
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -79,10 +98,15 @@ pub struct QueryArgs {
 /// Runs an `sgw audit` subcommand.
 pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        AuditCommand::Verify(args) => match &args.data_dir {
-            Some(dir) => verify_offline(dir, &args),
-            None => runtime()?.block_on(verify_online(&args)),
-        },
+        AuditCommand::Verify(args) => {
+            if let Some(dir) = &args.data_dir {
+                verify_offline(dir, args.signing_key.as_deref(), &args)
+            } else if let Some(file) = &args.config {
+                verify_from_config(file, &args)
+            } else {
+                runtime()?.block_on(verify_online(&args))
+            }
+        }
         AuditCommand::Query(args) => runtime()?.block_on(query(args)),
     }
 }
@@ -107,9 +131,19 @@ fn read_kept(args: &VerifyArgs) -> anyhow::Result<Option<String>> {
         .transpose()
 }
 
-fn verify_offline(dir: &std::path::Path, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+fn verify_offline(
+    dir: &Path,
+    signing_key: Option<&Path>,
+    args: &VerifyArgs,
+) -> anyhow::Result<ExitCode> {
     let kept = read_kept(args)?;
-    match verify::verify_data_dir(dir, args.signing_key.as_deref(), kept.as_deref()) {
+    let result = verify::verify_data_dir(dir, signing_key, kept.as_deref());
+    Ok(report(result, kept.is_some()))
+}
+
+/// Prints the outcome of an offline verification; its exit code.
+fn report(result: Result<Summary, Failure>, kept: bool) -> ExitCode {
+    match result {
         Ok(s) => {
             println!(
                 "audit log verified: {} entries, root {}, {} stored checkpoints verified{}{}",
@@ -119,25 +153,120 @@ fn verify_offline(dir: &std::path::Path, args: &VerifyArgs) -> anyhow::Result<Ex
                 s.latest_checkpoint_size
                     .map(|n| format!(" (newest at size {n})"))
                     .unwrap_or_default(),
-                if kept.is_some() {
+                if kept {
                     ", consistent with the kept checkpoint"
                 } else {
                     ""
                 },
             );
-            Ok(ExitCode::SUCCESS)
+            ExitCode::SUCCESS
         }
         Err(f) if f.cannot_check => {
             eprintln!("audit log could not be checked: {f}");
-            Ok(ExitCode::from(2))
+            ExitCode::from(2)
         }
         Err(f) => {
             eprintln!("audit log FAILED verification: {f}");
-            Ok(ExitCode::from(1))
+            ExitCode::from(1)
         }
     }
 }
 
+/// `--config`: the log the gateway's `[storage]` names.
+fn verify_from_config(file: &Path, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("audit log could not be checked: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    match &config.storage {
+        Storage::Sled => {
+            verify_offline(&config.data_dir, config.audit.signing_key.as_deref(), args)
+        }
+        Storage::Postgres(storage) => {
+            let kept = read_kept(args)?;
+            let result = runtime()?.block_on(verify_postgres(&config, storage, kept.as_deref()));
+            Ok(report(result, kept.is_some()))
+        }
+    }
+}
+
+/// Verifies the PostgreSQL log with [`PgAuditLog::verify`] (one REPEATABLE READ
+/// snapshot, so replicas may append meanwhile), then `kept` against it. Never writes:
+/// a database without a log, or with an older schema, is refused rather than
+/// created or migrated.
+async fn verify_postgres(
+    config: &Config,
+    storage: &PostgresStorage,
+    kept: Option<&str>,
+) -> Result<Summary, Failure> {
+    let keys_dir = config.data_dir.join("keys");
+    let keys = Keys::load_existing(&config.data_dir, config.audit.signing_key.as_deref())
+        .map_err(|e| {
+            cannot_check(format!(
+                "the gateway's key files must be present under {} (every replica uses the same ones; this tool never creates keys): {e}",
+                keys_dir.display()
+            ))
+        })?;
+    let pool = storage
+        .connection
+        .pool()
+        .map_err(|e| cannot_check(e.to_string()))?;
+    check_schema(&pool).await?;
+    let log = PgAuditLog::open_pool(
+        pool,
+        PgAuditSettings {
+            log_id: config.audit.log_id.clone(),
+            max_batch: 1,
+        },
+        Arc::new(keys),
+        Arc::new(crate::domain::SystemClock),
+    )
+    .await
+    .map_err(|e| cannot_check(e.to_string()))?;
+    let summary = log.verify().await.map_err(audit_failure)?;
+
+    if let Some(note) = kept {
+        let public_key = checkpoint::public_key_of(&log_keys_checkpoint(config)?);
+        let verifier = VerifierKey::new(&summary.log_id, public_key)
+            .map_err(|e| failed(None, format!("log id: {e}")))?
+            .to_string();
+        let cp = checkpoint::parse_signed_note(note, &verifier).map_err(|e| {
+            failed(
+                None,
+                format!("the kept checkpoint does not verify with this log's key: {e}"),
+            )
+        })?;
+        let size = cp.tree_size;
+        if size > summary.entries {
+            return Err(failed(
+                Some(summary.entries),
+                format!(
+                    "the log has {} entries but the kept checkpoint covers {size}: entries were removed (truncated or rolled back)",
+                    summary.entries
+                ),
+            ));
+        }
+        // Read after the snapshot, but from tiles the snapshot checked node by node
+        // against the entries: below the verified size a tile may only grow.
+        let root = log.root(size).await.map_err(audit_failure)?;
+        if !merkle::hashes_equal(&root, &cp.root_hash) {
+            return Err(failed(
+                None,
+                format!("the kept checkpoint at size {size} does not match the log: an entry before seq {size} was changed"),
+            ));
+        }
+    }
+    Ok(Summary {
+        entries: summary.entries,
+        root: summary.root,
+        checkpoints: summary.checkpoints,
+        latest_checkpoint_size: None,
+        log_id: summary.log_id,
+    })
+}
 async fn verify_online(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let channel = args.client.connect("auditor-dpo").await?;
     let mut client = AuditServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
