@@ -204,6 +204,7 @@ async fn verify_postgres(
 ) -> Result<Summary, Failure> {
     let keys_dir = config.data_dir.join("keys");
     let keys = Keys::load_existing(&config.data_dir, config.audit.signing_key.as_deref())
+        .map(Arc::new)
         .map_err(|e| {
             cannot_check(format!(
                 "the gateway's key files must be present under {} (every replica uses the same ones; this tool never creates keys): {e}",
@@ -221,7 +222,7 @@ async fn verify_postgres(
             log_id: config.audit.log_id.clone(),
             max_batch: 1,
         },
-        Arc::new(keys),
+        keys.clone(),
         Arc::new(crate::domain::SystemClock),
     )
     .await
@@ -229,7 +230,7 @@ async fn verify_postgres(
     let summary = log.verify().await.map_err(audit_failure)?;
 
     if let Some(note) = kept {
-        let public_key = checkpoint::public_key_of(&log_keys_checkpoint(config)?);
+        let public_key = checkpoint::public_key_of(&keys.checkpoint);
         let verifier = VerifierKey::new(&summary.log_id, public_key)
             .map_err(|e| failed(None, format!("log id: {e}")))?
             .to_string();
@@ -267,6 +268,83 @@ async fn verify_postgres(
         log_id: summary.log_id,
     })
 }
+/// Refuses a database that holds no audit log, or whose schema is older than this
+/// build's: opening the log would create or migrate it.
+async fn check_schema(pool: &deadpool_postgres::Pool) -> Result<(), Failure> {
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| cannot_check(format!("cannot connect to the database (storage.url): {e}")))?;
+    let pg = |e: tokio_postgres::Error| {
+        if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+            cannot_check("this database holds no audit log (no sgw schema): is storage.url the gateways' database?")
+        } else {
+            cannot_check(format!("postgres: {}", crate::pg::describe(&e)))
+        }
+    };
+    let version: Option<i32> = client
+        .query_one("SELECT max(version) FROM schema_migrations", &[])
+        .await
+        .map_err(pg)?
+        .get(0);
+    let version = version.unwrap_or(0);
+    let known = crate::pg::migrate::latest_version();
+    if version < known {
+        return Err(cannot_check(format!(
+            "the database's schema is at version {version}, older than this sgw's ({known}): verifying would migrate it; use the gateways' own sgw, or upgrade them first"
+        )));
+    }
+    let origin: Option<String> = client
+        .query_one("SELECT origin FROM audit_head WHERE id = 1", &[])
+        .await
+        .map_err(pg)?
+        .get(0);
+    if origin.is_none() {
+        return Err(cannot_check(
+            "this database holds no audit log yet (no gateway has opened it)",
+        ));
+    }
+    Ok(())
+}
+
+fn failed(seq: Option<u64>, problem: impl Into<String>) -> Failure {
+    Failure {
+        seq,
+        problem: problem.into(),
+        cannot_check: false,
+    }
+}
+
+fn cannot_check(problem: impl Into<String>) -> Failure {
+    Failure {
+        seq: None,
+        problem: problem.into(),
+        cannot_check: true,
+    }
+}
+
+/// A PostgreSQL log's error as a verification outcome: damage found, or the log could
+/// not be read.
+fn audit_failure(e: AuditError) -> Failure {
+    match e {
+        // The message names the seq where there is one: "seq 7: ...".
+        AuditError::Corrupt(problem) => {
+            let seq = problem
+                .strip_prefix("seq ")
+                .and_then(|rest| rest.split_once(": "))
+                .and_then(|(n, rest)| Some((n.parse().ok()?, rest)));
+            match seq {
+                Some((seq, rest)) => failed(Some(seq), rest),
+                None => failed(None, problem),
+            }
+        }
+        AuditError::Unavailable(problem) => cannot_check(problem),
+        e @ (AuditError::OutOfRange(_) | AuditError::BadPageToken | AuditError::TooMany(_)) => {
+            cannot_check(e.to_string())
+        }
+    }
+}
+
 async fn verify_online(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let channel = args.client.connect("auditor-dpo").await?;
     let mut client = AuditServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
