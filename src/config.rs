@@ -297,12 +297,13 @@ pub struct Registry<'a> {
 #[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{file}: cannot read: {source}")]
+    #[error("{file}: cannot read: {error}")]
     Read {
         /// The file's label (its path as given).
         file: String,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, not a separate cause, so it is printed
+        /// once).
+        error: std::io::Error,
     },
     /// Not valid TOML, or not the expected shape: an unknown or missing key, a value
     /// of the wrong type, an unknown `logging.format`, a malformed address.
@@ -492,9 +493,9 @@ impl Config {
     /// against the file's folder; errors are labelled with `path` as given.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             file: file.clone(),
-            source,
+            error,
         })?;
         let folder = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,

@@ -268,13 +268,16 @@ async fn verify_postgres(
         log_id: summary.log_id,
     })
 }
+
 /// Refuses a database that holds no audit log, or whose schema is older than this
 /// build's: opening the log would create or migrate it.
 async fn check_schema(pool: &deadpool_postgres::Pool) -> Result<(), Failure> {
-    let client = pool
-        .get()
-        .await
-        .map_err(|e| cannot_check(format!("cannot connect to the database (storage.url): {e}")))?;
+    let client = pool.get().await.map_err(|e| {
+        cannot_check(format!(
+            "cannot connect to the database (storage.url): {}",
+            with_causes(&e)
+        ))
+    })?;
     let pg = |e: tokio_postgres::Error| {
         if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
             cannot_check("this database holds no audit log (no sgw schema): is storage.url the gateways' database?")
@@ -305,6 +308,22 @@ async fn check_schema(pool: &deadpool_postgres::Pool) -> Result<(), Failure> {
         ));
     }
     Ok(())
+}
+
+/// An error's message followed by those of its causes that it does not already
+/// include (the pool's and the driver's own messages leave out why a connection
+/// failed).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn failed(seq: Option<u64>, problem: impl Into<String>) -> Failure {

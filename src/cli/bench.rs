@@ -20,11 +20,13 @@ use crate::proto::bench::EchoRequest;
 /// Arguments of `sgw bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// A running gateway to drive; without it, `sgw bench` starts one on a temporary
+    /// A running gateway to drive; repeat it to drive several replicas of one
+    /// gateway (callers and connections go round robin over the addresses; seeding
+    /// goes through the first). Without it, `sgw bench` starts one on a temporary
     /// data dir and development PKI, and drives that. Either way it seeds records
     /// and consents first (the gateway needs the dev config's agreements).
-    #[arg(long)]
-    pub addr: Option<String>,
+    #[arg(long = "addr")]
+    pub addrs: Vec<String>,
     /// Folder with ca.pem and the dev identities (<role>-<id>.pem/.key) to call as,
     /// when --addr is given.
     #[arg(long, default_value = "certs/dev")]
@@ -32,7 +34,7 @@ pub struct BenchArgs {
     /// Callers running at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
-    /// HTTP/2 connections per identity the callers share.
+    /// HTTP/2 connections per identity (and per --addr) the callers share.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
     /// Measured time, e.g. 10s.
@@ -65,6 +67,11 @@ pub struct BenchArgs {
     /// One JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Print `sgw bench: <server> window start` and `... window end` on stderr as
+    /// each server's measured window starts and ends, for a script that samples the
+    /// servers alongside (benches/replicas.sh).
+    #[arg(long)]
+    pub mark_window: bool,
 }
 
 /// The longest narrative the gateway accepts by default.
@@ -174,8 +181,15 @@ struct AuditStats {
     mean_sync_ms: f64,
 }
 
-/// `n` connections (at least one) to `addr` as the identity `stem` of `pki`.
-async fn channels(addr: &str, pki: &Path, stem: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
+/// `n` connections (at least one) to each of `addrs` as the identity `stem` of
+/// `pki`, interleaved (`a0, a1, .., a0, a1, ..`) so that [`bench::pick`] spreads
+/// workers round robin over the addresses.
+async fn channels(
+    addrs: &[String],
+    pki: &Path,
+    stem: &str,
+    n: usize,
+) -> anyhow::Result<Vec<Channel>> {
     let read = |f: String| {
         std::fs::read(pki.join(&f))
             .with_context(|| format!("cannot read {}", pki.join(f).display()))
@@ -187,15 +201,17 @@ async fn channels(addr: &str, pki: &Path, stem: &str, n: usize) -> anyhow::Resul
             read(format!("{stem}.key"))?,
         ))
         .domain_name("localhost");
-    let mut out = Vec::with_capacity(n);
+    let mut out = Vec::with_capacity(n.max(1) * addrs.len());
     for _ in 0..n.max(1) {
-        let ch = Endpoint::from_shared(format!("https://{addr}"))?
-            .tls_config(tls.clone())?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {addr}"))?;
-        out.push(ch);
+        for addr in addrs {
+            let ch = Endpoint::from_shared(format!("https://{addr}"))?
+                .tls_config(tls.clone())?
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .with_context(|| format!("cannot connect to {addr}"))?;
+            out.push(ch);
+        }
     }
     Ok(out)
 }
@@ -207,9 +223,14 @@ struct GatewayRun {
     subscribers: Option<Subscribers>,
 }
 
-/// Seeds what the ops read, opens the connections each op's identity needs, and
-/// the inbox subscriptions.
-async fn prepare_gateway(args: &BenchArgs, addr: &str, pki: &Path) -> anyhow::Result<GatewayRun> {
+/// Seeds what the ops read (through the first of `addrs`), opens the connections
+/// each op's identity needs to every one of `addrs`, and the inbox subscriptions.
+async fn prepare_gateway(
+    args: &BenchArgs,
+    addrs: &[String],
+    pki: &Path,
+) -> anyhow::Result<GatewayRun> {
+    let first = addrs.get(..1).context("no gateway address")?;
     let wants = |op: Op| args.ops.contains(&op);
     if wants(Op::Echo) {
         anyhow::bail!("echo is the baseline's op: use --baseline");
@@ -228,18 +249,21 @@ async fn prepare_gateway(args: &BenchArgs, addr: &str, pki: &Path) -> anyhow::Re
     let reads = wants(Op::GetRecord) || wants(Op::FindRecords);
     let mut ch = MixChannels::default();
     if reads {
-        ch.school = channels(addr, pki, "agency-school-oakfield", conns).await?;
+        ch.school = channels(addrs, pki, "agency-school-oakfield", conns).await?;
     }
     if wants(Op::RaiseConcern) {
-        ch.police = channels(addr, pki, "agency-police-met", conns).await?;
+        ch.police = channels(addrs, pki, "agency-police-met", conns).await?;
     }
     if wants(Op::QueryDisclosures) {
-        ch.auditor = channels(addr, pki, "auditor-dpo", conns).await?;
+        ch.auditor = channels(addrs, pki, "auditor-dpo", conns).await?;
     }
     let seeded = if reads {
         let sc = SeedChannels {
-            health: channels(addr, pki, "agency-nhs-guys", 1).await?.remove(0),
-            police: channels(addr, pki, "agency-police-met", 1).await?.remove(0),
+            health: channels(first, pki, "agency-nhs-guys", 1).await?.remove(0),
+            police: channels(first, pki, "agency-police-met", 1)
+                .await?
+                .remove(0),
+            // The first connection goes to the first address (see `channels`).
             school: ch.school[0].clone(),
         };
         seed::seed(&sc, args.records, args.subjects, args.payload).await?
@@ -261,7 +285,7 @@ async fn prepare_gateway(args: &BenchArgs, addr: &str, pki: &Path) -> anyhow::Re
         let mut agencies = Vec::with_capacity(INBOXES.len());
         for agency in INBOXES {
             let n = per_agency.div_ceil(STREAMS_PER_CONNECTION);
-            agencies.push(channels(addr, pki, &format!("agency-{agency}"), n).await?);
+            agencies.push(channels(addrs, pki, &format!("agency-{agency}"), n).await?);
         }
         Some(Subscribers::open(&agencies, args.subscribers).await?)
     } else {
@@ -381,9 +405,9 @@ async fn measure(args: &BenchArgs, scratch: &Path) -> anyhow::Result<Outcome> {
         duration: args.duration,
         warmup: args.warmup,
     };
-    let (gateway, pki, addr) = match &args.addr {
-        Some(addr) => (None, args.pki_dir.clone(), addr.clone()),
-        None => {
+    let (gateway, pki, addrs) = match args.addrs.as_slice() {
+        [_, ..] => (None, args.pki_dir.clone(), args.addrs.clone()),
+        [] => {
             let config = crate::cli::serve::prepare_dev(scratch)?;
             let mut text = std::fs::read_to_string(&config)?;
             text.push_str("\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
@@ -409,12 +433,13 @@ async fn measure(args: &BenchArgs, scratch: &Path) -> anyhow::Result<Outcome> {
             (
                 Some(child),
                 scratch.join(crate::cli::serve::DEV_PKI_DIR),
-                addr,
+                vec![addr],
             )
         }
     };
-    let run = prepare_gateway(args, &addr, &pki).await?;
+    let run = prepare_gateway(args, &addrs, &pki).await?;
     let window = spec.window(Instant::now());
+    mark_window(args, "gateway", window);
     let probe = run
         .subscribers
         .map(|s| s.start(window, run.narrative.clone()));
@@ -449,8 +474,16 @@ async fn measure(args: &BenchArgs, scratch: &Path) -> anyhow::Result<Outcome> {
         )
         .await?;
         let pki = scratch.join(crate::cli::serve::DEV_PKI_DIR);
-        let conns = channels(&echo.addr, &pki, "agency-school-oakfield", args.connections).await?;
+        // As many connections as the gateways had, so the client's share is alike.
+        let conns = channels(
+            std::slice::from_ref(&echo.addr),
+            &pki,
+            "agency-school-oakfield",
+            args.connections * addrs.len(),
+        )
+        .await?;
         let window = spec.window(Instant::now());
+        mark_window(args, "echo", window);
         let cpu = Cpu::measure(window, echo.pid());
         let caller = echo_caller(conns, args.payload);
         let figures = bench::drive(&spec, window, caller, &progress_bar(args, "baseline")).await;
@@ -467,6 +500,20 @@ async fn measure(args: &BenchArgs, scratch: &Path) -> anyhow::Result<Outcome> {
         baseline,
         baseline_cpu,
     })
+}
+
+/// With --mark-window, says on stderr when `server`'s measured window starts and
+/// ends.
+fn mark_window(args: &BenchArgs, server: &'static str, window: bench::Window) {
+    if !args.mark_window {
+        return;
+    }
+    tokio::spawn(async move {
+        tokio::time::sleep_until(window.measure_from.into()).await;
+        eprintln!("sgw bench: {server} window start");
+        tokio::time::sleep_until(window.end.into()).await;
+        eprintln!("sgw bench: {server} window end");
+    });
 }
 
 fn random_hex() -> anyhow::Result<String> {
@@ -535,6 +582,7 @@ fn report(args: &BenchArgs, o: &Outcome) {
         let mut v = serde_json::json!({
             "ops": args.ops.iter().map(|o| o.name()).collect::<Vec<_>>(),
             "concurrency": args.concurrency, "connections": args.connections,
+            "gateways": args.addrs.len().max(1),
             "duration_s": args.duration.as_secs_f64(), "warmup_s": args.warmup.as_secs_f64(),
             "payload_bytes": args.payload, "records": args.records, "subjects": args.subjects,
             "gateway": figures_json(gw, &o.gateway_cpu), "gateway_peak_rss_bytes": o.rss,
@@ -558,8 +606,12 @@ fn report(args: &BenchArgs, o: &Outcome) {
         return;
     }
     let ops: Vec<_> = args.ops.iter().map(|o| o.name()).collect();
+    let spread = match args.addrs.len() {
+        0 | 1 => String::new(),
+        n => format!(" to each of {n} gateways"),
+    };
     println!(
-        "sgw bench: {}, {} callers over {} connections per identity, {:?} measured after {:?} warm-up, {} B payload",
+        "sgw bench: {}, {} callers over {} connections per identity{spread}, {:?} measured after {:?} warm-up, {} B payload",
         ops.join(" + "), args.concurrency, args.connections, args.duration, args.warmup, args.payload
     );
     let row = |name: &str, rate: f64, h: &hdrhistogram::Histogram<u64>, errors: &str| {

@@ -47,7 +47,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -134,16 +134,9 @@ impl Default for PgAuditSettings {
     }
 }
 
-/// Group-commit statistics of this replica.
-#[derive(Debug, Default)]
-pub struct PgCommitStats {
-    /// Transactions committed.
-    pub commits: AtomicU64,
-    /// Entries committed.
-    pub entries: AtomicU64,
-    /// Time from taking a connection to COMMIT returning, summed, microseconds.
-    pub commit_micros: AtomicU64,
-}
+/// Group-commit statistics of this replica: the sled writer's [`CommitStats`], with
+/// `sync_micros` the time from taking a connection to COMMIT returning.
+pub type PgCommitStats = crate::audit::writer::CommitStats;
 
 /// What a successful verification found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,7 +166,7 @@ struct Inner {
     keys: Arc<Keys>,
     clock: Arc<dyn Clock>,
     log_id: String,
-    stats: PgCommitStats,
+    stats: Arc<PgCommitStats>,
 }
 
 impl PgAuditLog {
@@ -223,7 +216,7 @@ impl PgAuditLog {
             keys,
             clock,
             log_id: origin,
-            stats: PgCommitStats::default(),
+            stats: Arc::new(PgCommitStats::default()),
         });
         let max_batch = settings.max_batch.max(1);
         let (tx, rx) = mpsc::channel(max_batch * 4);
@@ -259,7 +252,7 @@ impl PgAuditLog {
     }
 
     /// This replica's group-commit statistics.
-    pub fn stats(&self) -> &PgCommitStats {
+    pub fn stats(&self) -> &Arc<PgCommitStats> {
         &self.inner.stats
     }
 
@@ -823,7 +816,7 @@ impl Inner {
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.entries.fetch_add(n, Ordering::Relaxed);
         self.stats
-            .commit_micros
+            .sync_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         Ok(appended)
     }

@@ -151,10 +151,10 @@ impl PgAudit {
             size: 0,
         });
         PgAudit {
-            log,
             lease,
+            stats: log.stats().clone(),
+            log,
             health,
-            stats: Arc::new(CommitStats::default()),
         }
     }
 
