@@ -28,29 +28,46 @@ use crate::records::{Due, RecordRepo, SubjectHold};
 use crate::store::keys::SubjectRef;
 use crate::store::Keys;
 
-/// The three stores of one replica, over one pool.
+/// The stores of one replica.
 pub struct Backend {
     /// The audit log.
     pub audit: Arc<PgAudit>,
     /// Records and consents.
-    pub records: Arc<PgRecordStore>,
+    pub records: Arc<PgRecords>,
     /// Concerns and inboxes.
     pub concerns: Arc<PgConcernStore>,
-    /// The pool they share.
+    /// A small pool for leases and the replicas table.
     pub pool: Pool,
 }
 
+/// Connections of the audit pool: the group-commit writer takes one per commit;
+/// checkpoints, proofs and auditors' queries share the rest.
+const AUDIT_CONNECTIONS: usize = 4;
+
 /// Connects, applies migrations and opens every store for this replica.
+///
+/// Each store has its own pool, so no pool can be emptied by callers that wait on
+/// another: a disclosure holds a connection of the lock pool (its child's row lock)
+/// while it waits for the audit pool's writer and reads through the records pool.
+/// With `pool_size` = n a replica opens at most n (locks) + n/2 (records) + n/2
+/// (concerns) + 4 (audit) + 2 (leases, replicas) + 1 (the inbox listener)
+/// connections.
 pub async fn open(
     storage: &PostgresStorage,
     config: &Config,
     keys: Arc<Keys>,
     clock: Arc<dyn Clock>,
 ) -> Result<Backend, PgError> {
-    let pool = storage.connection.pool()?;
+    let n = storage.connection.pool_size.max(2);
+    let sized = |size: usize| {
+        let mut c = storage.connection.clone();
+        c.pool_size = size;
+        c
+    };
+    let pool = sized(2).pool()?;
     super::migrate::migrate(&pool).await?;
-    let log = PgAuditLog::open_pool(
-        pool.clone(),
+    let log = PgAuditLog::open(
+        &sized(AUDIT_CONNECTIONS),
         PgAuditSettings {
             log_id: config.audit.log_id.clone(),
             max_batch: config.audit.max_batch,
@@ -69,10 +86,13 @@ pub async fn open(
             lease_ttl,
         ),
     ));
-    let records = Arc::new(PgRecordStore::open_pool(pool.clone(), keys.clone()).await?);
+    let records = Arc::new(PgRecords {
+        store: PgRecordStore::open(&sized((n / 2).max(2)), keys.clone()).await?,
+        locks: sized(n).pool()?,
+    });
     let concerns = Arc::new(
         PgConcernStore::open(
-            &storage.connection,
+            &sized((n / 2).max(2)),
             keys,
             config.agencies.iter().map(|a| a.id.clone()),
         )
@@ -311,7 +331,19 @@ const LOCK_SUBJECT_UPDATE: &str = "SELECT 1 FROM subject_locks WHERE subject_ref
 const ENSURE_SUBJECT: &str =
     "INSERT INTO subject_locks (subject_ref) VALUES ($1) ON CONFLICT (subject_ref) DO NOTHING";
 
-impl PgRecordStore {
+/// Records and consents in PostgreSQL with the row locks that order a child's
+/// disclosures and consent changes, taken on connections of their own pool.
+pub struct PgRecords {
+    store: PgRecordStore,
+    locks: Pool,
+}
+
+impl PgRecords {
+    /// The store.
+    pub fn store(&self) -> &PgRecordStore {
+        &self.store
+    }
+
     async fn hold(
         &self,
         subject: &SubjectRef,
@@ -321,7 +353,7 @@ impl PgRecordStore {
             crate::records::StoreError::Io(format!("postgres: {}", super::describe(&e)))
         };
         let client = self
-            .pool()
+            .locks
             .get()
             .await
             .map_err(|e| crate::records::StoreError::Io(format!("postgres: {e}")))?;
@@ -354,28 +386,28 @@ impl PgRecordStore {
 }
 
 #[async_trait]
-impl RecordRepo for PgRecordStore {
+impl RecordRepo for PgRecords {
     async fn put_record(
         &self,
         record: &Record,
         content: &[u8],
     ) -> Result<(), crate::records::StoreError> {
-        PgRecordStore::put_record(self, record, content).await
+        self.store.put_record(record, content).await
     }
 
     async fn record(&self, id: &RecordId) -> Result<Option<Record>, crate::records::StoreError> {
-        PgRecordStore::record(self, id).await
+        self.store.record(id).await
     }
 
     async fn records_about(
         &self,
         subject: &SubjectRef,
     ) -> Result<Vec<Record>, crate::records::StoreError> {
-        PgRecordStore::records_about(self, subject).await
+        self.store.records_about(subject).await
     }
 
     async fn content(&self, id: &RecordId) -> Result<Vec<u8>, crate::records::StoreError> {
-        PgRecordStore::content(self, id).await
+        self.store.content(id).await
     }
 
     async fn expired_by(
@@ -383,7 +415,9 @@ impl RecordRepo for PgRecordStore {
         now: OffsetDateTime,
         limit: usize,
     ) -> Result<Vec<Due>, crate::records::StoreError> {
-        Ok(PgRecordStore::expired_by(self, now, limit)
+        Ok(self
+            .store
+            .expired_by(now, limit)
             .await?
             .into_iter()
             .map(|d| Due {
@@ -399,22 +433,22 @@ impl RecordRepo for PgRecordStore {
     }
 
     async fn purge(&self, record: &Record) -> Result<(), crate::records::StoreError> {
-        PgRecordStore::purge(self, record).await
+        self.store.purge(record).await
     }
 
     async fn put_consent(&self, consent: &Consent) -> Result<(), crate::records::StoreError> {
-        PgRecordStore::put_consent(self, consent).await
+        self.store.put_consent(consent).await
     }
 
     async fn consent(&self, id: &ConsentId) -> Result<Option<Consent>, crate::records::StoreError> {
-        PgRecordStore::consent(self, id).await
+        self.store.consent(id).await
     }
 
     async fn consents_about(
         &self,
         subject: &SubjectRef,
     ) -> Result<Vec<Consent>, crate::records::StoreError> {
-        PgRecordStore::consents_about(self, subject).await
+        self.store.consents_about(subject).await
     }
 
     async fn disclosing(
