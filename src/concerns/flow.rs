@@ -199,7 +199,10 @@ impl Concerns {
             let mut scanned = 0usize;
             let mut last = after;
             loop {
-                let batch = self.store.events(&agency, last, upto, 256).await?;
+                // Events in batches near the page size: each batch's concerns are
+                // read (and opened) at once.
+                let want = page_size.saturating_sub(found.len()).clamp(16, 256);
+                let batch = self.store.events(&agency, last, upto, want).await?;
                 if batch.is_empty() {
                     break 'page (found, None);
                 }
