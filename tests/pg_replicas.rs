@@ -6,7 +6,8 @@
 //! acknowledged disclosure lost when a replica is killed; an inbox stream on one
 //! replica sees what another delivered; a consent withdrawal or a revocation through
 //! one replica is in force on the others for the very next call; a missed deadline
-//! escalates once, however many replicas sweep.
+//! escalates once, however many replicas sweep; and a replica answers more
+//! concurrent disclosures than it has pooled database connections.
 //!
 //! Every replica of a test shares one folder and one config file (key files are
 //! created by the first replica, so replicas start one after another), with
@@ -1089,7 +1090,14 @@ async fn an_inbox_stream_on_one_replica_receives_a_concern_raised_through_anothe
         assert_eq!(event.cursor, 2, "{what}");
         assert_eq!(concern_of(&event).concern_id, second.concern_id, "{what}");
     }
-    // The sender sees both delivered, through either replica.
+    let fd = next_within(
+        &mut front_door_events_b,
+        Duration::from_secs(3),
+        "front door on B",
+    )
+    .await;
+    assert_eq!(concern_of(&fd).concern_id, second.concern_id);
+    // The sender sees both delivered to both, through either replica.
     for police in [&mut police_a, &mut police_b] {
         for id in [&raised.concern_id, &second.concern_id] {
             let seen = police
