@@ -301,7 +301,7 @@ pub fn audit_handle(audit: Arc<PgAudit>) -> AuditHandle {
 // === records ===
 
 /// A row lock on `subject_locks` held in an open transaction on its own
-/// connection: `FOR SHARE` for a disclosure, `FOR UPDATE` for a consent change, so
+/// connection: `FOR KEY SHARE` for a disclosure, `FOR UPDATE` for a consent change, so
 /// the ordering rule of [`crate::records`] holds across replicas. Released by
 /// ROLLBACK when dropped (the transaction wrote nothing).
 struct RowHold {
@@ -326,7 +326,10 @@ impl Drop for RowHold {
     }
 }
 
-const LOCK_SUBJECT_SHARE: &str = "SELECT 1 FROM subject_locks WHERE subject_ref = $1 FOR SHARE";
+// KEY SHARE is the lightest lock FOR UPDATE still conflicts with: disclosures of
+// one child never wait for each other, only for a consent change.
+const LOCK_SUBJECT_SHARE: &str =
+    "SELECT 1 FROM subject_locks WHERE subject_ref = $1 FOR KEY SHARE";
 const LOCK_SUBJECT_UPDATE: &str = "SELECT 1 FROM subject_locks WHERE subject_ref = $1 FOR UPDATE";
 const ENSURE_SUBJECT: &str =
     "INSERT INTO subject_locks (subject_ref) VALUES ($1) ON CONFLICT (subject_ref) DO NOTHING";
