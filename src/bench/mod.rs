@@ -172,6 +172,9 @@ pub struct Figures {
     pub latency: Histogram<u64>,
     /// The same, op by op.
     pub by_op: BTreeMap<Op, OpFigures>,
+    /// Failed calls that started in the warm-up, by gRPC code: not measured, but a
+    /// gateway that fails or stalls from the start must not pass as a clean run.
+    pub warmup_errors: BTreeMap<String, u64>,
 }
 
 impl Figures {
@@ -185,9 +188,15 @@ impl Figures {
         ms(&self.latency, q)
     }
 
-    /// Total failed calls.
+    /// Total failed calls in the measured window.
     pub fn error_count(&self) -> u64 {
         self.errors.values().sum()
+    }
+
+    /// Whether the run was clean: at least one successful call, and no failed call,
+    /// measured or in the warm-up.
+    pub fn clean(&self) -> bool {
+        self.ok > 0 && self.error_count() == 0 && self.warmup_errors.is_empty()
     }
 }
 
@@ -210,11 +219,13 @@ pub async fn drive(
     progress: &indicatif::ProgressBar,
 ) -> Figures {
     let shared: Arc<Mutex<BTreeMap<Op, OpFigures>>> = Arc::default();
+    let warmup_errors: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let mut workers = Vec::with_capacity(spec.concurrency);
     for w in 0..spec.concurrency {
-        let (call, shared) = (call.clone(), shared.clone());
+        let (call, shared, warmup_errors) = (call.clone(), shared.clone(), warmup_errors.clone());
         workers.push(tokio::spawn(async move {
             let mut local: BTreeMap<Op, OpFigures> = BTreeMap::new();
+            let mut local_warmup: BTreeMap<String, u64> = BTreeMap::new();
             let mut n = 0u64;
             loop {
                 let t0 = Instant::now();
@@ -224,6 +235,9 @@ pub async fn drive(
                 let (op, result) = call(w, n).await;
                 n += 1;
                 if !window.measures(t0) {
+                    if let Err(failure) = result {
+                        *local_warmup.entry(failure.to_string()).or_default() += 1;
+                    }
                     continue;
                 }
                 let f = local.entry(op).or_insert_with(OpFigures::new);
@@ -239,6 +253,11 @@ pub async fn drive(
             for (op, f) in local {
                 all.entry(op).or_insert_with(OpFigures::new).add(&f);
             }
+            drop(all);
+            let mut all = warmup_errors.lock().await;
+            for (code, n) in local_warmup {
+                *all.entry(code).or_default() += n;
+            }
         }));
     }
     let total = window.end - window.start;
@@ -251,6 +270,7 @@ pub async fn drive(
     }
     progress.finish_and_clear();
     let by_op = std::mem::take(&mut *shared.lock().await);
+    let warmup_errors = std::mem::take(&mut *warmup_errors.lock().await);
     let mut all = OpFigures::new();
     for f in by_op.values() {
         all.add(f);
@@ -261,6 +281,7 @@ pub async fn drive(
         elapsed: spec.duration,
         latency: all.latency,
         by_op,
+        warmup_errors,
     }
 }
 
@@ -301,4 +322,77 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> LoadSpec {
+        LoadSpec {
+            concurrency: 2,
+            duration: Duration::from_millis(200),
+            warmup: Duration::from_millis(200),
+        }
+    }
+
+    /// A caller that fails while `fail(started)` holds, else succeeds.
+    fn caller(start: Instant, fail: impl Fn(Duration) -> bool + Send + Sync + 'static) -> Caller {
+        Arc::new(move |_, _| -> CallFuture {
+            let failing = fail(start.elapsed());
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let result = if failing {
+                    Err(Failure::Status(tonic::Code::Unavailable))
+                } else {
+                    Ok(())
+                };
+                (Op::GetRecord, result)
+            })
+        })
+    }
+
+    #[tokio::test]
+    async fn a_call_failing_in_the_warm_up_makes_a_run_unclean_but_is_not_measured() {
+        let spec = spec();
+        let start = Instant::now();
+        let window = spec.window(start);
+        let warmup = spec.warmup;
+        let bar = indicatif::ProgressBar::hidden();
+        let f = drive(&spec, window, caller(start, move |t| t < warmup / 2), &bar).await;
+        assert!(f.ok > 0);
+        assert_eq!(f.error_count(), 0);
+        assert!(f.warmup_errors.get("Unavailable").copied().unwrap_or(0) > 0);
+        assert!(!f.clean());
+    }
+
+    #[tokio::test]
+    async fn a_run_with_no_successful_call_is_unclean_even_without_errors() {
+        let spec = spec();
+        let window = spec.window(Instant::now());
+        // Every call blocks past the window's end: none starts inside it.
+        let stalled: Caller = Arc::new(|_, _| -> CallFuture {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(1_000)).await;
+                (Op::GetRecord, Ok(()))
+            })
+        });
+        let f = drive(&spec, window, stalled, &indicatif::ProgressBar::hidden()).await;
+        assert_eq!((f.ok, f.error_count()), (0, 0));
+        assert!(!f.clean());
+    }
+
+    #[tokio::test]
+    async fn a_run_without_failures_is_clean() {
+        let spec = spec();
+        let start = Instant::now();
+        let f = drive(
+            &spec,
+            spec.window(start),
+            caller(start, |_| false),
+            &indicatif::ProgressBar::hidden(),
+        )
+        .await;
+        assert!(f.clean(), "{:?} {:?}", f.errors, f.warmup_errors);
+    }
 }

@@ -381,11 +381,8 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_dir_all(&scratch);
     let outcome = outcome?;
     report(&args, &outcome);
-    let clean = outcome.gateway.error_count() == 0
-        && outcome
-            .baseline
-            .as_ref()
-            .is_none_or(|b| b.error_count() == 0)
+    let clean = outcome.gateway.clean()
+        && outcome.baseline.as_ref().is_none_or(Figures::clean)
         && outcome
             .inbox
             .as_ref()
@@ -536,7 +533,7 @@ fn figures_json(f: &Figures, cpu: &Cpu) -> serde_json::Value {
         "server_cpu_us_per_call": server_us, "client_cpu_us_per_call": client_us,
         "requests_per_second": f.rate(),
         "ok": f.ok,
-        "errors": f.errors,
+        "errors": f.errors, "warmup_errors": f.warmup_errors,
         "p50_ms": f.ms(0.5), "p90_ms": f.ms(0.9), "p99_ms": f.ms(0.99), "p999_ms": f.ms(0.999),
     });
     let by_op: serde_json::Map<String, serde_json::Value> = f
@@ -573,6 +570,17 @@ fn errors_text(errors: &std::collections::BTreeMap<String, u64>) -> String {
         "0".to_owned()
     } else {
         format!("{errors:?}")
+    }
+}
+
+/// The measured errors, and those of calls started in the warm-up when there were
+/// any.
+fn run_errors_text(f: &Figures) -> String {
+    let measured = errors_text(&f.errors);
+    if f.warmup_errors.is_empty() {
+        measured
+    } else {
+        format!("{measured} (in the warm-up: {:?})", f.warmup_errors)
     }
 }
 
@@ -623,7 +631,7 @@ fn report(args: &BenchArgs, o: &Outcome) {
             bench::ms(h, 0.999),
         );
     };
-    row("gateway", gw.rate(), &gw.latency, &errors_text(&gw.errors));
+    row("gateway", gw.rate(), &gw.latency, &run_errors_text(gw));
     if gw.by_op.len() > 1 {
         for (op, f) in &gw.by_op {
             let rate = f.ok as f64 / gw.elapsed.as_secs_f64().max(1e-9);
@@ -649,12 +657,7 @@ fn report(args: &BenchArgs, o: &Outcome) {
         );
     }
     if let Some(b) = &o.baseline {
-        row(
-            "baseline (echo)",
-            b.rate(),
-            &b.latency,
-            &errors_text(&b.errors),
-        );
+        row("baseline (echo)", b.rate(), &b.latency, &run_errors_text(b));
         println!(
             "ratio gateway/echo {:>8.2}x        p50 {:>7.2}x     p90 {:>7.2}x     p99 {:>7.2}x     p99.9 {:>7.2}x",
             ratio(gw.rate(), b.rate()),
