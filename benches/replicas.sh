@@ -128,7 +128,9 @@ ticks_of() {
 # CPU ticks of the postmaster and its children (exited children are in the
 # postmaster's cutime+cstime once reaped).
 pg_ticks() {
-  cat /proc/[0-9]*/stat 2>/dev/null | awk -v main="$PG_MAIN" '{
+  # A process may exit between the glob and the read: cat then fails, and must not
+  # end the script (pipefail).
+  { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v main="$PG_MAIN" '{
       pid = $1
       sub(/^.*\) /, "")             # drop pid and (comm): $1 is now field 3, the state
       if ($2 == main) s += $12 + $13
