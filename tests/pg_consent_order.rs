@@ -228,5 +228,16 @@ async fn a_withdrawal_on_one_replica_orders_every_disclosure_on_both() {
         "each caller was refused after the withdrawal: {} refusals",
         refused.len()
     );
+    // The child's lock row was made once and kept: a row made inside a hold's
+    // transaction would vanish with its ROLLBACK and make every later hold queue
+    // behind an uncommitted insert.
+    let rows: i64 = db
+        .sql()
+        .await
+        .query_one("SELECT count(*) FROM subject_locks", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, 1, "one committed lock row for the one child");
     db.drop_database().await;
 }

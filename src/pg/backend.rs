@@ -326,13 +326,26 @@ impl Drop for RowHold {
     }
 }
 
-// KEY SHARE is the lightest lock FOR UPDATE still conflicts with: disclosures of
-// one child never wait for each other, only for a consent change.
-const LOCK_SUBJECT_SHARE: &str =
-    "SELECT 1 FROM subject_locks WHERE subject_ref = $1 FOR KEY SHARE";
-const LOCK_SUBJECT_UPDATE: &str = "SELECT 1 FROM subject_locks WHERE subject_ref = $1 FOR UPDATE";
-const ENSURE_SUBJECT: &str =
-    "INSERT INTO subject_locks (subject_ref) VALUES ($1) ON CONFLICT (subject_ref) DO NOTHING";
+// A child's disclosures share its `subject_locks` row (FOR KEY SHARE, the lightest
+// lock a FOR UPDATE still waits for); a consent change takes it alone (FOR UPDATE).
+// PostgreSQL lets new sharers in while an exclusive locker waits, so a steady stream
+// of disclosures could starve a withdrawal. The `subject_gates` row is a turnstile:
+// a disclosure passes through it (locks it in a savepoint, rolled back at once,
+// which releases it) before sharing the child's row; a consent change holds the
+// gate, so disclosures that start after it queue behind it while those already
+// sharing the row finish. Each hold is one round trip (a simple-query batch, the
+// child's keyed hash inlined: it is checked to be hex first).
+const DISCLOSING: &str = "BEGIN; SAVEPOINT gate; \
+     SELECT 1 FROM subject_gates WHERE subject_ref = '{s}' FOR UPDATE; \
+     ROLLBACK TO SAVEPOINT gate; \
+     SELECT 1 FROM subject_locks WHERE subject_ref = '{s}' FOR KEY SHARE";
+const CHANGING: &str = "BEGIN; \
+     SELECT 1 FROM subject_gates WHERE subject_ref = '{s}' FOR UPDATE; \
+     SELECT 1 FROM subject_locks WHERE subject_ref = '{s}' FOR UPDATE";
+const ENSURE_SUBJECT: &str = "INSERT INTO subject_gates (subject_ref) VALUES ('{s}') \
+     ON CONFLICT (subject_ref) DO NOTHING; \
+     INSERT INTO subject_locks (subject_ref) VALUES ('{s}') \
+     ON CONFLICT (subject_ref) DO NOTHING";
 
 /// Records and consents in PostgreSQL with the row locks that order a child's
 /// disclosures and consent changes, taken on connections of their own pool.
@@ -350,11 +363,17 @@ impl PgRecords {
     async fn hold(
         &self,
         subject: &SubjectRef,
-        lock: &str,
+        batch: &str,
     ) -> Result<SubjectHold, crate::records::StoreError> {
         let io = |e: tokio_postgres::Error| {
             crate::records::StoreError::Io(format!("postgres: {}", super::describe(&e)))
         };
+        let hex = subject.as_str();
+        if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(crate::records::StoreError::Corrupt(
+                "a child's keyed hash is not hex".into(),
+            ));
+        }
         let client = self
             .locks
             .get()
@@ -364,25 +383,27 @@ impl PgRecords {
             client: Some(client),
         };
         let client = hold.client.as_mut().expect("just set");
-        client.batch_execute("BEGIN").await.map_err(io)?;
-        let stmt = client.prepare_cached(lock).await.map_err(io)?;
-        if client
-            .query_opt(&stmt, &[&subject.as_str()])
-            .await
-            .map_err(io)?
-            .is_none()
-        {
-            // The child's first disclosure or consent: make its row (the insert's
-            // own lock lasts until this transaction ends), then lock it as asked.
-            let ensure = client.prepare_cached(ENSURE_SUBJECT).await.map_err(io)?;
+        let batch = batch.replace("{s}", hex);
+        let rows = |messages: Vec<tokio_postgres::SimpleQueryMessage>| {
+            messages
+                .iter()
+                .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+                .count()
+        };
+        if rows(client.simple_query(&batch).await.map_err(io)?) < 2 {
+            // The child's first disclosure or consent change: its rows are made
+            // and committed on their own (made inside this transaction, they would
+            // vanish with the ROLLBACK that ends every hold), then locked as asked.
+            client.batch_execute("ROLLBACK").await.map_err(io)?;
             client
-                .execute(&ensure, &[&subject.as_str()])
+                .batch_execute(&ENSURE_SUBJECT.replace("{s}", hex))
                 .await
                 .map_err(io)?;
-            client
-                .query_one(&stmt, &[&subject.as_str()])
-                .await
-                .map_err(io)?;
+            if rows(client.simple_query(&batch).await.map_err(io)?) < 2 {
+                return Err(crate::records::StoreError::Corrupt(
+                    "a child's lock rows are missing after they were made".into(),
+                ));
+            }
         }
         Ok(SubjectHold::new(hold))
     }
@@ -458,14 +479,14 @@ impl RecordRepo for PgRecords {
         &self,
         subject: &SubjectRef,
     ) -> Result<SubjectHold, crate::records::StoreError> {
-        self.hold(subject, LOCK_SUBJECT_SHARE).await
+        self.hold(subject, DISCLOSING).await
     }
 
     async fn changing_consent(
         &self,
         subject: &SubjectRef,
     ) -> Result<SubjectHold, crate::records::StoreError> {
-        self.hold(subject, LOCK_SUBJECT_UPDATE).await
+        self.hold(subject, CHANGING).await
     }
 
     async fn close(&self) -> Result<(), crate::records::StoreError> {

@@ -198,6 +198,18 @@ CREATE TABLE cluster_state (
 INSERT INTO cluster_state (id, tls_generation) VALUES (1, 0);
 "#,
     },
+    Migration {
+        version: 6,
+        name: "subject gates",
+        sql: r#"
+-- A turnstile per child in front of its subject_locks row: a consent change holds
+-- it while it waits for the disclosures already sharing the row, so disclosures
+-- that start later queue behind the change instead of starving it.
+CREATE TABLE subject_gates (
+    subject_ref text PRIMARY KEY
+);
+"#,
+    },
 ];
 
 /// The newest schema this build knows.
