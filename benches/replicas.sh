@@ -10,10 +10,10 @@
 # POOL_SIZE (default 32, per replica), CARGO_TARGET_DIR (default target), KEEP=1 to
 # keep the scratch folder (logs, JSON, samples) for reading afterwards, and
 # SUBJECT_ROWS:
-#   as-is (default): the gateway as it is. At code 2255366 a disclosure's row lock
-#     inserts the child's `subject_locks` row inside the transaction it then rolls
-#     back, so the row never persists and every disclosure about one child waits for
-#     the one before it (Lock/transactionid on the uncommitted insert).
+#   as-is (default): the gateway as it is. Before dae78a1 a disclosure's row lock
+#     inserted the child's `subject_locks` row inside the transaction it then rolled
+#     back, so the row never persisted and every disclosure about one child waited
+#     for the one before it; fixed there.
 #   precreate: before the measured bench, a one-second bench at one caller through
 #     the first replica records the children's consents, and the script commits
 #     their `subject_locks` rows (from `consents`), as a fixed gateway would have
