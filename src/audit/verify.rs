@@ -44,7 +44,8 @@ pub struct Failure {
     pub cannot_check: bool,
 }
 
-fn fail(seq: Option<u64>, problem: impl Into<String>) -> Failure {
+/// The log was examined and found bad (at `seq`, where there is one).
+pub(crate) fn fail(seq: Option<u64>, problem: impl Into<String>) -> Failure {
     Failure {
         seq,
         problem: problem.into(),
@@ -52,7 +53,8 @@ fn fail(seq: Option<u64>, problem: impl Into<String>) -> Failure {
     }
 }
 
-fn cannot_check(problem: impl Into<String>) -> Failure {
+/// The log could not be examined.
+pub(crate) fn cannot_check(problem: impl Into<String>) -> Failure {
     Failure {
         seq: None,
         problem: problem.into(),

@@ -16,7 +16,7 @@ use prost::Message;
 use super::client::ClientArgs;
 use crate::audit::checkpoint::{self, VerifierKey};
 use crate::audit::merkle::{self, MemoryTree};
-use crate::audit::verify::{self, Failure, Summary};
+use crate::audit::verify::{self, cannot_check, fail, Failure, Summary};
 use crate::audit::AuditError;
 use crate::config::{Config, PostgresStorage, Storage};
 use crate::pg::{PgAuditLog, PgAuditSettings};
@@ -232,17 +232,17 @@ async fn verify_postgres(
     if let Some(note) = kept {
         let public_key = checkpoint::public_key_of(&keys.checkpoint);
         let verifier = VerifierKey::new(&summary.log_id, public_key)
-            .map_err(|e| failed(None, format!("log id: {e}")))?
+            .map_err(|e| fail(None, format!("log id: {e}")))?
             .to_string();
         let cp = checkpoint::parse_signed_note(note, &verifier).map_err(|e| {
-            failed(
+            fail(
                 None,
                 format!("the kept checkpoint does not verify with this log's key: {e}"),
             )
         })?;
         let size = cp.tree_size;
         if size > summary.entries {
-            return Err(failed(
+            return Err(fail(
                 Some(summary.entries),
                 format!(
                     "the log has {} entries but the kept checkpoint covers {size}: entries were removed (truncated or rolled back)",
@@ -254,7 +254,7 @@ async fn verify_postgres(
         // against the entries: below the verified size a tile may only grow.
         let root = log.root(size).await.map_err(audit_failure)?;
         if !merkle::hashes_equal(&root, &cp.root_hash) {
-            return Err(failed(
+            return Err(fail(
                 None,
                 format!("the kept checkpoint at size {size} does not match the log: an entry before seq {size} was changed"),
             ));
@@ -326,22 +326,6 @@ fn with_causes(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn failed(seq: Option<u64>, problem: impl Into<String>) -> Failure {
-    Failure {
-        seq,
-        problem: problem.into(),
-        cannot_check: false,
-    }
-}
-
-fn cannot_check(problem: impl Into<String>) -> Failure {
-    Failure {
-        seq: None,
-        problem: problem.into(),
-        cannot_check: true,
-    }
-}
-
 /// A PostgreSQL log's error as a verification outcome: damage found, or the log could
 /// not be read.
 fn audit_failure(e: AuditError) -> Failure {
@@ -353,8 +337,8 @@ fn audit_failure(e: AuditError) -> Failure {
                 .and_then(|rest| rest.split_once(": "))
                 .and_then(|(n, rest)| Some((n.parse().ok()?, rest)));
             match seq {
-                Some((seq, rest)) => failed(Some(seq), rest),
-                None => failed(None, problem),
+                Some((seq, rest)) => fail(Some(seq), rest),
+                None => fail(None, problem),
             }
         }
         AuditError::Unavailable(problem) => cannot_check(problem),
