@@ -473,3 +473,48 @@ async fn rows_moved_or_swapped_do_not_open() {
     drop((a, b));
     db.drop_database().await;
 }
+
+/// A replica whose key files differ from those the database was written with
+/// refuses to start, naming which keys differ, instead of writing rows the other
+/// replicas cannot open.
+#[tokio::test]
+async fn a_replica_with_other_keys_refuses_to_start() {
+    let Some(url) = server_url("a_replica_with_other_keys_refuses_to_start") else {
+        return;
+    };
+    let db = TestDb::create(&url, "key_check").await;
+    let open = |dir: &Path| {
+        let config =
+            sgw::config::Config::from_toml_str(sgw::cli::serve::DEV_CONFIG_TOML, dir, "t.toml")
+                .expect("dev config");
+        let keys = Arc::new(Keys::load_or_create(&config.data_dir, None).expect("keys"));
+        let storage = sgw::config::PostgresStorage {
+            connection: db.config(4),
+            replica: "r".into(),
+        };
+        async move {
+            sgw::pg::backend::open(&storage, &config, keys, Arc::new(sgw::domain::SystemClock))
+                .await
+                .map(|_| ())
+        }
+    };
+    let first = tempfile::tempdir().unwrap();
+    open(first.path()).await.expect("the first replica starts");
+    open(first.path())
+        .await
+        .expect("a replica with the same keys starts");
+    let other = tempfile::tempdir().unwrap();
+    let err = open(other.path())
+        .await
+        .expect_err("other keys are refused");
+    let msg = err.to_string();
+    for key in [
+        "audit sealing",
+        "data sealing",
+        "subject",
+        "checkpoint signing",
+    ] {
+        assert!(msg.contains(key), "{msg}");
+    }
+    db.drop_database().await;
+}

@@ -66,6 +66,7 @@ pub async fn open(
     };
     let pool = sized(2).pool()?;
     super::migrate::migrate(&pool).await?;
+    check_keys(&pool, &keys).await?;
     let log = PgAuditLog::open(
         &sized(AUDIT_CONNECTIONS),
         PgAuditSettings {
@@ -104,6 +105,83 @@ pub async fn open(
         concerns,
         pool,
     })
+}
+
+/// What the key check seals and hashes.
+const CANARY: &[u8] = b"sgw key check";
+const CANARY_CONTEXT: &[u8] = b"key-check";
+const CANARY_CHILD: &str = "9434765919";
+
+/// Records what this replica's keys make of fixed inputs if no replica has yet, and
+/// otherwise refuses to go on when they make something else: every replica must
+/// seal, hash and sign with the same key files.
+async fn check_keys(pool: &Pool, keys: &Keys) -> Result<(), PgError> {
+    let pg = |e: tokio_postgres::Error| PgError::Connect(super::describe(&e));
+    let subject = keys
+        .subject_ref(
+            &crate::domain::NhsNumber::parse(CANARY_CHILD)
+                .map_err(|e| PgError::Config(e.to_string()))?,
+        )
+        .as_str()
+        .to_owned();
+    let public_key = crate::audit::checkpoint::public_key_of(&keys.checkpoint).to_vec();
+    let sealed = |sealer: &crate::store::Sealer| {
+        sealer
+            .seal(CANARY_CONTEXT, CANARY)
+            .map_err(|e| PgError::Config(format!("sealing the key check: {e}")))
+    };
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| PgError::Connect(e.to_string()))?;
+    client
+        .execute(
+            "INSERT INTO key_check (id, audit_canary, data_canary, subject_ref, public_key) \
+             VALUES (1, $1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
+            &[
+                &sealed(&keys.audit_seal)?,
+                &sealed(&keys.data_seal)?,
+                &subject,
+                &public_key,
+            ],
+        )
+        .await
+        .map_err(pg)?;
+    let row = client
+        .query_one(
+            "SELECT audit_canary, data_canary, subject_ref, public_key FROM key_check WHERE id = 1",
+            &[],
+        )
+        .await
+        .map_err(pg)?;
+    let opens = |sealer: &crate::store::Sealer, sealed: &[u8]| {
+        sealer
+            .open(CANARY_CONTEXT, sealed)
+            .is_ok_and(|plain| plain == CANARY)
+    };
+    let mut differ = Vec::new();
+    if !opens(&keys.audit_seal, row.get(0)) {
+        differ.push("the audit sealing key");
+    }
+    if !opens(&keys.data_seal, row.get(1)) {
+        differ.push("the data sealing key");
+    }
+    if row.get::<_, &str>(2) != subject {
+        differ.push("the subject key");
+    }
+    if row.get::<_, &[u8]>(3) != public_key.as_slice() {
+        differ.push("the checkpoint signing key");
+    }
+    if differ.is_empty() {
+        Ok(())
+    } else {
+        Err(PgError::Config(format!(
+            "this replica's keys differ from those the database was written with ({}): \
+             every replica needs the same key files (data_dir/keys, audit.signing_key); \
+             copy them from a replica that works",
+            differ.join(", ")
+        )))
+    }
 }
 
 // === turns ===

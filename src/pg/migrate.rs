@@ -210,6 +210,22 @@ CREATE TABLE subject_gates (
 );
 "#,
     },
+    Migration {
+        version: 7,
+        name: "key check",
+        sql: r#"
+-- What the first replica's keys make of fixed inputs: a canary sealed with each
+-- sealing key, a child's keyed hash, the checkpoint public key. A replica whose key
+-- files differ refuses to start instead of writing what the others cannot read.
+CREATE TABLE key_check (
+    id smallint PRIMARY KEY CHECK (id = 1),
+    audit_canary bytea NOT NULL,
+    data_canary bytea NOT NULL,
+    subject_ref text NOT NULL,
+    public_key bytea NOT NULL
+);
+"#,
+    },
 ];
 
 /// The newest schema this build knows.
