@@ -744,8 +744,23 @@ mod tests {
         let orphan = content_dir.join(RecordId::from_random([9; 16]).as_str());
         fs::write(&orphan, b"sealed").expect("write");
         fs::write(content_dir.join("r-x.tmp"), b"partial").expect("write");
-        let _store =
-            RecordStore::open(&dir.path().join("records"), &content_dir, keys).expect("reopen");
+        // sled's flusher thread lets go of the database's file lock a moment after
+        // the store is dropped: retry while the lock is still held (a loaded
+        // machine made this race visible).
+        let reopen = || RecordStore::open(&dir.path().join("records"), &content_dir, keys.clone());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let _store = loop {
+            match reopen() {
+                Ok(store) => break store,
+                Err(StoreError::Io(e))
+                    if e.contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => panic!("reopen: {e:?}"),
+            }
+        };
         let left: Vec<_> = fs::read_dir(&content_dir)
             .expect("list")
             .map(|e| e.expect("entry").file_name())
