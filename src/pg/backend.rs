@@ -16,7 +16,7 @@ use crate::audit::checkpoint::SignedCheckpoint;
 use crate::audit::merkle::Hash;
 use crate::audit::query::{Filter, Page};
 use crate::audit::writer::{CommitStats, Durable, LogHealth};
-use crate::audit::{AuditError, AuditHandle, AuditStore, NewEntry};
+use crate::audit::{AuditError, AuditStore, NewEntry};
 use crate::concerns::model::{Concern, ConcernId, InboxEvent};
 use crate::concerns::store::{IdempotencyKey, Raised};
 use crate::concerns::{ConcernRepo, EditFn};
@@ -315,10 +315,11 @@ impl AuditStore for PgAudit {
             }
         }
         self.log.latest_checkpoint().await?.ok_or_else(|| {
-            AuditError::Unavailable(format!(
-                "no checkpoint has been signed yet; the replica holding the lease ({}) signs one within audit.checkpoint_interval",
-                "audit-checkpoint"
-            ))
+            AuditError::Unavailable(
+                "no checkpoint has been signed yet; the replica holding the audit-checkpoint \
+                 lease signs one within audit.checkpoint_interval"
+                    .into(),
+            )
         })
     }
 
@@ -369,11 +370,6 @@ impl AuditStore for PgAudit {
             tracing::warn!(error = %e, "releasing the checkpoint lease");
         }
     }
-}
-
-/// Wraps the PostgreSQL audit log as the gateway's handle.
-pub fn audit_handle(audit: Arc<PgAudit>) -> AuditHandle {
-    audit
 }
 
 // === records ===
@@ -433,11 +429,6 @@ pub struct PgRecords {
 }
 
 impl PgRecords {
-    /// The store.
-    pub fn store(&self) -> &PgRecordStore {
-        &self.store
-    }
-
     async fn hold(
         &self,
         subject: &SubjectRef,
