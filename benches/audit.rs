@@ -44,6 +44,7 @@ fn open(dir: &std::path::Path, max_batch: usize) -> Auditor {
         log_id: "bench.example/sgw/audit".into(),
         max_batch,
         cache_bytes: 64 << 20,
+        wal_bytes: sgw::audit::writer::DEFAULT_WAL_BYTES,
     };
     Auditor::open(settings, keys, Arc::new(SystemClock)).expect("auditor")
 }

@@ -229,6 +229,9 @@ pub struct Audit {
     pub log_id: String,
     /// `max_batch`: most entries written in one group commit. Default 1024.
     pub max_batch: usize,
+    /// `wal_bytes`: bytes of commits the write-ahead file holds before the audit
+    /// database is synced and the file starts over. Default 32 MiB; at least 64 KiB.
+    pub wal_bytes: u64,
 }
 
 /// `[metrics]`: an optional plain-HTTP metrics endpoint.
@@ -1142,6 +1145,15 @@ impl Loader<'_> {
                 Problem::out_of_range("audit.max_batch", "must be at least 1".into()),
             ));
         }
+        let wal_bytes = raw
+            .wal_bytes
+            .unwrap_or(crate::audit::writer::DEFAULT_WAL_BYTES);
+        if wal_bytes < 64 * 1024 {
+            return Err(self.invalid(
+                None,
+                Problem::out_of_range("audit.wal_bytes", "must be at least 65536".into()),
+            ));
+        }
         Ok(Audit {
             checkpoint_interval: self.positive_duration(
                 "audit.checkpoint_interval",
@@ -1157,6 +1169,7 @@ impl Loader<'_> {
                 None => format!("{trust_domain}/sgw/audit"),
             },
             max_batch,
+            wal_bytes,
         })
     }
 
@@ -1591,6 +1604,7 @@ struct RawAudit {
     signing_key: Option<Spanned<PathBuf>>,
     log_id: Option<Spanned<String>>,
     max_batch: Option<usize>,
+    wal_bytes: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1726,6 +1740,7 @@ bank_holidays = []                    # ["2026-12-25", ...]
         assert_eq!(c.audit.log_id, "safeguarding.example/sgw/audit");
         assert_eq!(c.audit.checkpoint_interval, Duration::from_secs(60));
         assert_eq!(c.audit.max_batch, 1024);
+        assert_eq!(c.audit.wal_bytes, 32 << 20);
         assert_eq!(c.audit.signing_key, None);
         assert_eq!(c.metrics.listen, None);
         assert_eq!(c.shutdown.grace, Duration::from_secs(10));

@@ -661,6 +661,7 @@ async fn twin_logs(db: &TestDb, n: u64) -> TwinLogs {
             log_id: "sgw.test/audit".into(),
             max_batch: 64,
             cache_bytes: 8 << 20,
+            wal_bytes: sgw::audit::writer::DEFAULT_WAL_BYTES,
         },
         keys_in(dir.path()),
         clock.clone(),

@@ -491,6 +491,7 @@ async fn open_sled(
         log_id: config.audit.log_id.clone(),
         max_batch: config.audit.max_batch,
         cache_bytes: 64 * 1024 * 1024,
+        wal_bytes: config.audit.wal_bytes,
     };
     let (config, keys, clock) = (config.clone(), keys.clone(), clock.clone());
     let opened = tokio::task::spawn_blocking(move || -> Result<_, AppError> {

@@ -25,6 +25,7 @@ pub mod merkle;
 pub mod query;
 pub(crate) mod tiles;
 pub mod verify;
+pub(crate) mod wal;
 pub mod writer;
 
 pub use backend::{AuditHandle, AuditStore};

@@ -72,17 +72,14 @@ pub fn verify_data_dir(
 ) -> Result<Summary, Failure> {
     let keys =
         Keys::load_existing(data_dir, signing_key).map_err(|e| cannot_check(e.to_string()))?;
-    let db = sled::Config::new()
-        .path(data_dir.join("audit"))
-        .open()
-        .map_err(|e| {
+    // Commits that only the write-ahead file holds (after a crash) are replayed
+    // first, as the gateway would at start.
+    let (db, tree) =
+        super::writer::open_database(&data_dir.join("audit"), 64 << 20).map_err(|e| {
             cannot_check(format!(
                 "cannot open the audit database (is the gateway stopped?): {e}"
             ))
         })?;
-    let tree = db
-        .open_tree(log::TREE)
-        .map_err(|e| fail(None, e.to_string()))?;
     let log_id = log::stored_origin(&tree)
         .map_err(|e| fail(None, e.to_string()))?
         .ok_or_else(|| fail(None, "no audit log here (no origin recorded)"))?;
@@ -261,6 +258,7 @@ mod tests {
             log_id: "test.example/sgw/audit".into(),
             max_batch: 64,
             cache_bytes: 8 << 20,
+            wal_bytes: crate::audit::writer::DEFAULT_WAL_BYTES,
         };
         let auditor = Auditor::open(settings, keys, Arc::new(SystemClock)).unwrap();
         let tasks: Vec<_> = (0..n)

@@ -3,17 +3,20 @@
 //! Requests from every handler queue on one channel. The writer thread takes what has
 //! queued (up to `max_batch`), gives each entry the next seq and a time that never
 //! goes backwards, computes its Merkle nodes on the in-memory right edge of the tree
-//! ([`super::tiles`]), writes the entries (as one chunk, or a few), the tiles they
-//! completed, index keys and the new size in **one** sled batch, then makes it
-//! durable once: `flush` (which in
-//! sled 0.34 ends in `sync_file_range`, which does not empty the disk's write cache)
-//! followed by `fdatasync` of the database file. Only then is each waiter answered
-//! with its [`Durable`] receipt. One fsync is shared by everything in the batch.
+//! ([`super::tiles`]), and gathers the entries (as one chunk, or a few), the tiles they
+//! completed, index keys and the new size as **one** batch. The batch is made durable
+//! once, as one record of the write-ahead file ([`super::wal`]) and its `fdatasync`,
+//! and only then applied to sled and published to readers. Then each waiter is
+//! answered with its [`Durable`] receipt. One fsync is shared by everything in the
+//! batch. When the write-ahead file is full, sled is flushed and synced (its `flush`
+//! ends in `sync_file_range`, which does not empty the disk's write cache, so its
+//! file is `fdatasync`ed too) and the file starts over.
 //!
 //! If any step fails, every waiter of that batch gets [`AuditError::Unavailable`],
 //! the log reports itself unwritable (health NOT_SERVING), and the writer reopens
-//! the database (sled remembers its first I/O error until reopened) before it
-//! accepts another batch; until that succeeds every append fails fast.
+//! the database (sled remembers its first I/O error until reopened; the write-ahead
+//! file is replayed into it) before it accepts another batch; until that succeeds
+//! every append fails fast.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -28,6 +31,7 @@ use super::entry::{canonical_bytes, NewEntry};
 use super::log::{self, AuditLog, OpenLog};
 use super::merkle;
 use super::tiles::{self, Edge};
+use super::wal::{self, Wal};
 use super::AuditError;
 use crate::domain::Clock;
 use crate::store::Keys;
@@ -95,6 +99,9 @@ pub struct Auditor {
     stats: Arc<CommitStats>,
 }
 
+/// The default of [`AuditSettings::wal_bytes`]: 32 MiB.
+pub const DEFAULT_WAL_BYTES: u64 = wal::DEFAULT_CAPACITY;
+
 /// Settings of the audit store.
 #[derive(Debug, Clone)]
 pub struct AuditSettings {
@@ -106,6 +113,9 @@ pub struct AuditSettings {
     pub max_batch: usize,
     /// sled's page cache, bytes.
     pub cache_bytes: u64,
+    /// Bytes of write-ahead records after which sled is synced and the file
+    /// starts over ([`DEFAULT_WAL_BYTES`]).
+    pub wal_bytes: u64,
 }
 
 impl Auditor {
@@ -126,7 +136,7 @@ impl Auditor {
             }
             None => {
                 store.tree.insert(log::ORIGIN, settings.log_id.as_bytes())?;
-                store.sync()?;
+                store.sync_sled()?;
             }
         }
         let (size, last_time, edge) = store.state(&keys)?;
@@ -218,14 +228,17 @@ impl Auditor {
     }
 }
 
-/// The open database and the file whose `fdatasync` is the durability point.
+/// The open database, its file, and the write-ahead file in front of it.
 struct Store {
     db: sled::Db,
     tree: sled::Tree,
     data_file: File,
+    wal: Wal,
 }
 
 impl Store {
+    /// Opens sled and replays the write-ahead file into it: after a crash, sled
+    /// may lack the last commits, which only the write-ahead file holds.
     fn open(settings: &AuditSettings) -> Result<Store, AuditError> {
         let db = sled::Config::new()
             .path(&settings.dir)
@@ -237,11 +250,23 @@ impl Store {
         let data_file = File::open(db_file(&settings.dir)).map_err(|e| {
             AuditError::Unavailable(format!("cannot open the audit database file: {e}"))
         })?;
-        Ok(Store {
+        let (wal, replayed) = Wal::open(&settings.dir, settings.wal_bytes, |inserts| {
+            apply(&tree, inserts)
+        })?;
+        if replayed > 0 {
+            tracing::info!(
+                records = replayed,
+                "audit commits replayed from the write-ahead file"
+            );
+        }
+        let mut store = Store {
             db,
             tree,
             data_file,
-        })
+            wal,
+        };
+        store.start_round()?;
+        Ok(store)
     }
 
     /// The stored size, the time of the last entry, and the Merkle tree's edge.
@@ -259,13 +284,61 @@ impl Store {
         Ok((size, last_time, log::stored_edge(&self.tree, keys, size)?))
     }
 
-    /// The durability point: sled's flush, then fdatasync of its file.
-    fn sync(&self) -> Result<(), AuditError> {
+    /// Makes what sled holds durable: its flush, then fdatasync of its file.
+    fn sync_sled(&self) -> Result<(), AuditError> {
         self.db.flush()?;
         self.data_file
             .sync_data()
             .map_err(|e| AuditError::Unavailable(format!("fdatasync: {e}")))
     }
+
+    /// Makes sled durable, then starts the write-ahead file over: nothing in it
+    /// is needed any more.
+    fn start_round(&mut self) -> Result<(), AuditError> {
+        self.sync_sled()?;
+        self.wal.start_over()
+    }
+
+    /// The durability point of a commit, then the commit itself: the batch goes to
+    /// the write-ahead file (synced), then to sled.
+    /// Returns the time the durability point took.
+    fn commit(&mut self, inserts: Vec<wal::Insert>) -> Result<Duration, AuditError> {
+        let refs: Vec<(&[u8], &[u8])> = inserts
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        let t = Instant::now();
+        self.wal.append(&refs)?;
+        let synced = t.elapsed();
+        apply(&self.tree, inserts)?;
+        Ok(synced)
+    }
+}
+
+/// Opens the audit database in `dir` for a reader that has no writer (the offline
+/// verifier): as the writer would, with the write-ahead file replayed into it.
+pub(crate) fn open_database(
+    dir: &Path,
+    cache_bytes: u64,
+) -> Result<(sled::Db, sled::Tree), AuditError> {
+    let store = Store::open(&AuditSettings {
+        dir: dir.to_owned(),
+        log_id: String::new(),
+        max_batch: 1,
+        cache_bytes,
+        wal_bytes: DEFAULT_WAL_BYTES,
+    })?;
+    Ok((store.db, store.tree))
+}
+
+/// Applies one commit's inserts to sled as one atomic batch.
+fn apply(tree: &sled::Tree, inserts: Vec<wal::Insert>) -> Result<(), AuditError> {
+    let mut batch = sled::Batch::default();
+    for (key, value) in inserts {
+        batch.insert(key, value);
+    }
+    tree.apply_batch(batch)?;
+    Ok(())
 }
 
 /// sled 0.34 keeps its log in one file, `db`, under its folder.
@@ -404,18 +477,18 @@ impl Writer {
                 return;
             }
         }
-        if let Some(store) = &self.store {
-            let _ = store.sync();
+        if let Some(store) = &mut self.store {
+            let _ = store.start_round();
         }
     }
 
     fn commit(&mut self, commands: &mut Vec<Command>) {
-        let Some(store) = self.store.take() else {
+        let Some(mut store) = self.store.take() else {
             return;
         };
         let started_size = self.size;
         let started_time = self.last_time;
-        let result = self.write(&store, commands);
+        let result = self.write(&mut store, commands);
         self.store = Some(store);
         match result {
             Ok((durable, checkpoint)) => {
@@ -455,6 +528,13 @@ impl Writer {
                     }
                 }
                 self.answer(Answer::Receipts(receipts));
+                // Answered first: their entries are durable in the write-ahead file.
+                if let Some(store) = self.store.as_mut().filter(|s| s.wal.is_full()) {
+                    if let Err(e) = store.start_round() {
+                        tracing::error!(error = %e, "audit store sync failed: failing closed until the store recovers");
+                        self.fail();
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "audit commit failed: failing closed until the store recovers");
@@ -463,25 +543,31 @@ impl Writer {
                 for c in commands.drain(..) {
                     answer_err(c, &AuditError::Unavailable(e.to_string()));
                 }
-                self.store = None;
-                self.open = None;
-                self.shared.store(None);
-                self.health.send_replace(LogHealth {
-                    writable: false,
-                    size: self.size,
-                });
+                self.fail();
             }
         }
+    }
+
+    /// Lets go of a failing store: every append fails fast until [`Writer::recover`]
+    /// has reopened it.
+    fn fail(&mut self) {
+        self.store = None;
+        self.open = None;
+        self.shared.store(None);
+        self.health.send_replace(LogHealth {
+            writable: false,
+            size: self.size,
+        });
     }
 
     /// Writes one batch durably. Returns each append's receipt, in order, and the
     /// checkpoint if one was asked for.
     fn write(
         &mut self,
-        store: &Store,
+        store: &mut Store,
         commands: &mut [Command],
     ) -> Result<(Vec<Durable>, Option<CheckpointResult>), AuditError> {
-        let mut batch = sled::Batch::default();
+        let mut batch: Vec<wal::Insert> = Vec::new();
         // One posting list per index value per commit, not one key per entry: sled
         // copies a leaf node on every insert, and index keys land in many leaves.
         let mut postings: std::collections::BTreeMap<Vec<u8>, Vec<u64>> = Default::default();
@@ -516,7 +602,10 @@ impl Writer {
                 .seal(&log::seal_context(seq), &canonical)
                 .map_err(|e| AuditError::Unavailable(e.to_string()))?;
             if !chunk.is_empty() && chunk.len() + 4 + sealed.len() > log::CHUNK_BYTES {
-                batch.insert(&log::entry_key(chunk_first), std::mem::take(&mut chunk));
+                batch.push((
+                    log::entry_key(chunk_first).to_vec(),
+                    std::mem::take(&mut chunk),
+                ));
                 chunk_first = seq;
             }
             log::push_to_chunk(&mut chunk, &sealed);
@@ -540,18 +629,16 @@ impl Writer {
             self.last_time = time;
         }
         if !chunk.is_empty() {
-            batch.insert(&log::entry_key(chunk_first), chunk);
+            batch.push((log::entry_key(chunk_first).to_vec(), chunk));
         }
         for (id, tile) in full_tiles {
-            batch.insert(&tiles::tile_key(id), tile);
+            batch.push((tiles::tile_key(id).to_vec(), tile));
         }
         for (prefix, seqs) in postings {
-            batch.insert(
-                log::posting_key(prefix, seqs[0]),
-                log::encode_postings(&seqs),
-            );
+            let key = log::posting_key(prefix, seqs[0]);
+            batch.push((key, log::encode_postings(&seqs)));
         }
-        batch.insert(log::SIZE, &self.size.to_be_bytes());
+        batch.push((log::SIZE.to_vec(), self.size.to_be_bytes().to_vec()));
 
         let checkpoint = if wants_checkpoint {
             // The root of the edge's own size needs no stored tile.
@@ -564,10 +651,10 @@ impl Writer {
             };
             match checkpoint.sign(&self.keys.checkpoint) {
                 Ok(signed) => {
-                    batch.insert(
-                        &log::checkpoint_key(self.size),
+                    batch.push((
+                        log::checkpoint_key(self.size).to_vec(),
                         log::encode_checkpoint(&signed),
-                    );
+                    ));
                     Some(Ok(signed))
                 }
                 Err(e) => Some(Err(AuditError::Unavailable(format!(
@@ -578,22 +665,20 @@ impl Writer {
             None
         };
 
-        store.tree.apply_batch(batch)?;
-        let t = Instant::now();
-        store.sync()?;
+        let synced = store.commit(batch)?;
         use std::sync::atomic::Ordering::Relaxed;
         self.stats.commits.fetch_add(1, Relaxed);
         self.stats.entries.fetch_add(receipts.len() as u64, Relaxed);
         self.stats
             .sync_micros
-            .fetch_add(t.elapsed().as_micros() as u64, Relaxed);
+            .fetch_add(synced.as_micros() as u64, Relaxed);
         Ok((receipts, checkpoint))
     }
 
     /// Syncs and drops the database so its file lock is free.
     fn release(&mut self) {
-        if let Some(store) = self.store.take() {
-            if let Err(e) = store.sync() {
+        if let Some(mut store) = self.store.take() {
+            if let Err(e) = store.start_round() {
                 tracing::error!(error = %e, "final audit sync failed");
             }
         }
@@ -687,6 +772,7 @@ mod tests {
             log_id: "test.example/sgw/audit".into(),
             max_batch: 64,
             cache_bytes: 8 << 20,
+            wal_bytes: DEFAULT_WAL_BYTES,
         }
     }
 

@@ -41,6 +41,7 @@ async fn fixture(stall_after: Duration) -> Fixture {
         log_id: "test/sgw/audit".into(),
         max_batch: 64,
         cache_bytes: 1 << 20,
+        wal_bytes: crate::audit::writer::DEFAULT_WAL_BYTES,
     };
     let auditor = Auditor::open(settings, keys.clone(), clock.clone()).unwrap();
     let concerns = Concerns::open(config, keys, Arc::new(auditor.clone()), clock.clone())

@@ -59,6 +59,7 @@ fn fixture(notifier: Arc<dyn OverrideNotifier>) -> Fixture {
             log_id: config.audit.log_id.clone(),
             max_batch: 64,
             cache_bytes: 8 * 1024 * 1024,
+            wal_bytes: crate::audit::writer::DEFAULT_WAL_BYTES,
         },
         keys.clone(),
         clock.clone(),
