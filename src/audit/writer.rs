@@ -331,13 +331,20 @@ pub(crate) fn open_database(
     Ok((store.db, store.tree))
 }
 
-/// Applies one commit's inserts to sled as one atomic batch.
+/// Applies one commit's inserts to sled, in order (the size last).
+///
+/// Key by key, not as a `sled::Batch`: sled 0.34's `apply_batch` writes out its
+/// log buffer (pwrite and `sync_file_range`) twice per batch and takes a
+/// process-wide lock exclusively, stalling every sled read in the gateway, which
+/// made the write-ahead file cost more than it saved. Atomicity comes from the
+/// write-ahead file instead: a crash can leave sled with part of a commit only
+/// while the file still holds the whole of it, and the replay writes it again.
+/// Readers never see part of one: they read below the size the writer publishes
+/// after this returns.
 fn apply(tree: &sled::Tree, inserts: Vec<wal::Insert>) -> Result<(), AuditError> {
-    let mut batch = sled::Batch::default();
     for (key, value) in inserts {
-        batch.insert(key, value);
+        tree.insert(key, value)?;
     }
-    tree.apply_batch(batch)?;
     Ok(())
 }
 
