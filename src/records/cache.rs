@@ -9,7 +9,9 @@
 //! cached. Even a stale entry could not disclose: retention is the first rule of the
 //! decision, and a purged record is past its `retain_until`.
 //!
-//! Consents are deliberately not cached: a withdrawal applies to the very next call.
+//! Consents are not cached here: [`super::repo::SledRecords`] keeps them apart, in a
+//! cache that every consent write empties for its child before it is answered, so a
+//! withdrawal still applies to the very next call.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};

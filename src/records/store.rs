@@ -299,9 +299,9 @@ impl RecordStore {
         }
     }
 
-    /// Every consent statement about a child, in no particular order. Read from the
-    /// database at each call: nothing caches a statement, so a withdrawal applies to
-    /// the very next disclosure.
+    /// Every consent statement about a child, in no particular order, read from the
+    /// database. ([`super::repo::SledRecords`] caches what this returns, and drops a
+    /// child's statements on every consent write, before the write is answered.)
     pub fn consents_about(&self, subject: &SubjectRef) -> Result<Vec<Consent>, StoreError> {
         let prefix = subject_prefix(b"c/", subject);
         let mut out = Vec::new();

@@ -320,3 +320,74 @@ async fn expired_records_are_refused_to_their_owner_and_purged_by_the_system() {
         .expect("read")
         .is_some());
 }
+
+/// Consents are cached between disclosures; a withdrawal, or a newer refusal, must
+/// still bind the very next one.
+#[tokio::test]
+async fn a_consent_change_binds_the_next_disclosure_after_cached_reads() {
+    let f = fixture(Arc::new(NoNotifier));
+    let nhs = agency("nhs-guys", Sector::Health);
+    let school = agency("school-oakfield", Sector::Education);
+    let record = f
+        .records
+        .share(&nhs, new_record(None), "r1")
+        .await
+        .expect("share");
+    let statement = |state| NewConsent {
+        subject: nhs_number(),
+        state,
+        given_by: ConsentGiver::Parent,
+        purposes: vec![Purpose::EducationSupport],
+        recipient_sectors: vec![],
+        recipient_agency_ids: vec!["school-oakfield".into()],
+        categories: vec![RecordCategory::UnscheduledCareAttendance],
+        valid_until: None,
+        note: String::new(),
+    };
+    let disclose = |request_id: &'static str| {
+        f.records.disclose(
+            &school,
+            read(&record, Purpose::EducationSupport, None),
+            request_id,
+        )
+    };
+
+    // Given, read twice (the second from the cache), then withdrawn.
+    let given = f
+        .records
+        .record_consent(&nhs, statement(ConsentState::Given), "c1")
+        .await
+        .expect("consent");
+    for id in ["d0", "d1"] {
+        assert_eq!(disclose(id).await.expect("given").basis, Basis::Consent);
+    }
+    f.records
+        .withdraw_consent(&nhs, &ConsentId::parse(given.id()).unwrap(), "", "w1")
+        .await
+        .expect("withdraw");
+    let err = disclose("d2").await.expect_err("withdrawn");
+    assert!(
+        matches!(&err, RecordError::Refused(d) if matches!(d.reason, crate::domain::policy::DenyReason::ConsentWithdrawn { .. })),
+        "{err:?}"
+    );
+
+    // Given again and cached; then a newer refusal wins at once.
+    f.clock.set(datetime!(2026-03-06 17:00 UTC));
+    f.records
+        .record_consent(&nhs, statement(ConsentState::Given), "c2")
+        .await
+        .expect("consent");
+    for id in ["d3", "d4"] {
+        assert_eq!(disclose(id).await.expect("given").basis, Basis::Consent);
+    }
+    f.clock.set(datetime!(2026-03-06 18:00 UTC));
+    f.records
+        .record_consent(&nhs, statement(ConsentState::Refused), "c3")
+        .await
+        .expect("refusal");
+    let err = disclose("d5").await.expect_err("refused");
+    assert!(
+        matches!(&err, RecordError::Refused(_)),
+        "a newer refusal must bind the next disclosure: {err:?}"
+    );
+}
