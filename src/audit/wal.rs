@@ -205,11 +205,14 @@ impl Wal {
             // Zeros ahead, so the next rounds overwrite in place; synced below
             // with the record.
             let to = end.div_ceil(EXTEND_BYTES) * EXTEND_BYTES;
-            let zeros = vec![0u8; (to - self.allocated) as usize];
-            self.file
-                .write_all_at(&zeros, self.allocated)
-                .map_err(|e| unavailable("extend", e))?;
-            self.allocated = to;
+            static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+            while self.allocated < to {
+                let n = ZEROS.len().min((to - self.allocated) as usize);
+                self.file
+                    .write_all_at(&ZEROS[..n], self.allocated)
+                    .map_err(|e| unavailable("extend", e))?;
+                self.allocated += n as u64;
+            }
         }
         self.file
             .write_all_at(buf, self.pos)
