@@ -8,7 +8,7 @@
 //! | key | value |
 //! | --- | --- |
 //! | `e` first-seq | a chunk: the entries of seqs `first-seq, first-seq + 1, ...`, each as its length (u32) ‖ its canonical bytes sealed (AES-256-GCM) with its own seq as associated data; see [`CHUNK_BYTES`] |
-//! | `n` tier tile | a full Merkle tile: the 30 hashes of four levels above 16 nodes ([`super::tiles`]) |
+//! | `n` tier tile | (logs written before the tile files only: moved to `tiles-<tier>` files beside the database when opened, see [`super::tiles::TileFiles`]) |
 //! | `m` | the tree size (u64) |
 //! | `o` | the log's origin name (`log_id`), fixed at creation |
 //! | `c` size | a signed checkpoint: timestamp (u64) ‖ root (32) ‖ signature (64) |
@@ -39,7 +39,7 @@ use tokio::sync::watch;
 use super::checkpoint::{Checkpoint, SignedCheckpoint};
 use super::entry::micros_from_timestamp;
 use super::merkle::{self, Hash, NodeSource};
-use super::tiles::{Edge, ProofNodes, TileCache};
+use super::tiles::{Edge, ProofNodes, TileCache, TileFiles};
 use super::writer::LogHealth;
 use super::AuditError;
 use crate::proto::v1::AuditEntry;
@@ -180,14 +180,17 @@ pub(crate) fn read_u64(bytes: &[u8]) -> Option<u64> {
 pub(crate) struct OpenLog {
     pub tree: sled::Tree,
     pub edge: ArcSwap<Edge>,
+    /// The full tiles.
+    pub files: Arc<TileFiles>,
     pub tiles: TileCache,
 }
 
 impl OpenLog {
-    pub(crate) fn new(tree: sled::Tree, edge: Edge) -> OpenLog {
+    pub(crate) fn new(tree: sled::Tree, files: Arc<TileFiles>, edge: Edge) -> OpenLog {
         OpenLog {
             tree,
             edge: ArcSwap::from_pointee(edge),
+            files,
             tiles: TileCache::default(),
         }
     }
@@ -245,7 +248,7 @@ impl AuditLog {
         self.check_size("tree_size", size)?;
         let open = self.open()?;
         let edge = open.edge.load();
-        merkle::root(size, &ProofNodes::new(&open.tree, &edge, &open.tiles))
+        merkle::root(size, &ProofNodes::new(&*open.files, &edge, &open.tiles))
     }
 
     /// Leaf hash and audit path of entry `seq` in the tree of `tree_size`.
@@ -262,7 +265,7 @@ impl AuditLog {
         }
         let open = self.open()?;
         let edge = open.edge.load();
-        let nodes = ProofNodes::new(&open.tree, &edge, &open.tiles);
+        let nodes = ProofNodes::new(&*open.files, &edge, &open.tiles);
         let leaf = nodes.node(0, seq)?;
         let proof = merkle::inclusion_proof(seq, tree_size, &nodes).map_err(tree_error)?;
         Ok((leaf, proof))
@@ -281,7 +284,7 @@ impl AuditLog {
         }
         let open = self.open()?;
         let edge = open.edge.load();
-        let nodes = ProofNodes::new(&open.tree, &edge, &open.tiles);
+        let nodes = ProofNodes::new(&*open.files, &edge, &open.tiles);
         merkle::consistency_proof(from, to, &nodes).map_err(tree_error)
     }
 
@@ -456,12 +459,17 @@ pub(crate) fn read_entry(
 }
 
 /// The edge of the stored tree of `size` entries (when the writer opens the log).
-pub(crate) fn stored_edge(tree: &sled::Tree, keys: &Keys, size: u64) -> Result<Edge, AuditError> {
+pub(crate) fn stored_edge(
+    tree: &sled::Tree,
+    tiles: &TileFiles,
+    keys: &Keys,
+    size: u64,
+) -> Result<Edge, AuditError> {
     let mut entries = EntryReader::new(tree.clone(), keys);
     let last_leaves = (size - size % super::tiles::TILE_WIDTH..size)
         .map(|seq| Ok(merkle::leaf_hash(&entries.read(seq)?.canonical)))
         .collect::<Result<Vec<_>, AuditError>>()?;
-    Edge::rebuild(size, &last_leaves, tree)
+    Edge::rebuild(size, &last_leaves, tiles)
 }
 
 /// Encodes a signed checkpoint's stored value.

@@ -1,4 +1,5 @@
-//! Where the Merkle nodes live: tall tiles in sled, the right edge in memory.
+//! Where the Merkle nodes live: tall tiles in flat files ([`TileFiles`]), the right
+//! edge in memory.
 //!
 //! A *tile* holds the nodes of [`TILE_HEIGHT`] (`H` = 4) consecutive levels above
 //! `W = 2^H` = 16 consecutive nodes of its lowest level: tier `T` covers levels
@@ -27,7 +28,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::merkle::{node_hash, Hash, NodeSource};
 use super::AuditError;
@@ -170,7 +171,7 @@ impl Edge {
     pub(crate) fn rebuild(
         size: u64,
         last_leaves: &[Hash],
-        tree: &sled::Tree,
+        tiles: &dyn FullTiles,
     ) -> Result<Edge, AuditError> {
         if last_leaves.len() as u64 != size % TILE_WIDTH {
             return Err(AuditError::Corrupt(
@@ -198,7 +199,7 @@ impl Edge {
                         tier: tier - 1,
                         index: i,
                     };
-                    let bytes = read_full_tile(tree, id)?;
+                    let bytes = read_full_tile(tiles, id)?;
                     let top = row_start(TILE_HEIGHT - 1);
                     match (hash_at(&bytes, top), hash_at(&bytes, top + 1)) {
                         (Some(l), Some(r)) => Ok(node_hash(&l, &r)),
@@ -292,9 +293,26 @@ impl NodeSource for Edge {
     }
 }
 
+/// Where full tiles are stored.
+pub(crate) trait FullTiles {
+    /// The tile's bytes, or `None` if it is not stored.
+    fn full_tile(&self, id: TileId) -> Result<Option<sled::IVec>, AuditError>;
+}
+
+/// Logs written before [`TileFiles`] kept their tiles in the sled tree (and tests
+/// still do); [`TileFiles::adopt`] moves them out when such a log is opened.
+impl FullTiles for sled::Tree {
+    fn full_tile(&self, id: TileId) -> Result<Option<sled::IVec>, AuditError> {
+        Ok(self.get(tile_key(id))?)
+    }
+}
+
 /// Reads a stored tile, checking its length.
-pub(crate) fn read_full_tile(tree: &sled::Tree, id: TileId) -> Result<sled::IVec, AuditError> {
-    match tree.get(tile_key(id))? {
+pub(crate) fn read_full_tile(
+    tiles: &(impl FullTiles + ?Sized),
+    id: TileId,
+) -> Result<sled::IVec, AuditError> {
+    match tiles.full_tile(id)? {
         Some(bytes) if bytes.len() == TILE_BYTES => Ok(bytes),
         Some(_) => Err(AuditError::Corrupt(format!(
             "Merkle tile {}/{} is malformed",
@@ -307,11 +325,158 @@ pub(crate) fn read_full_tile(tree: &sled::Tree, id: TileId) -> Result<sled::IVec
     }
 }
 
+/// Full tiles in flat files beside the sled database, one per tier (`tiles-<T>`),
+/// tile `i` at byte `i × TILE_BYTES`. A proof reads its tiles with `pread`, from the
+/// operating system's page cache rather than from sled's cache in the process: at
+/// 10^6 entries the bottom tier alone is 60 MB, which sled's cache could not hold
+/// within the memory budget, so proofs there paid a sled page-in each.
+///
+/// The writer writes a commit's completed tiles after its write-ahead record is
+/// durable, and syncs the files with sled before the write-ahead file starts over
+/// ([`super::wal`]); a crash loses only writes that the replay makes again. A slot
+/// past the end of its file, or all zeros, is a tile not stored.
+pub(crate) struct TileFiles {
+    dir: std::path::PathBuf,
+    files: std::sync::RwLock<Vec<Option<Arc<std::fs::File>>>>,
+}
+
+/// The file name of a tier's tiles.
+pub(crate) fn tile_file_name(tier: u8) -> String {
+    format!("tiles-{tier:02}")
+}
+
+impl TileFiles {
+    pub(crate) fn open(dir: &std::path::Path) -> TileFiles {
+        TileFiles {
+            dir: dir.to_owned(),
+            files: Default::default(),
+        }
+    }
+
+    fn io(what: &str, tier: u8, e: std::io::Error) -> AuditError {
+        AuditError::Unavailable(format!("Merkle tile file of tier {tier}: {what}: {e}"))
+    }
+
+    /// The tier's file, opened once; `None` if it does not exist and `create` is false.
+    fn file(&self, tier: u8, create: bool) -> Result<Option<Arc<std::fs::File>>, AuditError> {
+        let t = usize::from(tier);
+        if let Some(Some(f)) = self.files.read().unwrap_or_else(|p| p.into_inner()).get(t) {
+            return Ok(Some(f.clone()));
+        }
+        let mut files = self.files.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(Some(f)) = files.get(t) {
+            return Ok(Some(f.clone()));
+        }
+        let path = self.dir.join(tile_file_name(tier));
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .open(&path);
+        let file = match opened {
+            Ok(f) => Arc::new(f),
+            Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Self::io("open", tier, e)),
+        };
+        if files.len() <= t {
+            files.resize(t + 1, None);
+        }
+        files[t] = Some(file.clone());
+        Ok(Some(file))
+    }
+
+    /// Stores a full tile (not synced: see the type's notes).
+    pub(crate) fn write(&self, id: TileId, bytes: &[u8]) -> Result<(), AuditError> {
+        use std::os::unix::fs::FileExt;
+        if bytes.len() != TILE_BYTES {
+            return Err(AuditError::Corrupt(format!(
+                "Merkle tile {}/{} is malformed",
+                id.tier, id.index
+            )));
+        }
+        let file = self.file(id.tier, true)?.expect("created");
+        file.write_all_at(bytes, id.index * TILE_BYTES as u64)
+            .map_err(|e| Self::io("write", id.tier, e))
+    }
+
+    /// Makes every tile written so far durable.
+    pub(crate) fn sync(&self) -> Result<(), AuditError> {
+        let files: Vec<_> = self
+            .files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .flatten()
+            .cloned()
+            .collect();
+        for (tier, f) in files.iter().enumerate() {
+            f.sync_data()
+                .map_err(|e| Self::io("fdatasync", tier as u8, e))?;
+        }
+        Ok(())
+    }
+
+    /// The bytes of the tier's file (0 if there is none).
+    pub(crate) fn stored_bytes(&self, tier: u8) -> Result<u64, AuditError> {
+        match self.file(tier, false)? {
+            Some(f) => Ok(f.metadata().map_err(|e| Self::io("stat", tier, e))?.len()),
+            None => Ok(0),
+        }
+    }
+
+    /// Moves tiles that a log written before these files kept in its sled tree into
+    /// them: written and synced here, then removed from the tree. Returns how many.
+    pub(crate) fn adopt(&self, tree: &sled::Tree) -> Result<usize, AuditError> {
+        let mut keys = Vec::new();
+        for item in tree.scan_prefix([NODE]) {
+            let (key, bytes) = item?;
+            let id = tile_id_of_key(&key)
+                .ok_or_else(|| AuditError::Corrupt("a Merkle tile key is malformed".into()))?;
+            self.write(id, &bytes)?;
+            keys.push(key);
+        }
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.sync()?;
+        for key in &keys {
+            tree.remove(key)?;
+        }
+        Ok(keys.len())
+    }
+}
+
+impl FullTiles for TileFiles {
+    fn full_tile(&self, id: TileId) -> Result<Option<sled::IVec>, AuditError> {
+        use std::os::unix::fs::FileExt;
+        let Some(file) = self.file(id.tier, false)? else {
+            return Ok(None);
+        };
+        let mut bytes = vec![0u8; TILE_BYTES];
+        match file.read_exact_at(&mut bytes, id.index * TILE_BYTES as u64) {
+            Ok(()) if bytes.iter().all(|b| *b == 0) => Ok(None),
+            Ok(()) => Ok(Some(bytes.into())),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(Self::io("read", id.tier, e)),
+        }
+    }
+}
+
+/// The tile a stored key names (the inverse of [`tile_key`]).
+pub(crate) fn tile_id_of_key(key: &[u8]) -> Option<TileId> {
+    let key: &[u8; 10] = key.try_into().ok()?;
+    (key[0] == NODE).then(|| TileId {
+        tier: key[1],
+        index: u64::from_be_bytes(key[2..].try_into().expect("8 bytes")),
+    })
+}
+
 /// Full tiles of tier 1 and above, kept in memory: there is about one per 240
 /// entries (960 bytes each, so 4 MiB at 10^6 entries), and every proof visits
 /// one per tier. Bounded: when it holds [`TileCache::CAPACITY`] tiles (16 MiB)
 /// it starts again. Tier 0 (one tile per 16 entries, 60 bytes per entry) is left
-/// to sled's page cache.
+/// to the operating system's page cache, through [`TileFiles`].
 #[derive(Debug, Default)]
 pub(crate) struct TileCache {
     tiles: Mutex<HashMap<TileId, sled::IVec>>,
@@ -339,16 +504,16 @@ impl TileCache {
 /// tiles this proof has already read, then the cache, then sled. A proof reads
 /// each tile it needs once.
 pub(crate) struct ProofNodes<'a> {
-    tree: &'a sled::Tree,
+    tiles: &'a dyn FullTiles,
     edge: &'a Edge,
     cache: &'a TileCache,
     read: RefCell<Vec<(TileId, sled::IVec)>>,
 }
 
 impl<'a> ProofNodes<'a> {
-    pub(crate) fn new(tree: &'a sled::Tree, edge: &'a Edge, cache: &'a TileCache) -> Self {
+    pub(crate) fn new(tiles: &'a dyn FullTiles, edge: &'a Edge, cache: &'a TileCache) -> Self {
         ProofNodes {
-            tree,
+            tiles,
             edge,
             cache,
             read: RefCell::new(Vec::with_capacity(8)),
@@ -362,7 +527,7 @@ impl<'a> ProofNodes<'a> {
         let bytes = match (id.tier > 0).then(|| self.cache.get(id)).flatten() {
             Some(bytes) => bytes,
             None => {
-                let bytes = read_full_tile(self.tree, id)?;
+                let bytes = read_full_tile(self.tiles, id)?;
                 if id.tier > 0 {
                     self.cache.insert(id, bytes.clone());
                 }

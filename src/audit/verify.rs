@@ -74,8 +74,8 @@ pub fn verify_data_dir(
         Keys::load_existing(data_dir, signing_key).map_err(|e| cannot_check(e.to_string()))?;
     // Commits that only the write-ahead file holds (after a crash) are replayed
     // first, as the gateway would at start.
-    let (db, tree) =
-        super::writer::open_database(&data_dir.join("audit"), 64 << 20).map_err(|e| {
+    let (db, tree, tile_files) = super::writer::open_database(&data_dir.join("audit"), 64 << 20)
+        .map_err(|e| {
             cannot_check(format!(
                 "cannot open the audit database (is the gateway stopped?): {e}"
             ))
@@ -142,7 +142,8 @@ pub fn verify_data_dir(
     // 2. Every stored Merkle tile is one the log should have, and holds the nodes
     //    recomputed from the entries (proofs are served from them).
     for id in tiles::full_tiles(stored_size) {
-        let bytes = tiles::read_full_tile(&tree, id).map_err(|e| fail(None, e.to_string()))?;
+        let bytes =
+            tiles::read_full_tile(&*tile_files, id).map_err(|e| fail(None, e.to_string()))?;
         if let Some((level, index)) = tiles::first_difference(id, &bytes, &memory) {
             let seq = index << level;
             return Err(fail(
@@ -151,12 +152,26 @@ pub fn verify_data_dir(
             ));
         }
     }
-    let stored_tiles = tree.scan_prefix([tiles::NODE]).count();
-    if stored_tiles != tiles::full_tiles(stored_size).count() {
-        return Err(fail(
-            None,
-            format!("{stored_tiles} Merkle tiles are stored, which does not fit the log's size"),
-        ));
+    // Nothing beyond them: each tier's file holds exactly the log's full tiles.
+    let mut expected = std::collections::BTreeMap::<u8, u64>::new();
+    for id in tiles::full_tiles(stored_size) {
+        *expected.entry(id.tier).or_default() += 1;
+    }
+    for tier in 0..=u8::try_from(expected.len()).unwrap_or(u8::MAX) {
+        let want = expected.get(&tier).copied().unwrap_or(0) * tiles::TILE_BYTES as u64;
+        let stored = tile_files
+            .stored_bytes(tier)
+            .map_err(|e| fail(None, e.to_string()))?;
+        if stored != want {
+            return Err(fail(
+                None,
+                format!(
+                    "{} holds {stored} bytes of Merkle tiles, which does not fit the log's size \
+                     ({want} expected)",
+                    tiles::tile_file_name(tier)
+                ),
+            ));
+        }
     }
     let root = memory.root();
 
@@ -317,14 +332,17 @@ mod tests {
     }
 
     /// Copies the log, changes its tree with `f`, verifies the copy.
-    fn tampered(dir: &Path, f: impl FnOnce(&sled::Tree) -> u64) -> (u64, Result<Summary, Failure>) {
+    fn tampered(
+        dir: &Path,
+        f: impl FnOnce(&sled::Tree, &Path) -> u64,
+    ) -> (u64, Result<Summary, Failure>) {
         let copied = tempfile::tempdir().unwrap();
         let copy = copied.path().to_path_buf();
         copy_tree(dir, &copy);
         let seq = {
             let db = sled::open(copy.join("audit")).unwrap();
             let tree = db.open_tree(log::TREE).unwrap();
-            let seq = f(&tree);
+            let seq = f(&tree, &copy.join("audit"));
             db.flush().unwrap();
             seq
         };
@@ -367,7 +385,7 @@ mod tests {
         assert_eq!(summary.checkpoints, 1);
 
         // One byte of the middle entry of a chunk.
-        let (seq, got) = tampered(dir.path(), |t| {
+        let (seq, got) = tampered(dir.path(), |t, _| {
             let (key, mut entries) = shared_chunk(t);
             let last = entries[1].len() - 20;
             entries[1][last] ^= 1;
@@ -379,7 +397,7 @@ mod tests {
         assert!(err.problem.contains("does not open"), "{err}");
 
         // An entry cut out of a chunk: the next one is now at the wrong seq.
-        let (seq, got) = tampered(dir.path(), |t| {
+        let (seq, got) = tampered(dir.path(), |t, _| {
             let (key, mut entries) = shared_chunk(t);
             entries.remove(1);
             t.insert(&key, chunk(&entries)).unwrap();
@@ -388,7 +406,7 @@ mod tests {
         assert_eq!(got.unwrap_err().seq, Some(seq));
 
         // Two entries of a chunk swapped.
-        let (seq, got) = tampered(dir.path(), |t| {
+        let (seq, got) = tampered(dir.path(), |t, _| {
             let (key, mut entries) = shared_chunk(t);
             entries.swap(0, 2);
             t.insert(&key, chunk(&entries)).unwrap();
@@ -397,7 +415,7 @@ mod tests {
         assert_eq!(got.unwrap_err().seq, Some(seq));
 
         // A whole chunk dropped.
-        let (seq, got) = tampered(dir.path(), |t| {
+        let (seq, got) = tampered(dir.path(), |t, _| {
             let (key, _) = shared_chunk(t);
             t.remove(&key).unwrap();
             first_seq(&key)
@@ -406,20 +424,54 @@ mod tests {
         assert_eq!(err.seq, Some(seq), "{err}");
         assert!(err.problem.contains("missing"), "{err}");
 
-        // A stored Merkle node changed: proofs would be served from it.
-        let (seq, got) = tampered(dir.path(), |t| {
-            let (key, tile) = t.scan_prefix([tiles::NODE]).next().unwrap().unwrap();
-            let mut tile = tile.to_vec();
+        // A stored Merkle node changed: proofs would be served from it. Here in a
+        // tile kept in sled, as logs written before the tile files did: opening the
+        // log moves it into the files.
+        let (seq, got) = tampered(dir.path(), |t, audit| {
+            let id = tiles::TileId { tier: 0, index: 0 };
+            let mut tile = std::fs::read(audit.join(tiles::tile_file_name(0))).unwrap();
+            tile.truncate(tiles::TILE_BYTES);
             tile[3 * 32] ^= 1;
-            t.insert(key, tile).unwrap();
+            t.insert(tiles::tile_key(id), tile).unwrap();
             3
         });
         let err = got.unwrap_err();
         assert_eq!(err.seq, Some(seq), "{err}");
         assert!(err.problem.contains("Merkle node 0/3"), "{err}");
 
+        // The same in the tile file itself.
+        let (seq, got) = tampered(dir.path(), |_, audit| {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(audit.join(tiles::tile_file_name(0)))
+                .unwrap();
+            let mut byte = [0u8];
+            file.read_exact_at(&mut byte, 5 * 32).unwrap();
+            file.write_all_at(&[byte[0] ^ 1], 5 * 32).unwrap();
+            5
+        });
+        let err = got.unwrap_err();
+        assert_eq!(err.seq, Some(seq), "{err}");
+        assert!(err.problem.contains("Merkle node 0/5"), "{err}");
+
+        // A tile more than the log's size has.
+        let (_, got) = tampered(dir.path(), |_, audit| {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(audit.join(tiles::tile_file_name(0)))
+                .unwrap()
+                .write_all(&[7u8; tiles::TILE_BYTES])
+                .unwrap();
+            0
+        });
+        let err = got.unwrap_err();
+        assert!(err.problem.contains("does not fit the log's size"), "{err}");
+
         // An entry appended beyond the recorded size.
-        let (seq, got) = tampered(dir.path(), |t| {
+        let (seq, got) = tampered(dir.path(), |t, _| {
             let (_, entries) = shared_chunk(t);
             t.insert(log::entry_key(300), chunk(&entries[..1])).unwrap();
             300

@@ -30,7 +30,7 @@ use super::checkpoint::{Checkpoint, SignedCheckpoint};
 use super::entry::{canonical_bytes, NewEntry};
 use super::log::{self, AuditLog, OpenLog};
 use super::merkle;
-use super::tiles::{self, Edge};
+use super::tiles::{self, Edge, TileFiles};
 use super::wal::{self, Wal};
 use super::AuditError;
 use crate::domain::Clock;
@@ -144,7 +144,11 @@ impl Auditor {
             writable: true,
             size,
         });
-        let open = Arc::new(OpenLog::new(store.tree.clone(), edge.clone()));
+        let open = Arc::new(OpenLog::new(
+            store.tree.clone(),
+            store.tiles.clone(),
+            edge.clone(),
+        ));
         let shared = Arc::new(ArcSwapOption::new(Some(open.clone())));
         let log = AuditLog {
             open: shared.clone(),
@@ -233,6 +237,7 @@ struct Store {
     db: sled::Db,
     tree: sled::Tree,
     data_file: File,
+    tiles: Arc<TileFiles>,
     wal: Wal,
 }
 
@@ -250,8 +255,17 @@ impl Store {
         let data_file = File::open(db_file(&settings.dir)).map_err(|e| {
             AuditError::Unavailable(format!("cannot open the audit database file: {e}"))
         })?;
+        let tiles = Arc::new(TileFiles::open(&settings.dir));
+        let adopted = tiles.adopt(&tree)?;
+        if adopted > 0 {
+            db.flush()?;
+            tracing::info!(
+                tiles = adopted,
+                "Merkle tiles moved from sled to tile files"
+            );
+        }
         let (wal, replayed) = Wal::open(&settings.dir, settings.wal_bytes, |inserts| {
-            apply(&tree, inserts)
+            apply(&tree, &tiles, inserts)
         })?;
         if replayed > 0 {
             tracing::info!(
@@ -263,6 +277,7 @@ impl Store {
             db,
             tree,
             data_file,
+            tiles,
             wal,
         };
         store.start_round()?;
@@ -281,7 +296,11 @@ impl Store {
                 .map(super::entry::micros_from_timestamp)
                 .unwrap_or(i64::MIN)
         };
-        Ok((size, last_time, log::stored_edge(&self.tree, keys, size)?))
+        Ok((
+            size,
+            last_time,
+            log::stored_edge(&self.tree, &self.tiles, keys, size)?,
+        ))
     }
 
     /// Makes what sled holds durable: its flush, then fdatasync of its file.
@@ -292,9 +311,10 @@ impl Store {
             .map_err(|e| AuditError::Unavailable(format!("fdatasync: {e}")))
     }
 
-    /// Makes sled durable, then starts the write-ahead file over: nothing in it
-    /// is needed any more.
+    /// Makes sled and the tile files durable, then starts the write-ahead file
+    /// over: nothing in it is needed any more.
     fn start_round(&mut self) -> Result<(), AuditError> {
+        self.tiles.sync()?;
         self.sync_sled()?;
         self.wal.start_over()
     }
@@ -310,7 +330,7 @@ impl Store {
         let t = Instant::now();
         self.wal.append(&refs)?;
         let synced = t.elapsed();
-        apply(&self.tree, inserts)?;
+        apply(&self.tree, &self.tiles, inserts)?;
         Ok(synced)
     }
 }
@@ -320,7 +340,7 @@ impl Store {
 pub(crate) fn open_database(
     dir: &Path,
     cache_bytes: u64,
-) -> Result<(sled::Db, sled::Tree), AuditError> {
+) -> Result<(sled::Db, sled::Tree, Arc<TileFiles>), AuditError> {
     let store = Store::open(&AuditSettings {
         dir: dir.to_owned(),
         log_id: String::new(),
@@ -328,7 +348,7 @@ pub(crate) fn open_database(
         cache_bytes,
         wal_bytes: DEFAULT_WAL_BYTES,
     })?;
-    Ok((store.db, store.tree))
+    Ok((store.db, store.tree, store.tiles))
 }
 
 /// Applies one commit's inserts to sled, in order (the size last).
@@ -341,9 +361,20 @@ pub(crate) fn open_database(
 /// while the file still holds the whole of it, and the replay writes it again.
 /// Readers never see part of one: they read below the size the writer publishes
 /// after this returns.
-fn apply(tree: &sled::Tree, inserts: Vec<wal::Insert>) -> Result<(), AuditError> {
+///
+/// Full Merkle tiles go to their [`TileFiles`] instead.
+fn apply(
+    tree: &sled::Tree,
+    tiles: &TileFiles,
+    inserts: Vec<wal::Insert>,
+) -> Result<(), AuditError> {
     for (key, value) in inserts {
-        tree.insert(key, value)?;
+        match tiles::tile_id_of_key(&key) {
+            Some(id) => tiles.write(id, &value)?,
+            None => {
+                tree.insert(key, value)?;
+            }
+        }
     }
     Ok(())
 }
@@ -703,7 +734,11 @@ impl Writer {
             // Everything is read again: the failed batch may or may not be on disk.
             match Store::open(&self.settings).and_then(|s| s.state(&self.keys).map(|t| (s, t))) {
                 Ok((store, (size, last_time, edge))) => {
-                    let open = Arc::new(OpenLog::new(store.tree.clone(), edge.clone()));
+                    let open = Arc::new(OpenLog::new(
+                        store.tree.clone(),
+                        store.tiles.clone(),
+                        edge.clone(),
+                    ));
                     self.shared.store(Some(open.clone()));
                     self.open = Some(open);
                     self.size = size;
