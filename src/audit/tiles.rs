@@ -375,7 +375,15 @@ impl TileFiles {
             .truncate(false)
             .open(&path);
         let file = match opened {
-            Ok(f) => Arc::new(f),
+            Ok(f) => {
+                if create {
+                    // A new file's name must survive a power cut too.
+                    std::fs::File::open(&self.dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|e| Self::io("sync its folder", tier, e))?;
+                }
+                Arc::new(f)
+            }
             Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Self::io("open", tier, e)),
         };

@@ -107,6 +107,10 @@ impl Wal {
             .truncate(false)
             .open(&path)
             .map_err(|e| unavailable("open", e))?;
+        // The file's name must survive a power cut as well as its contents.
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| unavailable("sync its folder", e))?;
         let allocated = file.metadata().map_err(|e| unavailable("stat", e))?.len();
         let mut wal = Wal {
             file,
