@@ -28,11 +28,24 @@ struct Histogram {
     sum: f64,
 }
 
+/// One method's calls by code, and their latency.
+#[derive(Debug, Default)]
+struct MethodStats {
+    /// Indexed by the gRPC code's number (0..=16).
+    codes: [u64; 17],
+    latency: Histogram,
+}
+
+/// Methods counted apart; calls to any further path (a client may send any path)
+/// are counted under [`OTHER_METHOD`], so the map cannot grow without bound.
+const MAX_METHODS: usize = 128;
+const OTHER_METHOD: &str = "other";
+
 /// The gateway's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    calls: Mutex<BTreeMap<(String, String), u64>>,
-    latency: Mutex<BTreeMap<String, Histogram>>,
+    /// By method path. One lock per call, and no allocation once a method is known.
+    calls: Mutex<BTreeMap<String, MethodStats>>,
     open_streams: AtomicI64,
     audit: Mutex<Option<Arc<CommitStats>>>,
 }
@@ -40,22 +53,34 @@ pub struct Metrics {
 impl Metrics {
     /// Counts one finished call.
     pub fn call(&self, method: &str, code: tonic::Code, latency: Duration) {
-        if let Ok(mut calls) = self.calls.lock() {
-            *calls
-                .entry((method.to_owned(), format!("{code:?}")))
-                .or_default() += 1;
-        }
         let secs = latency.as_secs_f64();
-        if let Ok(mut hist) = self.latency.lock() {
-            let h = hist.entry(method.to_owned()).or_default();
-            for (i, bound) in BUCKETS.iter().enumerate() {
-                if secs <= *bound {
-                    h.buckets[i] += 1;
-                }
-            }
-            h.count += 1;
-            h.sum += secs;
+        let Ok(mut calls) = self.calls.lock() else {
+            return;
+        };
+        let stats = if calls.contains_key(method) {
+            calls.get_mut(method)
+        } else {
+            let key = if calls.len() < MAX_METHODS {
+                method
+            } else {
+                OTHER_METHOD
+            };
+            Some(calls.entry(key.to_owned()).or_default())
+        };
+        let Some(stats) = stats else {
+            return;
+        };
+        if let Some(n) = stats.codes.get_mut(code as usize) {
+            *n += 1;
         }
+        let h = &mut stats.latency;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                h.buckets[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += secs;
     }
 
     /// A response stream opened (+1) or ended (-1).
@@ -74,17 +99,22 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         out.push_str("# HELP sgw_calls_total gRPC calls by method and status code.\n# TYPE sgw_calls_total counter\n");
-        if let Ok(calls) = self.calls.lock() {
-            for ((method, code), n) in calls.iter() {
-                let _ = writeln!(
-                    out,
-                    "sgw_calls_total{{method=\"{method}\",code=\"{code}\"}} {n}"
-                );
+        let calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        for (method, stats) in calls.iter() {
+            for (code, n) in stats.codes.iter().enumerate() {
+                if *n > 0 {
+                    let code = tonic::Code::from(code as i32);
+                    let _ = writeln!(
+                        out,
+                        "sgw_calls_total{{method=\"{method}\",code=\"{code:?}\"}} {n}"
+                    );
+                }
             }
         }
         out.push_str("# HELP sgw_call_duration_seconds gRPC call latency (to trailers for streams).\n# TYPE sgw_call_duration_seconds histogram\n");
-        if let Ok(hist) = self.latency.lock() {
-            for (method, h) in hist.iter() {
+        {
+            for (method, stats) in calls.iter() {
+                let h = &stats.latency;
                 for (i, bound) in BUCKETS.iter().enumerate() {
                     let _ = writeln!(
                         out,
@@ -109,6 +139,7 @@ impl Metrics {
                 );
             }
         }
+        drop(calls);
         let _ = writeln!(
             out,
             "# HELP sgw_open_streams Response streams open now.\n# TYPE sgw_open_streams gauge\nsgw_open_streams {}",
@@ -186,5 +217,42 @@ pub async fn bind(addr: Option<SocketAddr>) -> std::io::Result<Option<TcpListene
     match addr {
         Some(a) => TcpListener::bind(a).await.map(Some),
         None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_counted_by_method_and_code_and_unknown_paths_stay_bounded() {
+        let m = Metrics::default();
+        let ms = Duration::from_millis(1);
+        m.call("/safeguard.v1.RecordService/GetRecord", tonic::Code::Ok, ms);
+        m.call("/safeguard.v1.RecordService/GetRecord", tonic::Code::Ok, ms);
+        m.call(
+            "/safeguard.v1.RecordService/GetRecord",
+            tonic::Code::PermissionDenied,
+            ms,
+        );
+        for i in 0..1000 {
+            m.call(&format!("/made.up/M{i}"), tonic::Code::Unimplemented, ms);
+        }
+        let text = m.render();
+        assert!(text.contains(
+            "sgw_calls_total{method=\"/safeguard.v1.RecordService/GetRecord\",code=\"Ok\"} 2"
+        ));
+        assert!(text.contains(
+            "sgw_calls_total{method=\"/safeguard.v1.RecordService/GetRecord\",code=\"PermissionDenied\"} 1"
+        ));
+        assert!(text.contains(
+            "sgw_call_duration_seconds_count{method=\"/safeguard.v1.RecordService/GetRecord\"} 3"
+        ));
+        let methods = m.calls.lock().unwrap().len();
+        assert_eq!(methods, MAX_METHODS + 1, "capped, plus \"other\"");
+        assert!(text.contains(&format!(
+            "sgw_calls_total{{method=\"other\",code=\"Unimplemented\"}} {}",
+            1000 - (MAX_METHODS - 1)
+        )));
     }
 }

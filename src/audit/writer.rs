@@ -617,6 +617,15 @@ impl Writer {
         let mut receipts = Vec::with_capacity(commands.len());
         let mut wants_checkpoint = false;
         let now = micros(&*self.clock);
+        let appends = commands
+            .iter()
+            .filter(|c| matches!(c, Command::Append(..)))
+            .count();
+        let mut nonces = self
+            .keys
+            .audit_seal
+            .nonces(appends)
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
         for c in commands.iter_mut() {
             let entry = match c {
                 Command::Append(entry, _) => std::mem::replace(entry.as_mut(), placeholder()),
@@ -637,7 +646,7 @@ impl Writer {
             let sealed = self
                 .keys
                 .audit_seal
-                .seal(&log::seal_context(seq), &canonical)
+                .seal_next(&mut nonces, &log::seal_context(seq), &canonical)
                 .map_err(|e| AuditError::Unavailable(e.to_string()))?;
             if !chunk.is_empty() && chunk.len() + 4 + sealed.len() > log::CHUNK_BYTES {
                 batch.push((
