@@ -199,6 +199,22 @@ async fn content_is_withheld_when_the_owner_cannot_be_told_of_an_override() {
     assert!(matches!(err, RecordError::Notice(_)), "{err:?}");
 }
 
+/// A parent's statement about the test child, for the school, for EDUCATION_SUPPORT,
+/// covering A&E attendances.
+fn school_consent(state: ConsentState, valid_until: Option<time::OffsetDateTime>) -> NewConsent {
+    NewConsent {
+        subject: nhs_number(),
+        state,
+        given_by: ConsentGiver::Parent,
+        purposes: vec![Purpose::EducationSupport],
+        recipient_sectors: vec![],
+        recipient_agency_ids: vec!["school-oakfield".into()],
+        categories: vec![RecordCategory::UnscheduledCareAttendance],
+        valid_until,
+        note: String::new(),
+    }
+}
+
 #[tokio::test]
 async fn consent_is_read_at_each_disclosure() {
     let f = fixture(Arc::new(NoNotifier));
@@ -213,17 +229,7 @@ async fn consent_is_read_at_each_disclosure() {
         .records
         .record_consent(
             &nhs,
-            NewConsent {
-                subject: nhs_number(),
-                state: ConsentState::Given,
-                given_by: ConsentGiver::Parent,
-                purposes: vec![Purpose::EducationSupport],
-                recipient_sectors: vec![],
-                recipient_agency_ids: vec!["school-oakfield".into()],
-                categories: vec![RecordCategory::UnscheduledCareAttendance],
-                valid_until: Some(datetime!(2026-03-06 17:00 UTC)),
-                note: String::new(),
-            },
+            school_consent(ConsentState::Given, Some(datetime!(2026-03-06 17:00 UTC))),
             "c1",
         )
         .await
@@ -333,17 +339,7 @@ async fn a_consent_change_binds_the_next_disclosure_after_cached_reads() {
         .share(&nhs, new_record(None), "r1")
         .await
         .expect("share");
-    let statement = |state| NewConsent {
-        subject: nhs_number(),
-        state,
-        given_by: ConsentGiver::Parent,
-        purposes: vec![Purpose::EducationSupport],
-        recipient_sectors: vec![],
-        recipient_agency_ids: vec!["school-oakfield".into()],
-        categories: vec![RecordCategory::UnscheduledCareAttendance],
-        valid_until: None,
-        note: String::new(),
-    };
+    let statement = |state| school_consent(state, None);
     let disclose = |request_id: &'static str| {
         f.records.disclose(
             &school,
