@@ -152,7 +152,7 @@ impl Metrics {
                 let sync = s.sync_micros.load(Ordering::Relaxed) as f64 / 1e6;
                 let _ = writeln!(out, "# HELP sgw_audit_commits_total Audit group commits (one durability point each).\n# TYPE sgw_audit_commits_total counter\nsgw_audit_commits_total {commits}");
                 let _ = writeln!(out, "# HELP sgw_audit_entries_total Audit entries committed.\n# TYPE sgw_audit_entries_total counter\nsgw_audit_entries_total {entries}");
-                let _ = writeln!(out, "# HELP sgw_audit_sync_seconds_total Time in the durability point (flush + fdatasync).\n# TYPE sgw_audit_sync_seconds_total counter\nsgw_audit_sync_seconds_total {sync}");
+                let _ = writeln!(out, "# HELP sgw_audit_sync_seconds_total Time in the durability point (the write-ahead record's write + fdatasync).\n# TYPE sgw_audit_sync_seconds_total counter\nsgw_audit_sync_seconds_total {sync}");
             }
         }
         out

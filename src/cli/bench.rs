@@ -177,7 +177,7 @@ impl Child {
 struct AuditStats {
     /// Entries per commit.
     mean_group: f64,
-    /// Time in the durability point (flush + fdatasync) per commit.
+    /// Time in the durability point (the write-ahead record's write + fdatasync; for PostgreSQL, the commit) per commit.
     mean_sync_ms: f64,
 }
 
@@ -685,7 +685,7 @@ fn report(args: &BenchArgs, o: &Outcome) {
     }
     if let Some(a) = o.audit {
         println!(
-            "audit mean group commit {:.1} entries per fsync, {:.2} ms in flush + fdatasync per commit",
+            "audit mean group commit {:.1} entries per fsync, {:.2} ms in its durability point per commit",
             a.mean_group, a.mean_sync_ms
         );
     }
