@@ -2242,7 +2242,7 @@ bank_holidays = []                    # ["2026-12-25", ...]
     fn optional_sections_are_read() {
         let text = format!(
             "{EXAMPLE}\n[logging]\nformat = \"json\"\nlevel = \"sgw=debug,info\"\n\
-             [audit]\ncheckpoint_interval = \"5s\"\nlog_id = \"x/y\"\nmax_batch = 8\n\
+             [audit]\ncheckpoint_interval = \"5s\"\nlog_id = \"x/y\"\nmax_batch = 8\nwal_bytes = 1048576\n\
              [metrics]\nlisten = \"127.0.0.1:9090\"\n[shutdown]\ngrace = \"0s\"\n\
              [[auditor]]\nid = \"ofsted\"\nname = \"Ofsted\"\n"
         );
@@ -2252,6 +2252,12 @@ bank_holidays = []                    # ["2026-12-25", ...]
         assert_eq!(c.audit.checkpoint_interval, Duration::from_secs(5));
         assert_eq!(c.audit.log_id, "x/y");
         assert_eq!(c.audit.max_batch, 8);
+        assert_eq!(c.audit.wal_bytes, 1 << 20);
+        let (_, msg) = problem(load(&format!("{EXAMPLE}\n[audit]\nwal_bytes = 4096\n")));
+        assert!(
+            msg.contains("audit.wal_bytes") && msg.contains("65536"),
+            "{msg}"
+        );
         assert_eq!(
             c.metrics.listen,
             Some("127.0.0.1:9090".parse().expect("address"))
