@@ -351,7 +351,7 @@ pub(crate) fn open_database(
     Ok((store.db, store.tree, store.tiles))
 }
 
-/// Applies one commit's inserts to sled, in order (the size last).
+/// Applies one commit's inserts to sled, in order.
 ///
 /// Key by key, not as a `sled::Batch`: sled 0.34's `apply_batch` writes out its
 /// log buffer (pwrite and `sync_file_range`) twice per batch and takes a
