@@ -257,8 +257,9 @@ impl Store {
         })?;
         let tiles = Arc::new(TileFiles::open(&settings.dir));
         let adopted = tiles.adopt(&tree)?;
+        // The removals from sled are made durable with everything else below; if
+        // they are lost, the next open moves the same tiles again.
         if adopted > 0 {
-            db.flush()?;
             tracing::info!(
                 tiles = adopted,
                 "Merkle tiles moved from sled to tile files"
@@ -827,31 +828,42 @@ mod tests {
         }
     }
 
+    /// Opens the log, retrying while sled still holds the file lock of a log just
+    /// dropped (the writer thread lets go a little after the last handle).
+    async fn open(settings: AuditSettings, keys: &Arc<Keys>) -> Auditor {
+        for _ in 0..100 {
+            let (s, k) = (settings.clone(), keys.clone());
+            let opened =
+                tokio::task::spawn_blocking(move || Auditor::open(s, k, Arc::new(SystemClock)))
+                    .await
+                    .unwrap();
+            if let Ok(a) = opened {
+                return a;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the log does not reopen");
+    }
+
+    fn entry(request_id: &str) -> NewEntry {
+        NewEntry::new(
+            Actor::system(),
+            AuditAction::TlsReloaded,
+            AuditOutcome::Allowed,
+            request_id,
+        )
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn appends_are_durable_and_numbered_from_zero_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let keys = Arc::new(Keys::load_or_create(dir.path(), None).unwrap());
-        let open = || {
-            let (s, k) = (settings(dir.path()), keys.clone());
-            async move {
-                tokio::task::spawn_blocking(move || Auditor::open(s, k, Arc::new(SystemClock)))
-                    .await
-                    .unwrap()
-                    .unwrap()
-            }
-        };
-        let auditor = open().await;
+        let auditor = open(settings(dir.path()), &keys).await;
         let mut handles = Vec::new();
         for i in 0..50 {
             let a = auditor.clone();
             handles.push(tokio::spawn(async move {
-                let e = NewEntry::new(
-                    Actor::system(),
-                    AuditAction::TlsReloaded,
-                    AuditOutcome::Allowed,
-                    &format!("r{i}"),
-                );
-                a.append(e).await.unwrap().seq()
+                a.append(entry(&format!("r{i}"))).await.unwrap().seq()
             }));
         }
         let mut seqs = Vec::new();
@@ -863,43 +875,12 @@ mod tests {
         let cp = auditor.checkpoint().await.unwrap();
         assert_eq!(cp.checkpoint.tree_size, 50);
         drop(auditor);
-        // The writer thread lets go of the database once every handle is gone.
-        let mut reopened = None;
-        for _ in 0..50 {
-            let (s, k) = (settings(dir.path()), keys.clone());
-            match tokio::task::spawn_blocking(move || Auditor::open(s, k, Arc::new(SystemClock)))
-                .await
-                .unwrap()
-            {
-                Ok(a) => {
-                    reopened = Some(a);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-        let auditor = reopened.expect("reopens");
+        let auditor = open(settings(dir.path()), &keys).await;
         assert_eq!(auditor.log().size(), 50);
         assert_eq!(auditor.log().latest_checkpoint().unwrap().unwrap(), cp);
-        let next = auditor
-            .append(NewEntry::new(
-                Actor::system(),
-                AuditAction::TlsReloaded,
-                AuditOutcome::Allowed,
-                "x",
-            ))
-            .await
-            .unwrap();
+        let next = auditor.append(entry("x")).await.unwrap();
         assert_eq!(next.seq(), 50);
     }
-}
-
-#[cfg(test)]
-mod rounds {
-    use super::*;
-    use crate::audit::{Actor, NewEntry};
-    use crate::domain::SystemClock;
-    use crate::proto::v1::{AuditAction, AuditOutcome};
 
     /// A small write-ahead file starts over many times under load; what it held
     /// each time must already be in sled and the tile files, so a reopen (which
@@ -909,46 +890,23 @@ mod rounds {
     async fn many_rounds_of_the_write_ahead_file_lose_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let keys = Arc::new(Keys::load_or_create(dir.path(), None).unwrap());
-        let settings = || AuditSettings {
-            dir: dir.path().join("audit"),
-            log_id: "test.example/sgw/audit".into(),
-            max_batch: 64,
-            cache_bytes: 8 << 20,
+        let small = AuditSettings {
             wal_bytes: 64 * 1024,
+            ..settings(dir.path())
         };
-        let open = |s: AuditSettings| {
-            let k = keys.clone();
-            async move {
-                for _ in 0..100 {
-                    let (s, k) = (s.clone(), k.clone());
-                    let opened = tokio::task::spawn_blocking(move || {
-                        Auditor::open(s, k, Arc::new(SystemClock))
-                    })
-                    .await
-                    .unwrap();
-                    if let Ok(a) = opened {
-                        return a;
-                    }
-                    // sled lets go of its file lock a little after the last handle.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                panic!("the log does not reopen");
-            }
+        // Entries of over 200 bytes, so 3,200 of them are many times 64 KiB.
+        let long_entry = |id: &str| {
+            let mut e = entry(id);
+            e.reason = "x".repeat(200);
+            e
         };
-        let auditor = open(settings()).await;
+        let auditor = open(small.clone(), &keys).await;
         let mut tasks = Vec::new();
         for w in 0..16 {
             let a = auditor.clone();
             tasks.push(tokio::spawn(async move {
                 for i in 0..200 {
-                    let mut e = NewEntry::new(
-                        Actor::system(),
-                        AuditAction::TlsReloaded,
-                        AuditOutcome::Allowed,
-                        &format!("r{w}-{i}"),
-                    );
-                    e.reason = "x".repeat(200);
-                    a.append(e).await.unwrap();
+                    a.append(long_entry(&format!("r{w}-{i}"))).await.unwrap();
                 }
             }));
         }
@@ -974,14 +932,7 @@ mod rounds {
         // which must have been made durable before the file let go of them.
         let mut n = 0;
         while first_lsn() == started {
-            let mut e = NewEntry::new(
-                Actor::system(),
-                AuditAction::TlsReloaded,
-                AuditOutcome::Allowed,
-                &format!("s{n}"),
-            );
-            e.reason = "x".repeat(200);
-            auditor.append(e).await.unwrap();
+            auditor.append(long_entry(&format!("s{n}"))).await.unwrap();
             n += 1;
             assert!(n < 10_000, "the file never started over again");
         }
@@ -991,16 +942,18 @@ mod rounds {
         // A copy taken now, with the writer still running, is what a crash would
         // leave: only what reached the files (sled's own buffers in memory are lost).
         let copy = tempfile::tempdir().unwrap();
-        for entry in std::fs::read_dir(&live).unwrap() {
-            let entry = entry.unwrap();
-            if entry.file_type().unwrap().is_file() {
-                std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+        for file in std::fs::read_dir(&live).unwrap() {
+            let file = file.unwrap();
+            if file.file_type().unwrap().is_file() {
+                std::fs::copy(file.path(), copy.path().join(file.file_name())).unwrap();
             }
         }
         std::fs::create_dir_all(copy.path().join("blobs")).unwrap();
-        let mut crashed = settings();
-        crashed.dir = copy.path().to_owned();
-        let reopened = open(crashed).await;
+        let crashed = AuditSettings {
+            dir: copy.path().to_owned(),
+            ..small
+        };
+        let reopened = open(crashed, &keys).await;
         let log = reopened.log();
         assert_eq!(log.size(), size);
         assert_eq!(log.root(size).unwrap(), root);
