@@ -39,6 +39,7 @@ use tokio::sync::watch;
 use super::checkpoint::{Checkpoint, SignedCheckpoint};
 use super::entry::micros_from_timestamp;
 use super::merkle::{self, Hash, NodeSource};
+use super::postings::RoundPostings;
 use super::tiles::{Edge, ProofNodes, TileCache, TileFiles};
 use super::writer::LogHealth;
 use super::AuditError;
@@ -132,12 +133,28 @@ pub(crate) fn posting_key(mut prefix: Vec<u8>, first_seq: u64) -> Vec<u8> {
     prefix
 }
 
+/// Whether a key is an index posting list's.
+pub(crate) fn is_posting_key(key: &[u8]) -> bool {
+    matches!(
+        key.first(),
+        Some(&(BY_SUBJECT | BY_ACTOR | BY_TARGET | BY_ACTION))
+    )
+}
+
+/// The index prefix of a posting list's key (the key without its first seq).
+pub(crate) fn posting_prefix(key: &[u8]) -> Result<&[u8], AuditError> {
+    match key.len().checked_sub(8) {
+        Some(n) if n > 1 && is_posting_key(key) => Ok(&key[..n]),
+        _ => Err(AuditError::Corrupt("malformed index posting key".into())),
+    }
+}
+
 /// A posting list's value: its seqs, ascending, 8 bytes each.
 pub(crate) fn encode_postings(seqs: &[u64]) -> Vec<u8> {
     seqs.iter().flat_map(|s| s.to_be_bytes()).collect()
 }
 
-fn decode_postings(bytes: &[u8]) -> Result<Vec<u64>, AuditError> {
+pub(crate) fn decode_postings(bytes: &[u8]) -> Result<Vec<u64>, AuditError> {
     if !bytes.len().is_multiple_of(8) {
         return Err(AuditError::Corrupt("malformed index posting list".into()));
     }
@@ -183,15 +200,23 @@ pub(crate) struct OpenLog {
     /// The full tiles.
     pub files: Arc<TileFiles>,
     pub tiles: TileCache,
+    /// The index lists of the current write-ahead round, not yet in sled.
+    pub postings: Arc<ArcSwap<RoundPostings>>,
 }
 
 impl OpenLog {
-    pub(crate) fn new(tree: sled::Tree, files: Arc<TileFiles>, edge: Edge) -> OpenLog {
+    pub(crate) fn new(
+        tree: sled::Tree,
+        files: Arc<TileFiles>,
+        postings: Arc<ArcSwap<RoundPostings>>,
+        edge: Edge,
+    ) -> OpenLog {
         OpenLog {
             tree,
             edge: ArcSwap::from_pointee(edge),
             files,
             tiles: TileCache::default(),
+            postings,
         }
     }
 }
@@ -337,14 +362,20 @@ impl AuditLog {
         Ok(lo)
     }
 
-    /// Seqs from an index prefix, starting at `from_seq`, ascending, below `size`.
+    /// Seqs from an index prefix, starting at `from_seq`, ascending, below `size`:
+    /// sled's lists below the current round's first seq, then the round's own
+    /// (see [`super::postings`]).
     pub(crate) fn index_seqs(
         &self,
         prefix: Vec<u8>,
         from_seq: u64,
         size: u64,
     ) -> Result<impl Iterator<Item = Result<u64, AuditError>>, AuditError> {
-        let tree = self.open()?.tree.clone();
+        let open = self.open()?;
+        let round = open.postings.load_full();
+        let in_round = round.seqs(&prefix, from_seq, size);
+        let size = size.min(round.first_seq());
+        let tree = open.tree.clone();
         let at = posting_key(prefix.clone(), from_seq);
         // The list that may hold `from_seq` starts at or before it.
         let start = match tree
@@ -354,7 +385,8 @@ impl AuditLog {
             Some(kv) => kv?.0.to_vec(),
             None => at,
         };
-        let end = posting_key(prefix, size);
+        // Empty when the round begins at or before `from_seq`.
+        let end = posting_key(prefix, size).max(start.clone());
         Ok(tree
             .range(start..end)
             .flat_map(move |kv| {
@@ -369,7 +401,21 @@ impl AuditLog {
             .filter(move |s| match s {
                 Ok(seq) => *seq >= from_seq && *seq < size,
                 Err(_) => true,
-            }))
+            })
+            .chain(in_round.into_iter().map(Ok))
+            // Lists written by earlier versions (one per commit) may overlap a
+            // round's merged list: each seq once, ascending.
+            .scan(None::<u64>, |last, s| {
+                Some(match s {
+                    Ok(seq) if last.is_some_and(|l| seq <= l) => None,
+                    Ok(seq) => {
+                        *last = Some(seq);
+                        Some(Ok(seq))
+                    }
+                    Err(e) => Some(Err(e)),
+                })
+            })
+            .flatten())
     }
 
     /// A reader of committed entries that keeps the last chunk it read, for

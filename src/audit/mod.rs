@@ -2,7 +2,7 @@
 //!
 //! Every disclosure, refusal and administrative act is appended here *before* its
 //! effect reaches anyone: [`Auditor::append`] returns a [`Durable`] receipt only once
-//! the entry is on disk (sled flush, then `fdatasync` of the database file), and
+//! the entry is on disk (its write-ahead record written and `fdatasync`ed), and
 //! every response that discloses something is built from such a receipt, so a
 //! handler cannot disclose without having audited (DESIGN.md invariant 1).
 //!
@@ -10,8 +10,11 @@
 //!   `safeguard.v1.AuditEntry` with `canonical` empty; prost writes fields in field
 //!   number order with no maps or unknown fields, so the encoding is deterministic).
 //! - [`merkle`]: RFC 6962 hashing and proofs over stored complete subtrees.
-//! - `tiles`: where those subtrees live: full tiles of six levels in sled, the
-//!   right edge in memory.
+//! - `tiles`: where those subtrees live: full tiles of four levels in flat files,
+//!   the right edge in memory.
+//! - `wal`: the write-ahead file, the durability point of every commit.
+//! - `postings`: the current write-ahead round's index lists, in memory until the
+//!   round ends.
 //! - [`checkpoint`]: signed checkpoints (C2SP signed notes, Ed25519).
 //! - [`log`]: the sled layout and every read (entries, proofs, checkpoints, queries).
 //! - [`writer`]: the single writer task: group commit, one durability point per batch.
@@ -22,6 +25,7 @@ pub mod checkpoint;
 pub mod entry;
 pub mod log;
 pub mod merkle;
+pub(crate) mod postings;
 pub mod query;
 pub(crate) mod tiles;
 pub mod verify;

@@ -6,11 +6,13 @@
 //! ([`super::tiles`]), and gathers the entries (as one chunk, or a few), the tiles they
 //! completed, index keys and the new size as **one** batch. The batch is made durable
 //! once, as one record of the write-ahead file ([`super::wal`]) and its `fdatasync`,
-//! and only then applied to sled and published to readers. Then each waiter is
-//! answered with its [`Durable`] receipt. One fsync is shared by everything in the
-//! batch. When the write-ahead file is full, sled is flushed and synced (its `flush`
-//! ends in `sync_file_range`, which does not empty the disk's write cache, so its
-//! file is `fdatasync`ed too) and the file starts over.
+//! and only then applied (entries and the size to sled, tiles to their files,
+//! index lists to the round's lists in memory, [`super::postings`]) and published
+//! to readers. Then each waiter is answered with its [`Durable`] receipt. One fsync
+//! is shared by everything in the batch. When the write-ahead file is full, the
+//! round's index lists go into sled, sled is flushed and synced (its `flush` ends
+//! in `sync_file_range`, which does not empty the disk's write cache, so its file
+//! is `fdatasync`ed too) and the file starts over.
 //!
 //! If any step fails, every waiter of that batch gets [`AuditError::Unavailable`],
 //! the log reports itself unwritable (health NOT_SERVING), and the writer reopens
@@ -23,13 +25,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::checkpoint::{Checkpoint, SignedCheckpoint};
 use super::entry::{canonical_bytes, NewEntry};
 use super::log::{self, AuditLog, OpenLog};
 use super::merkle;
+use super::postings::RoundPostings;
 use super::tiles::{self, Edge, TileFiles};
 use super::wal::{self, Wal};
 use super::AuditError;
@@ -147,6 +150,7 @@ impl Auditor {
         let open = Arc::new(OpenLog::new(
             store.tree.clone(),
             store.tiles.clone(),
+            store.postings.clone(),
             edge.clone(),
         ));
         let shared = Arc::new(ArcSwapOption::new(Some(open.clone())));
@@ -238,6 +242,8 @@ struct Store {
     tree: sled::Tree,
     data_file: File,
     tiles: Arc<TileFiles>,
+    /// The index lists of the current round, shared with readers.
+    postings: Arc<ArcSwap<RoundPostings>>,
     wal: Wal,
 }
 
@@ -265,8 +271,9 @@ impl Store {
                 "Merkle tiles moved from sled to tile files"
             );
         }
+        let round = Arc::new(RoundPostings::new(log::stored_size(&tree)?));
         let (wal, replayed) = Wal::open(&settings.dir, settings.wal_bytes, |inserts| {
-            apply(&tree, &tiles, inserts)
+            apply(&tree, &tiles, &round, inserts)
         })?;
         if replayed > 0 {
             tracing::info!(
@@ -279,6 +286,7 @@ impl Store {
             tree,
             data_file,
             tiles,
+            postings: Arc::new(ArcSwap::new(round)),
             wal,
         };
         store.start_round()?;
@@ -312,12 +320,18 @@ impl Store {
             .map_err(|e| AuditError::Unavailable(format!("fdatasync: {e}")))
     }
 
-    /// Makes sled and the tile files durable, then starts the write-ahead file
-    /// over: nothing in it is needed any more.
+    /// Puts the round's index lists into sled, makes sled and the tile files
+    /// durable, then starts the write-ahead file over: nothing in it is needed any
+    /// more. Readers move to the new round only once sled holds the old one's
+    /// lists.
     fn start_round(&mut self) -> Result<(), AuditError> {
+        self.postings.load().write_to(&self.tree)?;
         self.tiles.sync()?;
         self.sync_sled()?;
-        self.wal.start_over()
+        self.wal.start_over()?;
+        let size = log::stored_size(&self.tree)?;
+        self.postings.store(Arc::new(RoundPostings::new(size)));
+        Ok(())
     }
 
     /// The durability point of a commit, then the commit itself: the batch goes to
@@ -331,7 +345,7 @@ impl Store {
         let t = Instant::now();
         self.wal.append(&refs)?;
         let synced = t.elapsed();
-        apply(&self.tree, &self.tiles, inserts)?;
+        apply(&self.tree, &self.tiles, &self.postings.load(), inserts)?;
         Ok(synced)
     }
 }
@@ -363,18 +377,21 @@ pub(crate) fn open_database(
 /// Readers never see part of one: they read below the size the writer publishes
 /// after this returns.
 ///
-/// Full Merkle tiles go to their [`TileFiles`] instead.
+/// Full Merkle tiles go to their [`TileFiles`] instead, and index lists to the
+/// round's [`RoundPostings`].
 fn apply(
     tree: &sled::Tree,
     tiles: &TileFiles,
+    round: &RoundPostings,
     inserts: Vec<wal::Insert>,
 ) -> Result<(), AuditError> {
     for (key, value) in inserts {
-        match tiles::tile_id_of_key(&key) {
-            Some(id) => tiles.write(id, &value)?,
-            None => {
-                tree.insert(key, value)?;
-            }
+        if let Some(id) = tiles::tile_id_of_key(&key) {
+            tiles.write(id, &value)?;
+        } else if log::is_posting_key(&key) {
+            round.add(&key, &value)?;
+        } else {
+            tree.insert(key, value)?;
         }
     }
     Ok(())
@@ -747,6 +764,7 @@ impl Writer {
                     let open = Arc::new(OpenLog::new(
                         store.tree.clone(),
                         store.tiles.clone(),
+                        store.postings.clone(),
                         edge.clone(),
                     ));
                     self.shared.store(Some(open.clone()));
@@ -882,10 +900,94 @@ mod tests {
         assert_eq!(next.seq(), 50);
     }
 
+    /// A log written before the round's lists were merged has one list per
+    /// commit in sled; the merged list of the same seqs may sit beside them after
+    /// an upgrade replays its last round. Each seq still comes once, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn overlapping_lists_from_an_older_layout_give_each_seq_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(Keys::load_or_create(dir.path(), None).unwrap());
+        let auditor = open(settings(dir.path()), &keys).await;
+        for i in 0..10 {
+            auditor.append(entry(&format!("r{i}"))).await.unwrap();
+        }
+        auditor.close().await;
+        drop(auditor);
+        let prefix = log::action_index_prefix(AuditAction::TlsReloaded as i32);
+        {
+            let audit = dir.path().join("audit");
+            let mut opened = open_database(&audit, 1 << 20);
+            for _ in 0..100 {
+                if opened.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                opened = open_database(&audit, 1 << 20);
+            }
+            let (db, tree, _) = opened.unwrap();
+            tree.insert(
+                log::posting_key(prefix.clone(), 3),
+                log::encode_postings(&[3, 4]),
+            )
+            .unwrap();
+            db.flush().unwrap();
+        }
+        let auditor = open(settings(dir.path()), &keys).await;
+        let got: Vec<u64> = auditor
+            .log()
+            .index_seqs(prefix, 0, 10)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(got, (0..10).collect::<Vec<_>>());
+    }
+
+    /// What each index (child, actor, target, action) gives for every value the
+    /// entries use, against a scan of every entry: the index must give exactly the
+    /// seqs whose entries carry the value, from seq 0 and from a seq part-way.
+    fn check_indexes(log: &AuditLog) {
+        let size = log.size();
+        let mut expected: std::collections::BTreeMap<Vec<u8>, Vec<u64>> = Default::default();
+        for seq in 0..size {
+            let e = log.entry(seq).unwrap();
+            let mut add = |prefix: Vec<u8>| expected.entry(prefix).or_default().push(seq);
+            if !e.subject_ref.is_empty() {
+                add(log::subject_index_prefix(&e.subject_ref));
+            }
+            add(log::text_index_prefix(log::BY_ACTOR, &e.actor_id));
+            if !e.target_agency_id.is_empty() {
+                add(log::text_index_prefix(log::BY_TARGET, &e.target_agency_id));
+            }
+            add(log::action_index_prefix(e.action));
+        }
+        assert!(expected.len() >= 8, "the entries use several index values");
+        for (prefix, seqs) in expected {
+            let got: Vec<u64> = log
+                .index_seqs(prefix.clone(), 0, size)
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            assert_eq!(got, seqs, "index {:?}", String::from_utf8_lossy(&prefix));
+            let from = size / 3;
+            let got: Vec<u64> = log
+                .index_seqs(prefix.clone(), from, size)
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let want: Vec<u64> = seqs.into_iter().filter(|&s| s >= from).collect();
+            assert_eq!(
+                got,
+                want,
+                "index {:?} from {from}",
+                String::from_utf8_lossy(&prefix)
+            );
+        }
+    }
+
     /// A small write-ahead file starts over many times under load; what it held
     /// each time must already be in sled and the tile files, so a reopen (which
     /// replays only the current round) finds the same log, the same root and
-    /// proofs that verify against it.
+    /// proofs that verify against it, and the same answers from every index.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_rounds_of_the_write_ahead_file_lose_nothing() {
         let dir = tempfile::tempdir().unwrap();
@@ -894,10 +996,21 @@ mod tests {
             wal_bytes: 64 * 1024,
             ..settings(dir.path())
         };
-        // Entries of over 200 bytes, so 3,200 of them are many times 64 KiB.
+        // Entries of over 200 bytes, so 3,200 of them are many times 64 KiB, about
+        // 7 children, by 3 actors, 2 targets or none, with 2 actions.
         let long_entry = |id: &str| {
             let mut e = entry(id);
             e.reason = "x".repeat(200);
+            let n = id.bytes().map(usize::from).sum::<usize>();
+            e.subject = Some(crate::store::keys::SubjectRef::from_hex(format!(
+                "{:064x}",
+                n % 7
+            )));
+            e.actor.id = format!("agency-{}", n % 3);
+            e.target_agency_id = ["", "school", "police"][n % 3].to_owned();
+            if n % 2 == 0 {
+                e.action = AuditAction::RecordDisclosed;
+            }
             e
         };
         let auditor = open(small.clone(), &keys).await;
@@ -914,6 +1027,8 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(auditor.log().size(), 3200);
+        // Indexes span many rounds in sled and the current one in memory.
+        check_indexes(auditor.log());
         // The file has started over: its round no longer begins at the first commit.
         let live = dir.path().join("audit");
         let first_lsn = || {
@@ -936,30 +1051,44 @@ mod tests {
             n += 1;
             assert!(n < 10_000, "the file never started over again");
         }
-        let size = auditor.log().size();
-        let root = auditor.log().root(size).unwrap();
-
         // A copy taken now, with the writer still running, is what a crash would
-        // leave: only what reached the files (sled's own buffers in memory are lost).
-        let copy = tempfile::tempdir().unwrap();
-        for file in std::fs::read_dir(&live).unwrap() {
-            let file = file.unwrap();
-            if file.file_type().unwrap().is_file() {
-                std::fs::copy(file.path(), copy.path().join(file.file_name())).unwrap();
+        // leave: only what reached the files (sled's own buffers in memory are
+        // lost). Taken once right after the file started over (the last commits
+        // are then only in sled), and once a few commits into the new round (which
+        // only the write-ahead file holds).
+        let crash_copy = || {
+            let copy = tempfile::tempdir().unwrap();
+            for file in std::fs::read_dir(&live).unwrap() {
+                let file = file.unwrap();
+                if file.file_type().unwrap().is_file() {
+                    std::fs::copy(file.path(), copy.path().join(file.file_name())).unwrap();
+                }
             }
-        }
-        std::fs::create_dir_all(copy.path().join("blobs")).unwrap();
-        let crashed = AuditSettings {
-            dir: copy.path().to_owned(),
-            ..small
+            std::fs::create_dir_all(copy.path().join("blobs")).unwrap();
+            (copy, auditor.log().size())
         };
-        let reopened = open(crashed, &keys).await;
-        let log = reopened.log();
-        assert_eq!(log.size(), size);
-        assert_eq!(log.root(size).unwrap(), root);
-        for seq in [0, 1, 17, 255, 256, 1000, 3071, 3199] {
-            let (leaf, path) = log.inclusion_proof(seq, size).unwrap();
-            merkle::verify_inclusion(seq, size, &leaf, &path, &root).unwrap();
+        let mut copies = vec![crash_copy()];
+        for i in 0..5 {
+            auditor.append(long_entry(&format!("t{i}"))).await.unwrap();
+        }
+        copies.push(crash_copy());
+        check_indexes(auditor.log());
+
+        for (copy, size) in copies {
+            let root = auditor.log().root(size).unwrap();
+            let crashed = AuditSettings {
+                dir: copy.path().to_owned(),
+                ..small.clone()
+            };
+            let reopened = open(crashed, &keys).await;
+            let log = reopened.log();
+            assert_eq!(log.size(), size);
+            assert_eq!(log.root(size).unwrap(), root);
+            for seq in [0, 1, 17, 255, 256, 1000, 3071, 3199, size - 1] {
+                let (leaf, path) = log.inclusion_proof(seq, size).unwrap();
+                merkle::verify_inclusion(seq, size, &leaf, &path, &root).unwrap();
+            }
+            check_indexes(log);
         }
         drop(auditor);
     }
