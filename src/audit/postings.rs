@@ -25,10 +25,11 @@
 //! `u64` in each list it joins (at most four), plus, when it names a child no
 //! other entry of the round names, that child's map slot, key and list: 221
 //! bytes per entry in all, measured with every entry naming a new child. Such an
-//! entry takes about 470 bytes of the write-ahead file (its sealed canonical
-//! bytes and its child's list), so the lists stay under about half of
-//! `wal_bytes`: 16 MB at the default 32 MiB when every entry names a different
-//! child, about 1 MB when a few children recur.
+//! entry takes 350–420 bytes of the write-ahead file (its sealed canonical bytes,
+//! 225–294 for the records flow's entries in a dev gateway, and its child's
+//! list), so the lists stay under about two thirds of `wal_bytes`: about 21 MB at
+//! the default 32 MiB when every entry names a different child, about 1 MB when a
+//! few children recur.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
