@@ -90,6 +90,18 @@ fn nhs_number() -> NhsNumber {
     NhsNumber::parse("9434765919").expect("valid")
 }
 
+/// The hospital and the school, and one record the hospital has shared.
+async fn hospital_record(f: &Fixture) -> (Caller, Caller, Record) {
+    let nhs = agency("nhs-guys", Sector::Health);
+    let school = agency("school-oakfield", Sector::Education);
+    let record = f
+        .records
+        .share(&nhs, new_record(None), "r1")
+        .await
+        .expect("share");
+    (nhs, school, record)
+}
+
 fn new_record(retain_until: Option<time::OffsetDateTime>) -> NewRecord {
     NewRecord {
         subject: nhs_number(),
@@ -128,13 +140,7 @@ async fn entry_at(auditor: &Auditor, seq: u64) -> crate::proto::v1::AuditEntry {
 async fn an_override_notice_names_the_recipient_and_the_durable_audit_seq() {
     let recorder = Arc::new(Recorder::default());
     let f = fixture(recorder.clone());
-    let nhs = agency("nhs-guys", Sector::Health);
-    let school = agency("school-oakfield", Sector::Education);
-    let record = f
-        .records
-        .share(&nhs, new_record(None), "r1")
-        .await
-        .expect("share");
+    let (nhs, school, record) = hospital_record(&f).await;
 
     let d = f
         .records
@@ -180,13 +186,7 @@ async fn content_is_withheld_when_the_owner_cannot_be_told_of_an_override() {
         fail: true,
         ..Recorder::default()
     }));
-    let nhs = agency("nhs-guys", Sector::Health);
-    let school = agency("school-oakfield", Sector::Education);
-    let record = f
-        .records
-        .share(&nhs, new_record(None), "r1")
-        .await
-        .expect("share");
+    let (_, school, record) = hospital_record(&f).await;
     let err = f
         .records
         .disclose(
@@ -218,13 +218,7 @@ fn school_consent(state: ConsentState, valid_until: Option<time::OffsetDateTime>
 #[tokio::test]
 async fn consent_is_read_at_each_disclosure() {
     let f = fixture(Arc::new(NoNotifier));
-    let nhs = agency("nhs-guys", Sector::Health);
-    let school = agency("school-oakfield", Sector::Education);
-    let record = f
-        .records
-        .share(&nhs, new_record(None), "r1")
-        .await
-        .expect("share");
+    let (nhs, school, record) = hospital_record(&f).await;
     let consent = f
         .records
         .record_consent(
@@ -332,13 +326,7 @@ async fn expired_records_are_refused_to_their_owner_and_purged_by_the_system() {
 #[tokio::test]
 async fn a_consent_change_binds_the_next_disclosure_after_cached_reads() {
     let f = fixture(Arc::new(NoNotifier));
-    let nhs = agency("nhs-guys", Sector::Health);
-    let school = agency("school-oakfield", Sector::Education);
-    let record = f
-        .records
-        .share(&nhs, new_record(None), "r1")
-        .await
-        .expect("share");
+    let (nhs, school, record) = hospital_record(&f).await;
     let statement = |state| school_consent(state, None);
     let disclose = |request_id: &'static str| {
         f.records.disclose(
