@@ -112,32 +112,30 @@ impl Metrics {
             }
         }
         out.push_str("# HELP sgw_call_duration_seconds gRPC call latency (to trailers for streams).\n# TYPE sgw_call_duration_seconds histogram\n");
-        {
-            for (method, stats) in calls.iter() {
-                let h = &stats.latency;
-                for (i, bound) in BUCKETS.iter().enumerate() {
-                    let _ = writeln!(
-                        out,
-                        "sgw_call_duration_seconds_bucket{{method=\"{method}\",le=\"{bound}\"}} {}",
-                        h.buckets[i]
-                    );
-                }
+        for (method, stats) in calls.iter() {
+            let h = &stats.latency;
+            for (i, bound) in BUCKETS.iter().enumerate() {
                 let _ = writeln!(
                     out,
-                    "sgw_call_duration_seconds_bucket{{method=\"{method}\",le=\"+Inf\"}} {}",
-                    h.count
-                );
-                let _ = writeln!(
-                    out,
-                    "sgw_call_duration_seconds_sum{{method=\"{method}\"}} {}",
-                    h.sum
-                );
-                let _ = writeln!(
-                    out,
-                    "sgw_call_duration_seconds_count{{method=\"{method}\"}} {}",
-                    h.count
+                    "sgw_call_duration_seconds_bucket{{method=\"{method}\",le=\"{bound}\"}} {}",
+                    h.buckets[i]
                 );
             }
+            let _ = writeln!(
+                out,
+                "sgw_call_duration_seconds_bucket{{method=\"{method}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "sgw_call_duration_seconds_sum{{method=\"{method}\"}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "sgw_call_duration_seconds_count{{method=\"{method}\"}} {}",
+                h.count
+            );
         }
         drop(calls);
         let _ = writeln!(

@@ -1,9 +1,9 @@
 //! The audit log's sled layout, and every read of it.
 //!
-//! One sled tree (`audit`) in its own database under `<data_dir>/audit`, so that one
-//! sled batch commits a group's entries, the Merkle tiles they complete, their index
-//! keys and the new size atomically. Keys (all integers big-endian, so byte order is
-//! numeric order):
+//! One sled tree (`audit`) in its own database under `<data_dir>/audit`. A group
+//! commit is made atomic and durable by its write-ahead record ([`super::wal`]), not
+//! by sled; readers read below the size the writer publishes once it is applied.
+//! Keys (all integers big-endian, so byte order is numeric order):
 //!
 //! | key | value |
 //! | --- | --- |
@@ -12,7 +12,7 @@
 //! | `m` | the tree size (u64) |
 //! | `o` | the log's origin name (`log_id`), fixed at creation |
 //! | `c` size | a signed checkpoint: timestamp (u64) ‖ root (32) ‖ signature (64) |
-//! | `s` subject-ref (64 hex) first-seq | index by child: the seqs of one commit |
+//! | `s` subject-ref (64 hex) first-seq | index by child: a posting list |
 //! | `a` len id first-seq | index by actor |
 //! | `t` len id first-seq | index by target agency |
 //! | `k` action (u32) first-seq | index by action |
@@ -24,8 +24,10 @@
 //! sealed on its own, with its seq as associated data, so an entry moved, swapped
 //! or copied to another seq does not open.
 //!
-//! Index values are posting lists: the ascending seqs (u64 each) that one group
-//! commit added for that index value, keyed by the first of them.
+//! Index values are posting lists: ascending seqs (u64 each) for that index value,
+//! keyed by the first of them. Each write-ahead round's lists reach sled merged
+//! when the round ends, and are read from memory until then ([`super::postings`]);
+//! logs written before that have one list per commit.
 //!
 //! Entry times never decrease with seq (the writer makes it so), which lets a time
 //! range be found by binary search over seq instead of another index.

@@ -299,8 +299,9 @@ pub(crate) trait FullTiles {
     fn full_tile(&self, id: TileId) -> Result<Option<sled::IVec>, AuditError>;
 }
 
-/// Logs written before [`TileFiles`] kept their tiles in the sled tree (and tests
-/// still do); [`TileFiles::adopt`] moves them out when such a log is opened.
+/// The unit tests below keep tiles in a sled tree, as logs written before
+/// [`TileFiles`] did ([`TileFiles::adopt`] moves those out when opened).
+#[cfg(test)]
 impl FullTiles for sled::Tree {
     fn full_tile(&self, id: TileId) -> Result<Option<sled::IVec>, AuditError> {
         Ok(self.get(tile_key(id))?)
@@ -415,12 +416,11 @@ impl TileFiles {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .flatten()
-            .cloned()
+            .enumerate()
+            .filter_map(|(tier, f)| Some((tier as u8, f.clone()?)))
             .collect();
-        for (tier, f) in files.iter().enumerate() {
-            f.sync_data()
-                .map_err(|e| Self::io("fdatasync", tier as u8, e))?;
+        for (tier, f) in files {
+            f.sync_data().map_err(|e| Self::io("fdatasync", tier, e))?;
         }
         Ok(())
     }

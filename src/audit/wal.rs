@@ -183,7 +183,7 @@ impl Wal {
 
     /// Appends the batch as one record and syncs it: once this returns, the batch
     /// survives a crash.
-    pub(crate) fn append(&mut self, inserts: &[(&[u8], &[u8])]) -> Result<(), AuditError> {
+    pub(crate) fn append(&mut self, inserts: &[Insert]) -> Result<(), AuditError> {
         let buf = &mut self.buf;
         buf.clear();
         buf.extend_from_slice(&[0u8; RECORD_HEAD]);
@@ -315,9 +315,7 @@ mod tests {
     }
 
     fn append(wal: &mut Wal, n: u8) {
-        let b = batch(n);
-        let refs: Vec<(&[u8], &[u8])> = b.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-        wal.append(&refs).unwrap();
+        wal.append(&batch(n)).unwrap();
     }
 
     #[test]

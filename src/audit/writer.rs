@@ -338,12 +338,8 @@ impl Store {
     /// the write-ahead file (synced), then to sled.
     /// Returns the time the durability point took.
     fn commit(&mut self, inserts: Vec<wal::Insert>) -> Result<Duration, AuditError> {
-        let refs: Vec<(&[u8], &[u8])> = inserts
-            .iter()
-            .map(|(k, v)| (k.as_slice(), v.as_slice()))
-            .collect();
         let t = Instant::now();
-        self.wal.append(&refs)?;
+        self.wal.append(&inserts)?;
         let synced = t.elapsed();
         apply(&self.tree, &self.tiles, &self.postings.load(), inserts)?;
         Ok(synced)
@@ -624,8 +620,8 @@ impl Writer {
         commands: &mut [Command],
     ) -> Result<(Vec<Durable>, Option<CheckpointResult>), AuditError> {
         let mut batch: Vec<wal::Insert> = Vec::new();
-        // One posting list per index value per commit, not one key per entry: sled
-        // copies a leaf node on every insert, and index keys land in many leaves.
+        // One posting list per index value per commit, not one key per entry; the
+        // round's in-memory lists take them (see `super::postings`).
         let mut postings: std::collections::BTreeMap<Vec<u8>, Vec<u64>> = Default::default();
         let mut full_tiles = Vec::new();
         // The entries go in chunks of consecutive seqs (one per commit, unless
