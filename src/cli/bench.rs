@@ -705,10 +705,7 @@ pub struct EchoArgs {
 /// Runs the echo baseline until SIGTERM or Ctrl-C.
 pub fn run_echo(args: EchoArgs) -> anyhow::Result<ExitCode> {
     let config = crate::config::Config::load(&args.config)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = crate::server::runtime().context("cannot start the async runtime")?;
     rt.block_on(async move {
         let stop = tokio_util::sync::CancellationToken::new();
         let trigger = stop.clone();

@@ -212,10 +212,10 @@ pub fn run(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<Exi
         log_format.unwrap_or(config.logging.format),
         &config.logging.level,
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    if !server::LIFO_SLOT_DISABLED {
+        tracing::warn!("built without --cfg tokio_unstable (.cargo/config.toml): responses finished together are written one by one, which costs throughput under load");
+    }
+    let runtime = server::runtime().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         // A write past the file-size limit (RLIMIT_FSIZE) must fail with EFBIG, which
         // the audit writer handles by failing closed, rather than kill the process
