@@ -289,7 +289,9 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 /// Whether [`runtime`] runs without tokio's LIFO slot (false when built without
 /// `--cfg tokio_unstable`).
-pub const LIFO_SLOT_DISABLED: bool = cfg!(tokio_unstable);
+pub fn lifo_slot_disabled() -> bool {
+    cfg!(tokio_unstable)
+}
 
 /// Completes on SIGTERM or Ctrl-C (SIGINT). The handlers are installed when this
 /// is called, not when the future is first polled, so a signal that arrives while
@@ -331,7 +333,7 @@ mod tests {
     #[test]
     fn the_gateway_runtime_is_built_without_the_lifo_slot() {
         assert!(
-            super::LIFO_SLOT_DISABLED,
+            super::lifo_slot_disabled(),
             "built without --cfg tokio_unstable: is .cargo/config.toml missing, or RUSTFLAGS set?"
         );
         let runtime = super::runtime().unwrap();

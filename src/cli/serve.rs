@@ -212,7 +212,7 @@ pub fn run(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<Exi
         log_format.unwrap_or(config.logging.format),
         &config.logging.level,
     );
-    if !server::LIFO_SLOT_DISABLED {
+    if !server::lifo_slot_disabled() {
         tracing::warn!("built without --cfg tokio_unstable (.cargo/config.toml): responses finished together are written one by one, which costs throughput under load");
     }
     let runtime = server::runtime().context("cannot start the async runtime")?;
