@@ -292,10 +292,12 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// Opens the audit tree of a stopped gateway's data dir for tampering.
-fn tamper(data_dir: &Path, f: impl FnOnce(&sled::Tree)) {
-    let db = sled::open(data_dir.join("audit")).expect("open audit db");
+/// Changes a stopped gateway's audit log with `f`, given its sled tree and folder.
+fn tamper(data_dir: &Path, f: impl FnOnce(&sled::Tree, &Path)) {
+    let audit = data_dir.join("audit");
+    let db = sled::open(&audit).expect("open audit db");
     let tree = db.open_tree("audit").unwrap();
-    f(&tree);
+    f(&tree, &audit);
     db.flush().unwrap();
 }
 
@@ -336,7 +338,7 @@ async fn tampering_is_caught_by_verify_naming_the_first_bad_seq() {
     assert!(ok, "untouched log verifies: {out}");
     assert!(out.contains("20 entries"), "{out}");
 
-    let case = |name: &str, f: &dyn Fn(&sled::Tree), want: &str| {
+    let case = |name: &str, f: &dyn Fn(&sled::Tree, &Path), want: &str| {
         let dir = env.path().join(format!("case-{name}"));
         copy_dir(&data, &dir);
         tamper(&dir, f);
@@ -346,24 +348,35 @@ async fn tampering_is_caught_by_verify_naming_the_first_bad_seq() {
     };
     case(
         "flip",
-        &|t| {
-            let mut v = t.get(entry_key(7)).unwrap().unwrap().to_vec();
-            let last = v.len() - 20;
-            v[last] ^= 0x01;
-            t.insert(entry_key(7), v).unwrap();
+        &|t, audit| {
+            // sled holds where the chunk is in the entry file: 0xff, offset, length.
+            use std::os::unix::fs::FileExt;
+            let v = t.get(entry_key(7)).unwrap().unwrap();
+            assert_eq!((v.len(), v[0]), (13, 0xff), "a pointer into the entry file");
+            let offset = u64::from_be_bytes(v[1..9].try_into().unwrap());
+            let len = u64::from(u32::from_be_bytes(v[9..13].try_into().unwrap()));
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(audit.join("entries"))
+                .unwrap();
+            let mut byte = [0u8];
+            file.read_exact_at(&mut byte, offset + len - 20).unwrap();
+            file.write_all_at(&[byte[0] ^ 0x01], offset + len - 20)
+                .unwrap();
         },
         "seq 7:",
     );
     case(
         "drop",
-        &|t| {
+        &|t, _| {
             t.remove(entry_key(4)).unwrap();
         },
         "seq 4:",
     );
     case(
         "swap",
-        &|t| {
+        &|t, _| {
             let a = t.get(entry_key(10)).unwrap().unwrap();
             let b = t.get(entry_key(11)).unwrap().unwrap();
             t.insert(entry_key(10), b).unwrap();
@@ -373,7 +386,7 @@ async fn tampering_is_caught_by_verify_naming_the_first_bad_seq() {
     );
     case(
         "truncate",
-        &|t| {
+        &|t, _| {
             for seq in 17..20 {
                 t.remove(entry_key(seq)).unwrap();
             }
@@ -383,7 +396,7 @@ async fn tampering_is_caught_by_verify_naming_the_first_bad_seq() {
     );
     case(
         "checkpoint-signature",
-        &|t| {
+        &|t, _| {
             let (k, v) = t.scan_prefix(b"c").next_back().unwrap().unwrap();
             let mut v = v.to_vec();
             v[60] ^= 0x80;

@@ -7,7 +7,7 @@
 //!
 //! | key | value |
 //! | --- | --- |
-//! | `e` first-seq | a chunk: the entries of seqs `first-seq, first-seq + 1, ...`, each as its length (u32) ‖ its canonical bytes sealed (AES-256-GCM) with its own seq as associated data; see [`CHUNK_BYTES`] |
+//! | `e` first-seq | where a chunk is in the entry file ([`super::entry_file`]). The chunk holds the entries of seqs `first-seq, first-seq + 1, ...`, each as its length (u32) ‖ its canonical bytes sealed (AES-256-GCM) with its own seq as associated data; see [`CHUNK_BYTES`]. Logs written before the entry file hold the chunk itself here, and those read as before |
 //! | `n` tier tile | (logs written before the tile files only: moved to `tiles-<tier>` files beside the database when opened, see [`super::tiles::TileFiles`]) |
 //! | `m` | the tree size (u64) |
 //! | `o` | the log's origin name (`log_id`), fixed at creation |
@@ -40,6 +40,7 @@ use tokio::sync::watch;
 
 use super::checkpoint::{Checkpoint, SignedCheckpoint};
 use super::entry::micros_from_timestamp;
+use super::entry_file::{ChunkPointer, EntryFile};
 use super::merkle::{self, Hash, NodeSource};
 use super::postings::RoundPostings;
 use super::tiles::{Edge, ProofNodes, TileCache, TileFiles};
@@ -67,6 +68,35 @@ pub const TREE: &str = "audit";
 /// never fsyncs, outside the durability point's `fdatasync`; 17 chunks of 6 KiB
 /// keep every leaf well under that.
 pub(crate) const CHUNK_BYTES: usize = 6 * 1024;
+
+/// Whether a key is an entry chunk's.
+pub(crate) fn is_entry_key(key: &[u8]) -> bool {
+    key.len() == 9 && key[0] == ENTRY
+}
+
+/// The bytes of the chunk an `e` key's value stands for: read from the entry file,
+/// or the value itself in a log written before that file.
+pub(crate) fn chunk_bytes(
+    value: sled::IVec,
+    entries: &EntryFile,
+) -> Result<sled::IVec, AuditError> {
+    match ChunkPointer::decode(&value) {
+        Some(at) => Ok(entries.read(at?)?.into()),
+        None => Ok(value),
+    }
+}
+
+/// Where the next chunk goes in the entry file: the end of the last chunk stored
+/// there (chunks are placed in seq order), 0 when there is none.
+pub(crate) fn stored_entries_end(tree: &sled::Tree) -> Result<u64, AuditError> {
+    match tree.scan_prefix([ENTRY]).next_back().transpose()? {
+        Some((_, value)) => match ChunkPointer::decode(&value) {
+            Some(at) => Ok(at?.end()),
+            None => Ok(0),
+        },
+        None => Ok(0),
+    }
+}
 
 /// The key of the chunk whose first entry is `seq`.
 pub(crate) fn entry_key(seq: u64) -> [u8; 9] {
@@ -201,6 +231,8 @@ pub(crate) struct OpenLog {
     pub edge: ArcSwap<Edge>,
     /// The full tiles.
     pub files: Arc<TileFiles>,
+    /// The entries' chunks.
+    pub entries: Arc<EntryFile>,
     pub tiles: TileCache,
     /// The index lists of the current write-ahead round, not yet in sled.
     pub postings: Arc<ArcSwap<RoundPostings>>,
@@ -210,6 +242,7 @@ impl OpenLog {
     pub(crate) fn new(
         tree: sled::Tree,
         files: Arc<TileFiles>,
+        entries: Arc<EntryFile>,
         postings: Arc<ArcSwap<RoundPostings>>,
         edge: Edge,
     ) -> OpenLog {
@@ -217,6 +250,7 @@ impl OpenLog {
             tree,
             edge: ArcSwap::from_pointee(edge),
             files,
+            entries,
             tiles: TileCache::default(),
             postings,
         }
@@ -267,7 +301,8 @@ impl AuditLog {
                 "seq {seq} is beyond the log's {size} entries"
             )));
         }
-        read_entry(&self.open()?.tree, &self.keys, seq)
+        let open = self.open()?;
+        read_entry(&open.tree, &open.entries, &self.keys, seq)
     }
 
     /// The root of the first `size` entries.
@@ -423,7 +458,12 @@ impl AuditLog {
     /// A reader of committed entries that keeps the last chunk it read, for
     /// reading many entries near one another.
     pub(crate) fn entries(&self) -> Result<EntryReader<'_>, AuditError> {
-        Ok(EntryReader::new(self.open()?.tree.clone(), &self.keys))
+        let open = self.open()?;
+        Ok(EntryReader::new(
+            open.tree.clone(),
+            open.entries.clone(),
+            &self.keys,
+        ))
     }
 }
 
@@ -438,15 +478,17 @@ fn tree_error(e: merkle::TreeError<AuditError>) -> AuditError {
 /// one.
 pub(crate) struct EntryReader<'k> {
     tree: sled::Tree,
+    entries: Arc<EntryFile>,
     keys: &'k Keys,
     /// The last chunk read: its first seq and value.
     chunk: Option<(u64, sled::IVec)>,
 }
 
 impl<'k> EntryReader<'k> {
-    pub(crate) fn new(tree: sled::Tree, keys: &'k Keys) -> Self {
+    pub(crate) fn new(tree: sled::Tree, entries: Arc<EntryFile>, keys: &'k Keys) -> Self {
         EntryReader {
             tree,
+            entries,
             keys,
             chunk: None,
         }
@@ -464,12 +506,14 @@ impl<'k> EntryReader<'k> {
         }
         let gone = || AuditError::Corrupt(format!("seq {seq}: entry missing"));
         // The chunk holding `seq` is the last one that starts at or before it.
-        let (key, chunk) = self
+        let (key, value) = self
             .tree
             .range(entry_key(0)..=entry_key(seq))
             .next_back()
             .ok_or_else(gone)??;
         let first = read_u64(&key[1..]).ok_or_else(gone)?;
+        let chunk = chunk_bytes(value, &self.entries)
+            .map_err(|e| AuditError::Corrupt(format!("seq {seq}: {e}")))?;
         let entries = chunk_entries(&chunk)
             .map_err(|_| AuditError::Corrupt(format!("seq {seq}: its chunk is malformed")))?;
         let sealed = *entries.get((seq - first) as usize).ok_or_else(gone)?;
@@ -500,20 +544,22 @@ pub(crate) fn open_entry(keys: &Keys, seq: u64, sealed: &[u8]) -> Result<AuditEn
 /// Reads, opens and decodes entry `seq`, checking it is the entry for that seq.
 pub(crate) fn read_entry(
     tree: &sled::Tree,
+    entries: &Arc<EntryFile>,
     keys: &Keys,
     seq: u64,
 ) -> Result<AuditEntry, AuditError> {
-    EntryReader::new(tree.clone(), keys).read(seq)
+    EntryReader::new(tree.clone(), entries.clone(), keys).read(seq)
 }
 
 /// The edge of the stored tree of `size` entries (when the writer opens the log).
 pub(crate) fn stored_edge(
     tree: &sled::Tree,
     tiles: &TileFiles,
+    entry_file: &Arc<EntryFile>,
     keys: &Keys,
     size: u64,
 ) -> Result<Edge, AuditError> {
-    let mut entries = EntryReader::new(tree.clone(), keys);
+    let mut entries = EntryReader::new(tree.clone(), entry_file.clone(), keys);
     let last_leaves = (size - size % super::tiles::TILE_WIDTH..size)
         .map(|seq| Ok(merkle::leaf_hash(&entries.read(seq)?.canonical)))
         .collect::<Result<Vec<_>, AuditError>>()?;

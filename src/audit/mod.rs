@@ -12,6 +12,8 @@
 //! - [`merkle`]: RFC 6962 hashing and proofs over stored complete subtrees.
 //! - `tiles`: where those subtrees live: full tiles of four levels in flat files,
 //!   the right edge in memory.
+//! - `entry_file`: where the entries' chunks live: appended to a flat file, with
+//!   sled holding where each chunk is.
 //! - `wal`: the write-ahead file, the durability point of every commit.
 //! - `postings`: the current write-ahead round's index lists, in memory until the
 //!   round ends.
@@ -23,6 +25,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod entry;
+pub(crate) mod entry_file;
 pub mod log;
 pub mod merkle;
 pub(crate) mod postings;

@@ -74,17 +74,17 @@ pub fn verify_data_dir(
         Keys::load_existing(data_dir, signing_key).map_err(|e| cannot_check(e.to_string()))?;
     // Commits that only the write-ahead file holds (after a crash) are replayed
     // first, as the gateway would at start.
-    let (db, tree, tile_files) = super::writer::open_database(&data_dir.join("audit"), 64 << 20)
-        .map_err(|e| {
-            cannot_check(format!(
-                "cannot open the audit database (is the gateway stopped?): {e}"
-            ))
-        })?;
-    let log_id = log::stored_origin(&tree)
+    let opened = super::writer::open_database(&data_dir.join("audit"), 64 << 20).map_err(|e| {
+        cannot_check(format!(
+            "cannot open the audit database (is the gateway stopped?): {e}"
+        ))
+    })?;
+    let (tree, tile_files, entry_file) = (&opened.tree, &opened.tiles, &opened.entries);
+    let log_id = log::stored_origin(tree)
         .map_err(|e| fail(None, e.to_string()))?
         .ok_or_else(|| fail(None, "no audit log here (no origin recorded)"))?;
     let log_id = log_id.as_str();
-    let stored_size = log::stored_size(&tree).map_err(|e| fail(None, e.to_string()))?;
+    let stored_size = log::stored_size(tree).map_err(|e| fail(None, e.to_string()))?;
 
     // 1. Every entry, in order: in the chunk that should hold it, opens, is the
     //    entry of its seq, and its time is not before the previous one's.
@@ -98,12 +98,13 @@ pub fn verify_data_dir(
         other => fail(Some(seq), other.to_string()),
     };
     for kv in tree.scan_prefix([log::ENTRY]) {
-        let (key, chunk) = kv.map_err(|e| fail(None, e.to_string()))?;
+        let (key, value) = kv.map_err(|e| fail(None, e.to_string()))?;
         let next = memory.size();
         let first = key
             .get(1..)
             .and_then(log::read_u64)
             .ok_or_else(|| fail(Some(next), "malformed entry key"))?;
+        let chunk = log::chunk_bytes(value, entry_file).map_err(|e| corrupt(first, e))?;
         if first > next {
             return Err(fail(Some(next), "entry missing"));
         }
@@ -143,7 +144,7 @@ pub fn verify_data_dir(
     //    recomputed from the entries (proofs are served from them).
     for id in tiles::full_tiles(stored_size) {
         let bytes =
-            tiles::read_full_tile(&*tile_files, id).map_err(|e| fail(None, e.to_string()))?;
+            tiles::read_full_tile(&**tile_files, id).map_err(|e| fail(None, e.to_string()))?;
         if let Some((level, index)) = tiles::first_difference(id, &bytes, &memory) {
             let seq = index << level;
             return Err(fail(
@@ -179,7 +180,7 @@ pub fn verify_data_dir(
     //    root of the recomputed tree at its size.
     let public_key = checkpoint::public_key_of(&keys.checkpoint);
     let checkpoints =
-        log::stored_checkpoints(&tree, log_id, &keys).map_err(|e| fail(None, e.to_string()))?;
+        log::stored_checkpoints(tree, log_id, &keys).map_err(|e| fail(None, e.to_string()))?;
     for cp in &checkpoints {
         check_checkpoint(cp, &public_key, &memory, "stored checkpoint")?;
     }
@@ -202,8 +203,7 @@ pub fn verify_data_dir(
         };
         check_root(&signed, &memory, "the kept checkpoint")?;
     }
-    drop(tree);
-    drop(db);
+    drop(opened);
     Ok(Summary {
         entries: stored_size,
         root,
@@ -257,6 +257,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::audit::entry_file::{self, ChunkPointer, EntryFile};
     use crate::audit::writer::AuditSettings;
     use crate::audit::{Actor, Auditor, NewEntry};
     use crate::domain::SystemClock;
@@ -309,10 +310,12 @@ mod tests {
     }
 
     /// The first chunk holding at least three entries: its key and entries.
-    fn shared_chunk(tree: &sled::Tree) -> (sled::IVec, Vec<Vec<u8>>) {
+    fn shared_chunk(tree: &sled::Tree, audit: &Path) -> (sled::IVec, Vec<Vec<u8>>) {
+        let file = EntryFile::open(audit).unwrap();
         tree.scan_prefix([log::ENTRY])
             .map(|kv| kv.unwrap())
             .map(|(k, v)| {
+                let v = log::chunk_bytes(v, &file).unwrap();
                 let entries = log::chunk_entries(&v).unwrap();
                 (
                     k,
@@ -384,9 +387,44 @@ mod tests {
         assert_eq!(summary.entries, 300);
         assert_eq!(summary.checkpoints, 1);
 
-        // One byte of the middle entry of a chunk.
-        let (seq, got) = tampered(dir.path(), |t, _| {
-            let (key, mut entries) = shared_chunk(t);
+        // Chunks are in the entry file, with sled holding where: a byte of it
+        // changed, and the file cut short.
+        let (seq, got) = tampered(dir.path(), |t, audit| {
+            use std::os::unix::fs::FileExt;
+            let (key, value) = t.scan_prefix([log::ENTRY]).next().unwrap().unwrap();
+            let at = ChunkPointer::decode(&value).expect("a pointer").unwrap();
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(audit.join(entry_file::FILE_NAME))
+                .unwrap();
+            let mut byte = [0u8];
+            // Past the first entry's length: inside its sealed bytes.
+            file.read_exact_at(&mut byte, at.offset + 10).unwrap();
+            file.write_all_at(&[byte[0] ^ 1], at.offset + 10).unwrap();
+            first_seq(&key)
+        });
+        let err = got.unwrap_err();
+        assert_eq!(err.seq, Some(seq), "{err}");
+        assert!(err.problem.contains("does not open"), "{err}");
+        let (seq, got) = tampered(dir.path(), |t, audit| {
+            let (key, value) = t.scan_prefix([log::ENTRY]).next_back().unwrap().unwrap();
+            let at = ChunkPointer::decode(&value).expect("a pointer").unwrap();
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(audit.join(entry_file::FILE_NAME))
+                .unwrap();
+            file.set_len(at.offset + 1).unwrap();
+            first_seq(&key)
+        });
+        let err = got.unwrap_err();
+        assert_eq!(err.seq, Some(seq), "{err}");
+        assert!(err.problem.contains("entry file ends before"), "{err}");
+
+        // One byte of the middle entry of a chunk (written inline, as logs written
+        // before the entry file keep them).
+        let (seq, got) = tampered(dir.path(), |t, audit| {
+            let (key, mut entries) = shared_chunk(t, audit);
             let last = entries[1].len() - 20;
             entries[1][last] ^= 1;
             t.insert(&key, chunk(&entries)).unwrap();
@@ -397,8 +435,8 @@ mod tests {
         assert!(err.problem.contains("does not open"), "{err}");
 
         // An entry cut out of a chunk: the next one is now at the wrong seq.
-        let (seq, got) = tampered(dir.path(), |t, _| {
-            let (key, mut entries) = shared_chunk(t);
+        let (seq, got) = tampered(dir.path(), |t, audit| {
+            let (key, mut entries) = shared_chunk(t, audit);
             entries.remove(1);
             t.insert(&key, chunk(&entries)).unwrap();
             first_seq(&key) + 1
@@ -406,8 +444,8 @@ mod tests {
         assert_eq!(got.unwrap_err().seq, Some(seq));
 
         // Two entries of a chunk swapped.
-        let (seq, got) = tampered(dir.path(), |t, _| {
-            let (key, mut entries) = shared_chunk(t);
+        let (seq, got) = tampered(dir.path(), |t, audit| {
+            let (key, mut entries) = shared_chunk(t, audit);
             entries.swap(0, 2);
             t.insert(&key, chunk(&entries)).unwrap();
             first_seq(&key)
@@ -415,8 +453,8 @@ mod tests {
         assert_eq!(got.unwrap_err().seq, Some(seq));
 
         // A whole chunk dropped.
-        let (seq, got) = tampered(dir.path(), |t, _| {
-            let (key, _) = shared_chunk(t);
+        let (seq, got) = tampered(dir.path(), |t, audit| {
+            let (key, _) = shared_chunk(t, audit);
             t.remove(&key).unwrap();
             first_seq(&key)
         });
@@ -471,8 +509,8 @@ mod tests {
         assert!(err.problem.contains("does not fit the log's size"), "{err}");
 
         // An entry appended beyond the recorded size.
-        let (seq, got) = tampered(dir.path(), |t, _| {
-            let (_, entries) = shared_chunk(t);
+        let (seq, got) = tampered(dir.path(), |t, audit| {
+            let (_, entries) = shared_chunk(t, audit);
             t.insert(log::entry_key(300), chunk(&entries[..1])).unwrap();
             300
         });

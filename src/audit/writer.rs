@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::checkpoint::{Checkpoint, SignedCheckpoint};
 use super::entry::{canonical_bytes, NewEntry};
+use super::entry_file::{self, EntryFile};
 use super::log::{self, AuditLog, OpenLog};
 use super::merkle;
 use super::postings::RoundPostings;
@@ -150,6 +151,7 @@ impl Auditor {
         let open = Arc::new(OpenLog::new(
             store.tree.clone(),
             store.tiles.clone(),
+            store.entries.clone(),
             store.postings.clone(),
             edge.clone(),
         ));
@@ -242,6 +244,9 @@ struct Store {
     tree: sled::Tree,
     data_file: File,
     tiles: Arc<TileFiles>,
+    entries: Arc<EntryFile>,
+    /// Where the next chunk goes in the entry file.
+    entries_end: u64,
     /// The index lists of the current round, shared with readers.
     postings: Arc<ArcSwap<RoundPostings>>,
     wal: Wal,
@@ -271,9 +276,10 @@ impl Store {
                 "Merkle tiles moved from sled to tile files"
             );
         }
+        let entries = Arc::new(EntryFile::open(&settings.dir)?);
         let round = Arc::new(RoundPostings::new(log::stored_size(&tree)?));
         let (wal, replayed) = Wal::open(&settings.dir, settings.wal_bytes, |inserts| {
-            apply(&tree, &tiles, &round, inserts)
+            apply(&tree, &tiles, &entries, &round, inserts)
         })?;
         if replayed > 0 {
             tracing::info!(
@@ -281,11 +287,14 @@ impl Store {
                 "audit commits replayed from the write-ahead file"
             );
         }
+        let entries_end = log::stored_entries_end(&tree)?;
         let mut store = Store {
             db,
             tree,
             data_file,
             tiles,
+            entries,
+            entries_end,
             postings: Arc::new(ArcSwap::new(round)),
             wal,
         };
@@ -299,7 +308,7 @@ impl Store {
         let last_time = if size == 0 {
             i64::MIN
         } else {
-            log::read_entry(&self.tree, keys, size - 1)?
+            log::read_entry(&self.tree, &self.entries, keys, size - 1)?
                 .time
                 .as_ref()
                 .map(super::entry::micros_from_timestamp)
@@ -308,7 +317,7 @@ impl Store {
         Ok((
             size,
             last_time,
-            log::stored_edge(&self.tree, &self.tiles, keys, size)?,
+            log::stored_edge(&self.tree, &self.tiles, &self.entries, keys, size)?,
         ))
     }
 
@@ -320,13 +329,14 @@ impl Store {
             .map_err(|e| AuditError::Unavailable(format!("fdatasync: {e}")))
     }
 
-    /// Puts the round's index lists into sled, makes sled and the tile files
-    /// durable, then starts the write-ahead file over: nothing in it is needed any
-    /// more. Readers move to the new round only once sled holds the old one's
-    /// lists.
+    /// Puts the round's index lists into sled, makes sled, the tile files and the
+    /// entry file durable, then starts the write-ahead file over: nothing in it is
+    /// needed any more. Readers move to the new round only once sled holds the old
+    /// one's lists.
     fn start_round(&mut self) -> Result<(), AuditError> {
         self.postings.load().write_to(&self.tree)?;
         self.tiles.sync()?;
+        self.entries.sync()?;
         self.sync_sled()?;
         self.wal.start_over()?;
         let size = log::stored_size(&self.tree)?;
@@ -335,23 +345,45 @@ impl Store {
     }
 
     /// The durability point of a commit, then the commit itself: the batch goes to
-    /// the write-ahead file (synced), then to sled.
+    /// the write-ahead file (synced), then to sled and the flat files. Each entry
+    /// chunk is given its place at the end of the entry file first, so that a
+    /// replay writes it at the same place.
     /// Returns the time the durability point took.
-    fn commit(&mut self, inserts: Vec<wal::Insert>) -> Result<Duration, AuditError> {
+    fn commit(&mut self, mut inserts: Vec<wal::Insert>) -> Result<Duration, AuditError> {
+        let mut end = self.entries_end;
+        for (key, value) in inserts.iter_mut() {
+            if log::is_entry_key(key) {
+                let placed = entry_file::placed_chunk(end, value);
+                end += value.len() as u64;
+                *value = placed;
+            }
+        }
         let t = Instant::now();
         self.wal.append(&inserts)?;
         let synced = t.elapsed();
-        apply(&self.tree, &self.tiles, &self.postings.load(), inserts)?;
+        self.entries_end = end;
+        apply(
+            &self.tree,
+            &self.tiles,
+            &self.entries,
+            &self.postings.load(),
+            inserts,
+        )?;
         Ok(synced)
     }
 }
 
+/// The audit database as [`open_database`] gives it: sled's tree, and the flat
+/// files beside it. sled's file lock is held until the tree is dropped.
+pub(crate) struct Database {
+    pub tree: sled::Tree,
+    pub tiles: Arc<TileFiles>,
+    pub entries: Arc<EntryFile>,
+}
+
 /// Opens the audit database in `dir` for a reader that has no writer (the offline
 /// verifier): as the writer would, with the write-ahead file replayed into it.
-pub(crate) fn open_database(
-    dir: &Path,
-    cache_bytes: u64,
-) -> Result<(sled::Db, sled::Tree, Arc<TileFiles>), AuditError> {
+pub(crate) fn open_database(dir: &Path, cache_bytes: u64) -> Result<Database, AuditError> {
     let store = Store::open(&AuditSettings {
         dir: dir.to_owned(),
         log_id: String::new(),
@@ -359,7 +391,11 @@ pub(crate) fn open_database(
         cache_bytes,
         wal_bytes: DEFAULT_WAL_BYTES,
     })?;
-    Ok((store.db, store.tree, store.tiles))
+    Ok(Database {
+        tree: store.tree,
+        tiles: store.tiles,
+        entries: store.entries,
+    })
 }
 
 /// Applies one commit's inserts to sled, in order.
@@ -373,17 +409,28 @@ pub(crate) fn open_database(
 /// Readers never see part of one: they read below the size the writer publishes
 /// after this returns.
 ///
-/// Full Merkle tiles go to their [`TileFiles`] instead, and index lists to the
-/// round's [`RoundPostings`].
+/// Full Merkle tiles go to their [`TileFiles`] instead, entry chunks to the
+/// [`EntryFile`] (sled keeps where each is), and index lists to the round's
+/// [`RoundPostings`].
 fn apply(
     tree: &sled::Tree,
     tiles: &TileFiles,
+    entries: &EntryFile,
     round: &RoundPostings,
     inserts: Vec<wal::Insert>,
 ) -> Result<(), AuditError> {
     for (key, value) in inserts {
         if let Some(id) = tiles::tile_id_of_key(&key) {
             tiles.write(id, &value)?;
+        } else if let Some(placed) = log::is_entry_key(&key)
+            .then(|| entry_file::split_placed(&value))
+            .flatten()
+        {
+            // A chunk from a write-ahead file of an earlier version is inline
+            // instead, and goes to sled as it is.
+            let (at, bytes) = placed?;
+            entries.write(at, bytes)?;
+            tree.insert(key, &at.encode()[..])?;
         } else if log::is_posting_key(&key) {
             round.add(&key, &value)?;
         } else {
@@ -760,6 +807,7 @@ impl Writer {
                     let open = Arc::new(OpenLog::new(
                         store.tree.clone(),
                         store.tiles.clone(),
+                        store.entries.clone(),
                         store.postings.clone(),
                         edge.clone(),
                     ));
@@ -896,6 +944,85 @@ mod tests {
         assert_eq!(next.seq(), 50);
     }
 
+    /// A log written before the entry file holds its chunks inline in sled. It
+    /// still reads and verifies; the commits after it go to the file, and the
+    /// whole log verifies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_log_with_its_chunks_in_sled_reads_and_grows_in_the_entry_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(Keys::load_or_create(dir.path(), None).unwrap());
+        let auditor = open(settings(dir.path()), &keys).await;
+        for i in 0..10 {
+            auditor.append(entry(&format!("r{i}"))).await.unwrap();
+        }
+        auditor.close().await;
+        drop(auditor);
+        let audit = dir.path().join("audit");
+        {
+            // The chunks back into sled, as the earlier layout kept them.
+            let mut opened = open_database(&audit, 1 << 20);
+            for _ in 0..100 {
+                if opened.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                opened = open_database(&audit, 1 << 20);
+            }
+            let opened = opened.unwrap();
+            let mut moved = 0;
+            for kv in opened.tree.scan_prefix([log::ENTRY]) {
+                let (key, value) = kv.unwrap();
+                assert!(entry_file::ChunkPointer::decode(&value).is_some());
+                let chunk = log::chunk_bytes(value, &opened.entries).unwrap();
+                opened.tree.insert(key, chunk).unwrap();
+                moved += 1;
+            }
+            assert!(moved >= 1);
+            opened.tree.flush().unwrap();
+            std::fs::remove_file(audit.join(entry_file::FILE_NAME)).unwrap();
+        }
+        let auditor = open(settings(dir.path()), &keys).await;
+        for i in 10..20 {
+            auditor.append(entry(&format!("r{i}"))).await.unwrap();
+        }
+        let log = auditor.log().clone();
+        for seq in 0..20 {
+            assert_eq!(log.entry(seq).unwrap().request_id, format!("r{seq}"));
+        }
+        auditor.close().await;
+        drop((auditor, log));
+        let mut verified = crate::audit::verify::verify_data_dir(dir.path(), None, None);
+        for _ in 0..100 {
+            match &verified {
+                Err(f) if f.cannot_check => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    verified = crate::audit::verify::verify_data_dir(dir.path(), None, None);
+                }
+                _ => break,
+            }
+        }
+        assert_eq!(verified.unwrap().entries, 20);
+        let (first, last) = {
+            let opened = open_database(&audit, 1 << 20).unwrap();
+            let mut values = opened
+                .tree
+                .scan_prefix([log::ENTRY])
+                .map(|kv| kv.unwrap().1);
+            (values.next().unwrap(), values.next_back().unwrap())
+        };
+        assert!(entry_file::ChunkPointer::decode(&first).is_none(), "inline");
+        assert!(
+            entry_file::ChunkPointer::decode(&last).is_some(),
+            "in the file"
+        );
+        assert!(
+            std::fs::metadata(audit.join(entry_file::FILE_NAME))
+                .unwrap()
+                .len()
+                > 0
+        );
+    }
+
     /// A log written before the round's lists were merged has one list per
     /// commit in sled; the merged list of the same seqs may sit beside them after
     /// an upgrade replays its last round. Each seq still comes once, in order.
@@ -920,13 +1047,15 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 opened = open_database(&audit, 1 << 20);
             }
-            let (db, tree, _) = opened.unwrap();
-            tree.insert(
-                log::posting_key(prefix.clone(), 3),
-                log::encode_postings(&[3, 4]),
-            )
-            .unwrap();
-            db.flush().unwrap();
+            let opened = opened.unwrap();
+            opened
+                .tree
+                .insert(
+                    log::posting_key(prefix.clone(), 3),
+                    log::encode_postings(&[3, 4]),
+                )
+                .unwrap();
+            opened.tree.flush().unwrap();
         }
         let auditor = open(settings(dir.path()), &keys).await;
         let got: Vec<u64> = auditor
