@@ -292,12 +292,22 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// Opens the audit tree of a stopped gateway's data dir for tampering.
-/// Changes a stopped gateway's audit log with `f`, given its sled tree and folder.
-fn tamper(data_dir: &Path, f: impl FnOnce(&sled::Tree, &Path)) {
+/// A stopped gateway's audit log, opened to be tampered with: its sled trees (the
+/// log, and the tree size on its own) and its folder.
+struct Tampered<'a> {
+    tree: sled::Tree,
+    sizes: sled::Tree,
+    dir: &'a Path,
+}
+
+fn tamper(data_dir: &Path, f: impl FnOnce(&Tampered)) {
     let audit = data_dir.join("audit");
     let db = sled::open(&audit).expect("open audit db");
-    let tree = db.open_tree("audit").unwrap();
-    f(&tree, &audit);
+    f(&Tampered {
+        tree: db.open_tree("audit").unwrap(),
+        sizes: db.open_tree("audit-size").unwrap(),
+        dir: &audit,
+    });
     db.flush().unwrap();
 }
 
@@ -338,7 +348,7 @@ async fn tampering_is_caught_by_verify_naming_the_first_bad_seq() {
     assert!(ok, "untouched log verifies: {out}");
     assert!(out.contains("20 entries"), "{out}");
 
-    let case = |name: &str, f: &dyn Fn(&sled::Tree, &Path), want: &str| {
+    let case = |name: &str, f: &dyn Fn(&Tampered), want: &str| {
         let dir = env.path().join(format!("case-{name}"));
         copy_dir(&data, &dir);
         tamper(&dir, f);
@@ -348,17 +358,17 @@ async fn tampering_is_caught_by_verify_naming_the_first_bad_seq() {
     };
     case(
         "flip",
-        &|t, audit| {
+        &|t| {
             // sled holds where the chunk is in the entry file: 0xff, offset, length.
             use std::os::unix::fs::FileExt;
-            let v = t.get(entry_key(7)).unwrap().unwrap();
+            let v = t.tree.get(entry_key(7)).unwrap().unwrap();
             assert_eq!((v.len(), v[0]), (13, 0xff), "a pointer into the entry file");
             let offset = u64::from_be_bytes(v[1..9].try_into().unwrap());
             let len = u64::from(u32::from_be_bytes(v[9..13].try_into().unwrap()));
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
-                .open(audit.join("entries"))
+                .open(t.dir.join("entries"))
                 .unwrap();
             let mut byte = [0u8];
             file.read_exact_at(&mut byte, offset + len - 20).unwrap();
@@ -369,38 +379,38 @@ async fn tampering_is_caught_by_verify_naming_the_first_bad_seq() {
     );
     case(
         "drop",
-        &|t, _| {
-            t.remove(entry_key(4)).unwrap();
+        &|t| {
+            t.tree.remove(entry_key(4)).unwrap();
         },
         "seq 4:",
     );
     case(
         "swap",
-        &|t, _| {
-            let a = t.get(entry_key(10)).unwrap().unwrap();
-            let b = t.get(entry_key(11)).unwrap().unwrap();
-            t.insert(entry_key(10), b).unwrap();
-            t.insert(entry_key(11), a).unwrap();
+        &|t| {
+            let a = t.tree.get(entry_key(10)).unwrap().unwrap();
+            let b = t.tree.get(entry_key(11)).unwrap().unwrap();
+            t.tree.insert(entry_key(10), b).unwrap();
+            t.tree.insert(entry_key(11), a).unwrap();
         },
         "seq 10:",
     );
     case(
         "truncate",
-        &|t, _| {
+        &|t| {
             for seq in 17..20 {
-                t.remove(entry_key(seq)).unwrap();
+                t.tree.remove(entry_key(seq)).unwrap();
             }
-            t.insert(b"m", &17u64.to_be_bytes()).unwrap();
+            t.sizes.insert(b"m", &17u64.to_be_bytes()).unwrap();
         },
         "seq 17:",
     );
     case(
         "checkpoint-signature",
-        &|t, _| {
-            let (k, v) = t.scan_prefix(b"c").next_back().unwrap().unwrap();
+        &|t| {
+            let (k, v) = t.tree.scan_prefix(b"c").next_back().unwrap().unwrap();
             let mut v = v.to_vec();
             v[60] ^= 0x80;
-            t.insert(k, v).unwrap();
+            t.tree.insert(k, v).unwrap();
         },
         "signature does not verify",
     );

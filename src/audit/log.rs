@@ -9,7 +9,7 @@
 //! | --- | --- |
 //! | `e` first-seq | where a chunk is in the entry file ([`super::entry_file`]). The chunk holds the entries of seqs `first-seq, first-seq + 1, ...`, each as its length (u32) ‖ its canonical bytes sealed (AES-256-GCM) with its own seq as associated data; see [`CHUNK_BYTES`]. Logs written before the entry file hold the chunk itself here, and those read as before |
 //! | `n` tier tile | (logs written before the tile files only: moved to `tiles-<tier>` files beside the database when opened, see [`super::tiles::TileFiles`]) |
-//! | `m` | the tree size (u64) |
+//! | `m` | the tree size (u64), in its own tree [`SIZE_TREE`]; logs written before that tree keep it here |
 //! | `o` | the log's origin name (`log_id`), fixed at creation |
 //! | `c` size | a signed checkpoint: timestamp (u64) ‖ root (32) ‖ signature (64) |
 //! | `s` subject-ref (64 hex) first-seq | index by child: a posting list |
@@ -61,6 +61,12 @@ pub(crate) const BY_ACTION: u8 = b'k';
 
 /// The sled tree name.
 pub const TREE: &str = "audit";
+
+/// The sled tree that holds the tree size alone. Every commit writes the size, and
+/// sled 0.34 logs a copy of a key's whole leaf every tenth change to it: in
+/// [`TREE`] the size's leaf also held index lists of several KiB each, 13 KB of
+/// sled's log per commit.
+pub const SIZE_TREE: &str = "audit-size";
 
 /// The most sealed bytes the writer puts in one chunk (one entry bigger than this
 /// gets a chunk of its own). sled 0.34 splits a leaf beyond 16 keys and writes a
@@ -212,8 +218,14 @@ pub(crate) fn stored_origin(tree: &sled::Tree) -> Result<Option<String>, AuditEr
 }
 
 /// The tree size recorded in the log (0 for a new log).
-pub(crate) fn stored_size(tree: &sled::Tree) -> Result<u64, AuditError> {
-    Ok(match tree.get(SIZE)? {
+/// The stored tree size: in `sizes` (the [`SIZE_TREE`]), or in `tree` for a log
+/// written before that tree; 0 for a new log.
+pub(crate) fn stored_size(sizes: &sled::Tree, tree: &sled::Tree) -> Result<u64, AuditError> {
+    let stored = match sizes.get(SIZE)? {
+        Some(v) => Some(v),
+        None => tree.get(SIZE)?,
+    };
+    Ok(match stored {
         Some(v) => read_u64(&v).ok_or_else(|| AuditError::Corrupt("malformed tree size".into()))?,
         None => 0,
     })

@@ -84,7 +84,8 @@ pub fn verify_data_dir(
         .map_err(|e| fail(None, e.to_string()))?
         .ok_or_else(|| fail(None, "no audit log here (no origin recorded)"))?;
     let log_id = log_id.as_str();
-    let stored_size = log::stored_size(tree).map_err(|e| fail(None, e.to_string()))?;
+    let stored_size =
+        log::stored_size(&opened.sizes, tree).map_err(|e| fail(None, e.to_string()))?;
 
     // 1. Every entry, in order: in the chunk that should hold it, opens, is the
     //    entry of its seq, and its time is not before the previous one's.

@@ -242,6 +242,8 @@ impl Auditor {
 struct Store {
     db: sled::Db,
     tree: sled::Tree,
+    /// The tree size alone ([`log::SIZE_TREE`]).
+    sizes: sled::Tree,
     data_file: File,
     tiles: Arc<TileFiles>,
     entries: Arc<EntryFile>,
@@ -263,6 +265,7 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .open()?;
         let tree = db.open_tree(log::TREE)?;
+        let sizes = db.open_tree(log::SIZE_TREE)?;
         let data_file = File::open(db_file(&settings.dir)).map_err(|e| {
             AuditError::Unavailable(format!("cannot open the audit database file: {e}"))
         })?;
@@ -277,9 +280,9 @@ impl Store {
             );
         }
         let entries = Arc::new(EntryFile::open(&settings.dir)?);
-        let round = Arc::new(RoundPostings::new(log::stored_size(&tree)?));
+        let round = Arc::new(RoundPostings::new(log::stored_size(&sizes, &tree)?));
         let (wal, replayed) = Wal::open(&settings.dir, settings.wal_bytes, |inserts| {
-            apply(&tree, &tiles, &entries, &round, inserts)
+            apply(&tree, &sizes, &tiles, &entries, &round, inserts)
         })?;
         if replayed > 0 {
             tracing::info!(
@@ -291,6 +294,7 @@ impl Store {
         let mut store = Store {
             db,
             tree,
+            sizes,
             data_file,
             tiles,
             entries,
@@ -304,7 +308,7 @@ impl Store {
 
     /// The stored size, the time of the last entry, and the Merkle tree's edge.
     fn state(&self, keys: &Keys) -> Result<(u64, i64, Edge), AuditError> {
-        let size = log::stored_size(&self.tree)?;
+        let size = log::stored_size(&self.sizes, &self.tree)?;
         let last_time = if size == 0 {
             i64::MIN
         } else {
@@ -339,7 +343,7 @@ impl Store {
         self.entries.sync()?;
         self.sync_sled()?;
         self.wal.start_over()?;
-        let size = log::stored_size(&self.tree)?;
+        let size = log::stored_size(&self.sizes, &self.tree)?;
         self.postings.store(Arc::new(RoundPostings::new(size)));
         Ok(())
     }
@@ -364,6 +368,7 @@ impl Store {
         self.entries_end = end;
         apply(
             &self.tree,
+            &self.sizes,
             &self.tiles,
             &self.entries,
             &self.postings.load(),
@@ -377,6 +382,7 @@ impl Store {
 /// files beside it. sled's file lock is held until the tree is dropped.
 pub(crate) struct Database {
     pub tree: sled::Tree,
+    pub sizes: sled::Tree,
     pub tiles: Arc<TileFiles>,
     pub entries: Arc<EntryFile>,
 }
@@ -393,6 +399,7 @@ pub(crate) fn open_database(dir: &Path, cache_bytes: u64) -> Result<Database, Au
     })?;
     Ok(Database {
         tree: store.tree,
+        sizes: store.sizes,
         tiles: store.tiles,
         entries: store.entries,
     })
@@ -410,10 +417,11 @@ pub(crate) fn open_database(dir: &Path, cache_bytes: u64) -> Result<Database, Au
 /// after this returns.
 ///
 /// Full Merkle tiles go to their [`TileFiles`] instead, entry chunks to the
-/// [`EntryFile`] (sled keeps where each is), and index lists to the round's
-/// [`RoundPostings`].
+/// [`EntryFile`] (sled keeps where each is), index lists to the round's
+/// [`RoundPostings`], and the size to its own tree.
 fn apply(
     tree: &sled::Tree,
+    sizes: &sled::Tree,
     tiles: &TileFiles,
     entries: &EntryFile,
     round: &RoundPostings,
@@ -431,6 +439,8 @@ fn apply(
             let (at, bytes) = placed?;
             entries.write(at, bytes)?;
             tree.insert(key, &at.encode()[..])?;
+        } else if key == log::SIZE {
+            sizes.insert(key, value)?;
         } else if log::is_posting_key(&key) {
             round.add(&key, &value)?;
         } else {
@@ -944,9 +954,10 @@ mod tests {
         assert_eq!(next.seq(), 50);
     }
 
-    /// A log written before the entry file holds its chunks inline in sled. It
-    /// still reads and verifies; the commits after it go to the file, and the
-    /// whole log verifies.
+    /// A log written before the entry file holds its chunks inline in sled, and
+    /// its size in the main tree. It still reads and verifies; the commits after
+    /// it go on from its size, with their chunks in the file, and the whole log
+    /// verifies.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_log_with_its_chunks_in_sled_reads_and_grows_in_the_entry_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -959,7 +970,7 @@ mod tests {
         drop(auditor);
         let audit = dir.path().join("audit");
         {
-            // The chunks back into sled, as the earlier layout kept them.
+            // The chunks and the size back where the earlier layouts kept them.
             let mut opened = open_database(&audit, 1 << 20);
             for _ in 0..100 {
                 if opened.is_ok() {
@@ -978,6 +989,9 @@ mod tests {
                 moved += 1;
             }
             assert!(moved >= 1);
+            let size = opened.sizes.remove(log::SIZE).unwrap().expect("a size");
+            assert_eq!(log::read_u64(&size), Some(10));
+            opened.tree.insert(log::SIZE, size).unwrap();
             opened.tree.flush().unwrap();
             std::fs::remove_file(audit.join(entry_file::FILE_NAME)).unwrap();
         }
