@@ -221,7 +221,7 @@ where
             }
             Ok(caller) => {
                 let revocations = self.ctx.revocations.clone();
-                let draining = Box::pin(self.ctx.draining.clone().cancelled_owned());
+                let draining = self.ctx.draining.clone();
                 let serial = caller.serial_hex.clone();
                 req.extensions_mut().insert(caller);
                 req.extensions_mut().insert(RequestId(request_id));
@@ -238,10 +238,7 @@ where
                         log.finish(code);
                         return Ok(resp);
                     }
-                    let guard = RevocationGuard {
-                        changes: tokio_stream::wrappers::WatchStream::from_changes(
-                            revocations.subscribe(),
-                        ),
+                    let guard = Guard::Unarmed {
                         revocations,
                         serial,
                         draining,
@@ -252,7 +249,8 @@ where
                             inner: body,
                             metrics: log.metrics.clone(),
                             log: Some(log),
-                            guard: Some(guard),
+                            guard,
+                            data_frames: 0,
                         })
                     }))
                 })
@@ -301,6 +299,22 @@ impl CallLog {
 /// Ends a response stream with UNAUTHENTICATED as soon as the caller's certificate
 /// is revoked (by an operator or a newly loaded CRL), whatever the stream is doing.
 /// It also ends the stream with UNAVAILABLE when the gateway starts to drain.
+///
+/// A response is watched only once it proves to be a stream: when its body is not
+/// ready, or gives a second message. A unary response's body is a message then
+/// its trailers, both ready at once, so it never pays for the watch.
+enum Guard {
+    /// Not watching yet: what watching needs.
+    Unarmed {
+        revocations: Arc<Revocations>,
+        serial: String,
+        draining: tokio_util::sync::CancellationToken,
+    },
+    Armed(RevocationGuard),
+    /// The stream has been ended by the guard.
+    Done,
+}
+
 struct RevocationGuard {
     changes: tokio_stream::wrappers::WatchStream<u64>,
     revocations: Arc<Revocations>,
@@ -309,6 +323,21 @@ struct RevocationGuard {
 }
 
 impl RevocationGuard {
+    /// Starts watching. A revocation made before this is caught by the first
+    /// [`RevocationGuard::poll_end`], which also checks the set as it is now.
+    fn arm(
+        revocations: Arc<Revocations>,
+        serial: String,
+        draining: tokio_util::sync::CancellationToken,
+    ) -> RevocationGuard {
+        RevocationGuard {
+            changes: tokio_stream::wrappers::WatchStream::new(revocations.subscribe()),
+            revocations,
+            serial,
+            draining: Box::pin(draining.cancelled_owned()),
+        }
+    }
+
     /// The status to end the stream with, once there is a reason to.
     fn poll_end(&mut self, cx: &mut Context<'_>) -> Option<Status> {
         use tokio_stream::Stream;
@@ -335,8 +364,49 @@ impl RevocationGuard {
 struct LoggedBody {
     inner: Body,
     log: Option<CallLog>,
-    guard: Option<RevocationGuard>,
+    guard: Guard,
+    /// Messages passed so far.
+    data_frames: u32,
     metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl LoggedBody {
+    /// Whether the stream must end now, arming the guard first if it is not yet.
+    fn poll_guard(&mut self, cx: &mut Context<'_>) -> Option<Status> {
+        if let Guard::Unarmed { .. } = self.guard {
+            let Guard::Unarmed {
+                revocations,
+                serial,
+                draining,
+            } = std::mem::replace(&mut self.guard, Guard::Done)
+            else {
+                unreachable!("matched above")
+            };
+            self.guard = Guard::Armed(RevocationGuard::arm(revocations, serial, draining));
+        }
+        let Guard::Armed(guard) = &mut self.guard else {
+            return None;
+        };
+        guard.poll_end(cx)
+    }
+
+    /// Ends the stream with `status` in place of whatever the handler sends next.
+    fn end(&mut self, status: Status) -> Frame<bytes::Bytes> {
+        self.guard = Guard::Done;
+        let mut trailers = http::HeaderMap::new();
+        if status.add_header(&mut trailers).is_err() {
+            trailers.insert(
+                "grpc-status",
+                HeaderValue::from(Code::Unauthenticated as i32),
+            );
+        }
+        if let Some(log) = self.log.take() {
+            log.finish(status.code());
+        }
+        // Replace the inner body so nothing more is sent after the trailers.
+        self.inner = Body::empty();
+        Frame::trailers(trailers)
+    }
 }
 
 impl http_body::Body for LoggedBody {
@@ -347,27 +417,31 @@ impl http_body::Body for LoggedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        if let Some(guard) = self.guard.as_mut() {
-            if let Some(status) = guard.poll_end(cx) {
-                self.guard = None;
-                let mut trailers = http::HeaderMap::new();
-                if status.add_header(&mut trailers).is_err() {
-                    trailers.insert(
-                        "grpc-status",
-                        HeaderValue::from(Code::Unauthenticated as i32),
-                    );
-                }
-                if let Some(log) = self.log.take() {
-                    log.finish(status.code());
-                }
-                // Replace the inner body so nothing more is sent after the trailers.
-                self.inner = Body::empty();
-                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        if let Guard::Armed(_) = self.guard {
+            if let Some(status) = self.poll_guard(cx) {
+                return Poll::Ready(Some(Ok(self.end(status))));
             }
         }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Guard::Unarmed { .. } = self.guard {
+            // A stream shows itself by waiting, or by a second message; a message
+            // polled here is dropped if the stream must end instead.
+            let is_stream = match &polled {
+                Poll::Pending => true,
+                Poll::Ready(Some(Ok(frame))) => frame.is_data() && self.data_frames > 0,
+                Poll::Ready(_) => false,
+            };
+            if is_stream {
+                if let Some(status) = self.poll_guard(cx) {
+                    return Poll::Ready(Some(Ok(self.end(status))));
+                }
+            }
+        }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if frame.is_data() {
+                    self.data_frames = self.data_frames.saturating_add(1);
+                }
                 if let Some(trailers) = frame.trailers_ref() {
                     if let Some(log) = self.log.take() {
                         log.finish(status_code(trailers).unwrap_or(Code::Ok));
@@ -390,7 +464,7 @@ impl http_body::Body for LoggedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.guard.is_none() && self.inner.is_end_stream()
+        matches!(self.guard, Guard::Done) && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
