@@ -954,12 +954,8 @@ mod tests {
         assert_eq!(next.seq(), 50);
     }
 
-    /// A log written before the entry file holds its chunks inline in sled, and
-    /// its size in the main tree. It still reads and verifies; the commits after
-    /// it go on from its size, with their chunks in the file, and the whole log
-    /// verifies.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_log_with_its_chunks_in_sled_reads_and_grows_in_the_entry_file() {
+    /// A closed log of ten entries, request ids `r0` to `r9`: its folder and keys.
+    async fn closed_log_of_ten() -> (tempfile::TempDir, Arc<Keys>) {
         let dir = tempfile::tempdir().unwrap();
         let keys = Arc::new(Keys::load_or_create(dir.path(), None).unwrap());
         let auditor = open(settings(dir.path()), &keys).await;
@@ -967,19 +963,32 @@ mod tests {
             auditor.append(entry(&format!("r{i}"))).await.unwrap();
         }
         auditor.close().await;
-        drop(auditor);
+        (dir, keys)
+    }
+
+    /// Opens the database of a log just closed, retrying while sled still holds
+    /// its file lock.
+    async fn open_closed_database(audit: &Path) -> Database {
+        for _ in 0..100 {
+            if let Ok(opened) = open_database(audit, 1 << 20) {
+                return opened;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the closed log's database does not open");
+    }
+
+    /// A log written before the entry file holds its chunks inline in sled, and
+    /// its size in the main tree. It still reads and verifies; the commits after
+    /// it go on from its size, with their chunks in the file, and the whole log
+    /// verifies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_log_with_its_chunks_in_sled_reads_and_grows_in_the_entry_file() {
+        let (dir, keys) = closed_log_of_ten().await;
         let audit = dir.path().join("audit");
         {
             // The chunks and the size back where the earlier layouts kept them.
-            let mut opened = open_database(&audit, 1 << 20);
-            for _ in 0..100 {
-                if opened.is_ok() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                opened = open_database(&audit, 1 << 20);
-            }
-            let opened = opened.unwrap();
+            let opened = open_closed_database(&audit).await;
             let mut moved = 0;
             for kv in opened.tree.scan_prefix([log::ENTRY]) {
                 let (key, value) = kv.unwrap();
@@ -1042,26 +1051,11 @@ mod tests {
     /// an upgrade replays its last round. Each seq still comes once, in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn overlapping_lists_from_an_older_layout_give_each_seq_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let keys = Arc::new(Keys::load_or_create(dir.path(), None).unwrap());
-        let auditor = open(settings(dir.path()), &keys).await;
-        for i in 0..10 {
-            auditor.append(entry(&format!("r{i}"))).await.unwrap();
-        }
-        auditor.close().await;
-        drop(auditor);
+        let (dir, keys) = closed_log_of_ten().await;
         let prefix = log::action_index_prefix(AuditAction::TlsReloaded as i32);
         {
             let audit = dir.path().join("audit");
-            let mut opened = open_database(&audit, 1 << 20);
-            for _ in 0..100 {
-                if opened.is_ok() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                opened = open_database(&audit, 1 << 20);
-            }
-            let opened = opened.unwrap();
+            let opened = open_closed_database(&audit).await;
             opened
                 .tree
                 .insert(
