@@ -373,17 +373,14 @@ struct LoggedBody {
 impl LoggedBody {
     /// Whether the stream must end now, arming the guard first if it is not yet.
     fn poll_guard(&mut self, cx: &mut Context<'_>) -> Option<Status> {
-        if let Guard::Unarmed { .. } = self.guard {
-            let Guard::Unarmed {
+        self.guard = match std::mem::replace(&mut self.guard, Guard::Done) {
+            Guard::Unarmed {
                 revocations,
                 serial,
                 draining,
-            } = std::mem::replace(&mut self.guard, Guard::Done)
-            else {
-                unreachable!("matched above")
-            };
-            self.guard = Guard::Armed(RevocationGuard::arm(revocations, serial, draining));
-        }
+            } => Guard::Armed(RevocationGuard::arm(revocations, serial, draining)),
+            other => other,
+        };
         let Guard::Armed(guard) = &mut self.guard else {
             return None;
         };
