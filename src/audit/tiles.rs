@@ -482,8 +482,9 @@ pub(crate) fn tile_id_of_key(key: &[u8]) -> Option<TileId> {
 
 /// Full tiles of tier 1 and above, kept in memory: there is about one per 240
 /// entries (960 bytes each, so 4 MiB at 10^6 entries), and every proof visits
-/// one per tier. Bounded: when it holds [`TileCache::CAPACITY`] tiles (16 MiB)
-/// it starts again. Tier 0 (one tile per 16 entries, 60 bytes per entry) is left
+/// one per tier. The writer adds each as it completes it; after a restart they
+/// come back as proofs read them. Bounded: when it holds [`TileCache::CAPACITY`]
+/// tiles (16 MiB) it starts again. Tier 0 (one tile per 16 entries, 60 bytes per entry) is left
 /// to the operating system's page cache, through [`TileFiles`].
 #[derive(Debug, Default)]
 pub(crate) struct TileCache {
@@ -494,11 +495,12 @@ impl TileCache {
     /// 16 MiB at most.
     const CAPACITY: usize = (16 << 20) / TILE_BYTES;
 
-    fn get(&self, id: TileId) -> Option<sled::IVec> {
+    pub(crate) fn get(&self, id: TileId) -> Option<sled::IVec> {
         self.tiles.lock().ok()?.get(&id).cloned()
     }
 
-    fn insert(&self, id: TileId, bytes: sled::IVec) {
+    /// Keeps a full tile (the writer adds each as it completes it).
+    pub(crate) fn insert(&self, id: TileId, bytes: sled::IVec) {
         if let Ok(mut tiles) = self.tiles.lock() {
             if tiles.len() >= Self::CAPACITY {
                 tiles.clear();

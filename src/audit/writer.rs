@@ -749,6 +749,14 @@ impl Writer {
         if !chunk.is_empty() {
             batch.push((log::entry_key(chunk_first).to_vec(), chunk));
         }
+        // Tiles above the bottom tier are few (one per 256 entries) and every
+        // proof reads one per tier: they go into the readers' cache as they are
+        // made, so that no proof pays for reading them back from the file.
+        let upper_tiles: Vec<(tiles::TileId, sled::IVec)> = full_tiles
+            .iter()
+            .filter(|(id, _)| id.tier > 0)
+            .map(|(id, tile)| (*id, sled::IVec::from(tile.as_slice())))
+            .collect();
         for (id, tile) in full_tiles {
             batch.push((tiles::tile_key(id).to_vec(), tile));
         }
@@ -784,6 +792,11 @@ impl Writer {
         };
 
         let synced = store.commit(batch)?;
+        if let Some(open) = &self.open {
+            for (id, tile) in upper_tiles {
+                open.tiles.insert(id, tile);
+            }
+        }
         use std::sync::atomic::Ordering::Relaxed;
         self.stats.commits.fetch_add(1, Relaxed);
         self.stats.entries.fetch_add(receipts.len() as u64, Relaxed);
@@ -952,6 +965,38 @@ mod tests {
         assert_eq!(auditor.log().latest_checkpoint().unwrap().unwrap(), cp);
         let next = auditor.append(entry("x")).await.unwrap();
         assert_eq!(next.seq(), 50);
+    }
+
+    /// Every proof reads one tile per tier: the writer puts each tile above the
+    /// bottom tier into the readers' cache as it completes it, so no proof reads
+    /// one back from its file.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_caches_the_upper_tiles_it_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(Keys::load_or_create(dir.path(), None).unwrap());
+        let auditor = open(settings(dir.path()), &keys).await;
+        let appends: Vec<_> = (0..600)
+            .map(|i| {
+                let a = auditor.clone();
+                tokio::spawn(async move { a.append(entry(&format!("r{i}"))).await.unwrap() })
+            })
+            .collect();
+        for a in appends {
+            a.await.unwrap();
+        }
+        let open = auditor.log().open.load_full().expect("open");
+        // Tier 1 tiles cover 256 entries each: two are complete, the third is not.
+        for index in 0..2 {
+            let id = tiles::TileId { tier: 1, index };
+            let cached = open.tiles.get(id).expect("cached by the writer");
+            let stored = tiles::read_full_tile(&*open.files, id).unwrap();
+            assert_eq!(cached, stored);
+        }
+        assert!(open
+            .tiles
+            .get(tiles::TileId { tier: 1, index: 2 })
+            .is_none());
+        auditor.close().await;
     }
 
     /// A closed log of ten entries, request ids `r0` to `r9`: its folder and keys.
