@@ -250,7 +250,7 @@ where
                             metrics: log.metrics.clone(),
                             log: Some(log),
                             guard,
-                            data_frames: 0,
+                            sent_a_message: false,
                         })
                     }))
                 })
@@ -365,8 +365,8 @@ struct LoggedBody {
     inner: Body,
     log: Option<CallLog>,
     guard: Guard,
-    /// Messages passed so far.
-    data_frames: u32,
+    /// Whether a message has passed.
+    sent_a_message: bool,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -425,7 +425,7 @@ impl http_body::Body for LoggedBody {
             // polled here is dropped if the stream must end instead.
             let is_stream = match &polled {
                 Poll::Pending => true,
-                Poll::Ready(Some(Ok(frame))) => frame.is_data() && self.data_frames > 0,
+                Poll::Ready(Some(Ok(frame))) => frame.is_data() && self.sent_a_message,
                 Poll::Ready(_) => false,
             };
             if is_stream {
@@ -437,7 +437,7 @@ impl http_body::Body for LoggedBody {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if frame.is_data() {
-                    self.data_frames = self.data_frames.saturating_add(1);
+                    self.sent_a_message = true;
                 }
                 if let Some(trailers) = frame.trailers_ref() {
                     if let Some(log) = self.log.take() {

@@ -37,17 +37,14 @@ impl ChunkPointer {
 
     /// The pointer an `e` key's value holds, or `None` for an inline chunk.
     pub(crate) fn decode(value: &[u8]) -> Option<Result<ChunkPointer, AuditError>> {
-        if value.first() != Some(&POINTER_TAG) {
-            return None;
-        }
-        let bad = || AuditError::Corrupt("malformed entry chunk pointer".into());
-        Some((|| {
-            let v: &[u8; Self::BYTES] = value.try_into().map_err(|_| bad())?;
+        tagged(value).map(|tagged| {
+            let (offset, rest) = tagged?;
+            let len: [u8; 4] = rest.try_into().map_err(|_| malformed())?;
             Ok(ChunkPointer {
-                offset: u64::from_be_bytes(v[1..9].try_into().map_err(|_| bad())?),
-                len: u32::from_be_bytes(v[9..13].try_into().map_err(|_| bad())?),
+                offset,
+                len: u32::from_be_bytes(len),
             })
-        })())
+        })
     }
 
     pub(crate) fn encode(&self) -> [u8; Self::BYTES] {
@@ -61,6 +58,21 @@ impl ChunkPointer {
     pub(crate) fn end(&self) -> u64 {
         self.offset + u64::from(self.len)
     }
+}
+
+/// The offset and the rest of a value that starts with the pointer tag (a pointer,
+/// or a chunk placed in a write-ahead record); `None` for an inline chunk.
+fn tagged(value: &[u8]) -> Option<Result<(u64, &[u8]), AuditError>> {
+    let rest = value.strip_prefix(&[POINTER_TAG])?;
+    Some(
+        rest.split_first_chunk::<8>()
+            .map(|(offset, rest)| (u64::from_be_bytes(*offset), rest))
+            .ok_or_else(malformed),
+    )
+}
+
+fn malformed() -> AuditError {
+    AuditError::Corrupt("malformed entry chunk pointer".into())
 }
 
 /// A chunk as a write-ahead record holds it: the pointer's tag and offset, then the
@@ -77,22 +89,11 @@ pub(crate) fn placed_chunk(offset: u64, chunk: &[u8]) -> Vec<u8> {
 /// Splits a write-ahead chunk value into its pointer and bytes; `None` for an
 /// inline chunk (from a write-ahead file of an earlier version).
 pub(crate) fn split_placed(value: &[u8]) -> Option<Result<(ChunkPointer, &[u8]), AuditError>> {
-    if value.first() != Some(&POINTER_TAG) {
-        return None;
-    }
-    let bad = || AuditError::Corrupt("malformed entry chunk in the write-ahead file".into());
-    Some((|| {
-        let offset = u64::from_be_bytes(
-            value
-                .get(1..9)
-                .ok_or_else(bad)?
-                .try_into()
-                .map_err(|_| bad())?,
-        );
-        let bytes = &value[9..];
-        let len = u32::try_from(bytes.len()).map_err(|_| bad())?;
+    tagged(value).map(|tagged| {
+        let (offset, bytes) = tagged?;
+        let len = u32::try_from(bytes.len()).map_err(|_| malformed())?;
         Ok((ChunkPointer { offset, len }, bytes))
-    })())
+    })
 }
 
 /// The open entry file.

@@ -484,8 +484,8 @@ pub(crate) fn tile_id_of_key(key: &[u8]) -> Option<TileId> {
 /// entries (960 bytes each, so 4 MiB at 10^6 entries), and every proof visits
 /// one per tier. The writer adds each as it completes it; after a restart they
 /// come back as proofs read them. Bounded: when it holds [`TileCache::CAPACITY`]
-/// tiles (16 MiB) it starts again. Tier 0 (one tile per 16 entries, 60 bytes per entry) is left
-/// to the operating system's page cache, through [`TileFiles`].
+/// tiles (16 MiB) it starts again. Tier 0 (one tile per 16 entries, 60 bytes per
+/// entry) is left to the operating system's page cache, through [`TileFiles`].
 #[derive(Debug, Default)]
 pub(crate) struct TileCache {
     tiles: Mutex<HashMap<TileId, sled::IVec>>,
