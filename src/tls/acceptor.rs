@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
+use super::coalesce::Coalesced;
 use super::{PeerCert, PeerInfo, TlsState};
 
 /// Transport limits applied before any request is read.
@@ -116,7 +117,7 @@ async fn handshake(
     let leaf = session.peer_certificates().and_then(|c| c.first())?;
     match PeerCert::parse(remote, leaf) {
         Ok(peer) => Some(TlsConn {
-            inner: stream,
+            inner: Coalesced::new(stream),
             peer: PeerInfo(Arc::new(peer)),
             _permit: permit,
         }),
@@ -127,9 +128,10 @@ async fn handshake(
     }
 }
 
-/// One established mutual-TLS connection.
+/// One established mutual-TLS connection. Its writes are coalesced
+/// ([`super::coalesce`]).
 pub struct TlsConn {
-    inner: TlsStream<TcpStream>,
+    inner: Coalesced<TlsStream<TcpStream>>,
     peer: PeerInfo,
     _permit: OwnedSemaphorePermit,
 }
@@ -148,7 +150,7 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        Pin::new(self.inner.get_mut()).poll_read(cx, buf)
     }
 }
 

@@ -7,6 +7,7 @@
 //! revoked. What the certificate *names* is [`crate::identity`]'s business.
 
 mod acceptor;
+mod coalesce;
 mod peer;
 mod verifier;
 
