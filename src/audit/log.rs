@@ -258,12 +258,16 @@ impl OpenLog {
         postings: Arc<ArcSwap<RoundPostings>>,
         edge: Edge,
     ) -> OpenLog {
+        let tiles = TileCache::default();
+        if let Err(e) = tiles.warm(&files, edge.size) {
+            tracing::warn!(error = %e, "cannot read the upper Merkle tiles ahead; proofs will read them as they need them");
+        }
         OpenLog {
             tree,
             edge: ArcSwap::from_pointee(edge),
             files,
             entries,
-            tiles: TileCache::default(),
+            tiles,
             postings,
         }
     }

@@ -471,6 +471,22 @@ impl FullTiles for TileFiles {
     }
 }
 
+/// Reads from the start of `file` into `buf` until it is full or the file ends.
+/// Returns how many bytes it read.
+fn read_up_to(file: &std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut read = 0;
+    while read < buf.len() {
+        match file.read_at(&mut buf[read..], read as u64) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(read)
+}
+
 /// The tile a stored key names (the inverse of [`tile_key`]).
 pub(crate) fn tile_id_of_key(key: &[u8]) -> Option<TileId> {
     let key: &[u8; 10] = key.try_into().ok()?;
@@ -482,10 +498,12 @@ pub(crate) fn tile_id_of_key(key: &[u8]) -> Option<TileId> {
 
 /// Full tiles of tier 1 and above, kept in memory: there is about one per 240
 /// entries (960 bytes each, so 4 MiB at 10^6 entries), and every proof visits
-/// one per tier. The writer adds each as it completes it; after a restart they
-/// come back as proofs read them. Bounded: when it holds [`TileCache::CAPACITY`]
-/// tiles (16 MiB) it starts again. Tier 0 (one tile per 16 entries, 60 bytes per
-/// entry) is left to the operating system's page cache, through [`TileFiles`].
+/// one per tier. The writer adds each as it completes it, and opening the log
+/// reads them back from their files ([`TileCache::warm`]), so the first proofs
+/// after a restart cost what later ones do. Bounded: when it holds
+/// [`TileCache::CAPACITY`] tiles (16 MiB) it starts again. Tier 0 (one tile per
+/// 16 entries, 60 bytes per entry) is left to the operating system's page
+/// cache, through [`TileFiles`].
 #[derive(Debug, Default)]
 pub(crate) struct TileCache {
     tiles: Mutex<HashMap<TileId, sled::IVec>>,
@@ -497,6 +515,42 @@ impl TileCache {
 
     pub(crate) fn get(&self, id: TileId) -> Option<sled::IVec> {
         self.tiles.lock().ok()?.get(&id).cloned()
+    }
+
+    /// Reads the full tiles of tier 1 and above of a tree of `size` leaves from
+    /// their files, highest tier first (each proof visits one tile of every tier),
+    /// until the cache is full: one sequential read per tier. Returns how many
+    /// tiles it holds then.
+    pub(crate) fn warm(&self, files: &TileFiles, size: u64) -> Result<usize, AuditError> {
+        let per_tier = |tier: u8| size >> (u32::from(TILE_HEIGHT) * (u32::from(tier) + 1));
+        let top = (1u8..).take_while(|t| per_tier(*t) > 0).last();
+        let mut tiles = self.tiles.lock().unwrap_or_else(|p| p.into_inner());
+        for tier in (1..=top.unwrap_or(0)).rev() {
+            let room = Self::CAPACITY.saturating_sub(tiles.len());
+            let count = usize::try_from(per_tier(tier))
+                .unwrap_or(usize::MAX)
+                .min(room);
+            let Some(file) = files.file(tier, false)? else {
+                continue;
+            };
+            let mut bytes = vec![0u8; count * TILE_BYTES];
+            // A file shorter than the edge says is a damaged log; proofs then
+            // read (and report) the missing tiles themselves.
+            let read = read_up_to(&file, &mut bytes).map_err(|e| TileFiles::io("read", tier, e))?;
+            for (index, tile) in bytes[..read - read % TILE_BYTES]
+                .chunks_exact(TILE_BYTES)
+                .enumerate()
+            {
+                if tile.iter().any(|b| *b != 0) {
+                    let id = TileId {
+                        tier,
+                        index: index as u64,
+                    };
+                    tiles.insert(id, sled::IVec::from(tile));
+                }
+            }
+        }
+        Ok(tiles.len())
     }
 
     /// Keeps a full tile (the writer adds each as it completes it).

@@ -968,10 +968,11 @@ mod tests {
     }
 
     /// Every proof reads one tile per tier: the writer puts each tile above the
-    /// bottom tier into the readers' cache as it completes it, so no proof reads
-    /// one back from its file.
+    /// bottom tier into the readers' cache as it completes it, and opening the log
+    /// reads them back, so no proof reads one from its file, even the first after
+    /// a restart.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_writer_caches_the_upper_tiles_it_completes() {
+    async fn the_upper_tiles_are_cached_as_the_writer_completes_them_and_when_the_log_opens() {
         let dir = tempfile::tempdir().unwrap();
         let keys = Arc::new(Keys::load_or_create(dir.path(), None).unwrap());
         let auditor = open(settings(dir.path()), &keys).await;
@@ -984,17 +985,36 @@ mod tests {
         for a in appends {
             a.await.unwrap();
         }
-        let open = auditor.log().open.load_full().expect("open");
+        let live = auditor.log().open.load_full().expect("open");
         // Tier 1 tiles cover 256 entries each: two are complete, the third is not.
         for index in 0..2 {
             let id = tiles::TileId { tier: 1, index };
-            let cached = open.tiles.get(id).expect("cached by the writer");
-            let stored = tiles::read_full_tile(&*open.files, id).unwrap();
+            let cached = live.tiles.get(id).expect("cached by the writer");
+            let stored = tiles::read_full_tile(&*live.files, id).unwrap();
             assert_eq!(cached, stored);
         }
-        assert!(open
+        assert!(live
             .tiles
             .get(tiles::TileId { tier: 1, index: 2 })
+            .is_none());
+        auditor.close().await;
+        drop((auditor, live));
+
+        let auditor = open(settings(dir.path()), &keys).await;
+        let live = auditor.log().open.load_full().expect("open");
+        for index in 0..2 {
+            let id = tiles::TileId { tier: 1, index };
+            let cached = live.tiles.get(id).expect("read back when the log opened");
+            assert_eq!(cached, tiles::read_full_tile(&*live.files, id).unwrap());
+        }
+        assert!(live
+            .tiles
+            .get(tiles::TileId { tier: 1, index: 2 })
+            .is_none());
+        // No tile of the bottom tier is taken into the cache.
+        assert!(live
+            .tiles
+            .get(tiles::TileId { tier: 0, index: 0 })
             .is_none());
         auditor.close().await;
     }
