@@ -27,8 +27,7 @@
 //! larger complete subtree (the tile's), so it would not be in the decomposition.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use super::merkle::{node_hash, Hash, NodeSource};
 use super::AuditError;
@@ -500,36 +499,104 @@ pub(crate) fn tile_id_of_key(key: &[u8]) -> Option<TileId> {
 /// entries (960 bytes each, so 4 MiB at 10^6 entries), and every proof visits
 /// one per tier. The writer adds each as it completes it, and opening the log
 /// reads them back from their files ([`TileCache::warm`]), so the first proofs
-/// after a restart cost what later ones do. Bounded: when it holds
-/// [`TileCache::CAPACITY`] tiles (16 MiB) it starts again. Tier 0 (one tile per
-/// 16 entries, 60 bytes per entry) is left to the operating system's page
-/// cache, through [`TileFiles`].
+/// after a restart cost what later ones do. Tier 0 (one tile per 16 entries, 60
+/// bytes per entry) is left to the operating system's page cache, through
+/// [`TileFiles`].
+///
+/// Each tier is one array indexed by tile, so a proof's read is one copy of the
+/// hash it needs, not a map probe and a shared count on a line another core
+/// last wrote. Bounded: tier `t` keeps its first [`TileCache::TIER_1_TILES`]
+/// `/ 16^(t-1)` tiles (about 16 MiB in all; every tier of a log of up to 4
+/// million entries); proofs read the rest from the files.
 #[derive(Debug, Default)]
 pub(crate) struct TileCache {
-    tiles: Mutex<HashMap<TileId, sled::IVec>>,
+    tiers: RwLock<Vec<CachedTier>>,
+}
+
+/// The kept tiles of one tier: tile `i` at `bytes[i × TILE_BYTES..]` when
+/// `kept[i]`.
+#[derive(Debug, Default)]
+struct CachedTier {
+    bytes: Vec<u8>,
+    kept: Vec<bool>,
+}
+
+impl CachedTier {
+    fn tile(&self, index: usize) -> Option<&[u8]> {
+        if !*self.kept.get(index)? {
+            return None;
+        }
+        self.bytes.get(index * TILE_BYTES..(index + 1) * TILE_BYTES)
+    }
+
+    fn keep(&mut self, index: usize, tile: &[u8]) {
+        if self.kept.len() <= index {
+            self.kept.resize(index + 1, false);
+            self.bytes.resize((index + 1) * TILE_BYTES, 0);
+        }
+        self.bytes[index * TILE_BYTES..(index + 1) * TILE_BYTES].copy_from_slice(tile);
+        self.kept[index] = true;
+    }
 }
 
 impl TileCache {
-    /// 16 MiB at most.
-    const CAPACITY: usize = (16 << 20) / TILE_BYTES;
+    /// 15 MiB of tier 1; a sixteenth of that for each tier above.
+    const TIER_1_TILES: usize = (15 << 20) / TILE_BYTES;
 
-    pub(crate) fn get(&self, id: TileId) -> Option<sled::IVec> {
-        self.tiles.lock().ok()?.get(&id).cloned()
+    /// How many tiles of `tier` (at least 1) it keeps.
+    fn room(tier: u8) -> usize {
+        let shift = u32::from(TILE_HEIGHT) * u32::from(tier.saturating_sub(1));
+        Self::TIER_1_TILES.checked_shr(shift).unwrap_or(0).max(1)
+    }
+
+    /// Where tile `id` goes, if it is one the cache keeps.
+    fn slot(id: TileId) -> Option<(usize, usize)> {
+        let index = usize::try_from(id.index).ok()?;
+        (id.tier > 0 && index < Self::room(id.tier)).then(|| (usize::from(id.tier) - 1, index))
+    }
+
+    /// The node at `position` of a kept tile.
+    pub(crate) fn hash(&self, id: TileId, position: usize) -> Option<Hash> {
+        let (tier, index) = Self::slot(id)?;
+        let tiers = self.tiers.read().ok()?;
+        hash_at(tiers.get(tier)?.tile(index)?, position)
+    }
+
+    /// A copy of a kept tile.
+    #[cfg(test)]
+    pub(crate) fn get(&self, id: TileId) -> Option<Vec<u8>> {
+        let (tier, index) = Self::slot(id)?;
+        let tiers = self.tiers.read().ok()?;
+        Some(tiers.get(tier)?.tile(index)?.to_vec())
+    }
+
+    /// Keeps a full tile, if its tier has room for it (the writer adds each as
+    /// it completes it).
+    pub(crate) fn insert(&self, id: TileId, tile: &[u8]) {
+        let Some((tier, index)) = Self::slot(id) else {
+            return;
+        };
+        if tile.len() != TILE_BYTES {
+            return;
+        }
+        if let Ok(mut tiers) = self.tiers.write() {
+            if tiers.len() <= tier {
+                tiers.resize_with(tier + 1, CachedTier::default);
+            }
+            tiers[tier].keep(index, tile);
+        }
     }
 
     /// Reads the full tiles of tier 1 and above of a tree of `size` leaves from
-    /// their files, highest tier first (each proof visits one tile of every tier),
-    /// until the cache is full: one sequential read per tier. Returns how many
-    /// tiles it holds then.
+    /// their files, as many of each tier as it keeps: one sequential read per
+    /// tier. Returns how many tiles it holds then.
     pub(crate) fn warm(&self, files: &TileFiles, size: u64) -> Result<usize, AuditError> {
-        let per_tier = |tier: u8| size >> (u32::from(TILE_HEIGHT) * (u32::from(tier) + 1));
-        let top = (1u8..).take_while(|t| per_tier(*t) > 0).last();
-        let mut tiles = self.tiles.lock().unwrap_or_else(|p| p.into_inner());
-        for tier in (1..=top.unwrap_or(0)).rev() {
-            let room = Self::CAPACITY.saturating_sub(tiles.len());
-            let count = usize::try_from(per_tier(tier))
+        let full = |tier: u8| size >> (u32::from(TILE_HEIGHT) * (u32::from(tier) + 1));
+        let mut tiers = self.tiers.write().unwrap_or_else(|p| p.into_inner());
+        for tier in (1u8..).take_while(|t| full(*t) > 0) {
+            let count = usize::try_from(full(tier))
                 .unwrap_or(usize::MAX)
-                .min(room);
+                .min(Self::room(tier));
             let Some(file) = files.file(tier, false)? else {
                 continue;
             };
@@ -537,30 +604,21 @@ impl TileCache {
             // A file shorter than the edge says is a damaged log; proofs then
             // read (and report) the missing tiles themselves.
             let read = read_up_to(&file, &mut bytes).map_err(|e| TileFiles::io("read", tier, e))?;
-            for (index, tile) in bytes[..read - read % TILE_BYTES]
+            let kept: Vec<bool> = bytes[..read - read % TILE_BYTES]
                 .chunks_exact(TILE_BYTES)
-                .enumerate()
-            {
-                if tile.iter().any(|b| *b != 0) {
-                    let id = TileId {
-                        tier,
-                        index: index as u64,
-                    };
-                    tiles.insert(id, sled::IVec::from(tile));
-                }
+                .map(|tile| tile.iter().any(|b| *b != 0))
+                .collect();
+            bytes.truncate(kept.len() * TILE_BYTES);
+            let slot = usize::from(tier) - 1;
+            if tiers.len() <= slot {
+                tiers.resize_with(slot + 1, CachedTier::default);
             }
+            tiers[slot] = CachedTier { bytes, kept };
         }
-        Ok(tiles.len())
-    }
-
-    /// Keeps a full tile (the writer adds each as it completes it).
-    pub(crate) fn insert(&self, id: TileId, bytes: sled::IVec) {
-        if let Ok(mut tiles) = self.tiles.lock() {
-            if tiles.len() >= Self::CAPACITY {
-                tiles.clear();
-            }
-            tiles.insert(id, bytes);
-        }
+        Ok(tiers
+            .iter()
+            .map(|t| t.kept.iter().filter(|k| **k).count())
+            .sum())
     }
 }
 
@@ -588,16 +646,8 @@ impl<'a> ProofNodes<'a> {
         if let Some((_, bytes)) = self.read.borrow().iter().find(|(t, _)| *t == id) {
             return Ok(bytes.clone());
         }
-        let bytes = match (id.tier > 0).then(|| self.cache.get(id)).flatten() {
-            Some(bytes) => bytes,
-            None => {
-                let bytes = read_full_tile(self.tiles, id)?;
-                if id.tier > 0 {
-                    self.cache.insert(id, bytes.clone());
-                }
-                bytes
-            }
-        };
+        let bytes = read_full_tile(self.tiles, id)?;
+        self.cache.insert(id, &bytes);
         self.read.borrow_mut().push((id, bytes.clone()));
         Ok(bytes)
     }
@@ -613,6 +663,9 @@ impl NodeSource for ProofNodes<'_> {
         }
         if !self.edge.is_full(place.tile) {
             return Err(missing(level, index));
+        }
+        if let Some(hash) = self.cache.hash(place.tile, place.position()) {
+            return Ok(hash);
         }
         hash_at(&self.tile(place.tile)?, place.position()).ok_or_else(|| missing(level, index))
     }
@@ -749,6 +802,34 @@ mod tests {
             let bytes = tree.get(tile_key(id)).unwrap().unwrap();
             assert_eq!(first_difference(id, &bytes, &memory), None);
         }
+    }
+
+    #[test]
+    fn the_cache_keeps_upper_tiles_within_each_tiers_room_and_nothing_else() {
+        let cache = TileCache::default();
+        let tile = |b: u8| vec![b; TILE_BYTES];
+        let id = |tier, index| TileId { tier, index };
+        cache.insert(id(1, 3), &tile(7));
+        assert_eq!(cache.get(id(1, 3)), Some(tile(7)));
+        assert_eq!(cache.hash(id(1, 3), TILE_NODES - 1), Some([7; 32]));
+        assert_eq!(cache.hash(id(1, 3), TILE_NODES), None);
+        // The slots before it hold nothing, not zeros.
+        assert_eq!(cache.get(id(1, 0)), None);
+        assert_eq!(cache.hash(id(1, 2), 0), None);
+        // The bottom tier, a tile past its tier's room, a short tile: not kept.
+        cache.insert(id(0, 0), &tile(1));
+        assert_eq!(cache.get(id(0, 0)), None);
+        let last = TileCache::room(2) as u64;
+        cache.insert(id(2, last - 1), &tile(2));
+        cache.insert(id(2, last), &tile(3));
+        assert_eq!(cache.get(id(2, last - 1)), Some(tile(2)));
+        assert_eq!(cache.get(id(2, last)), None);
+        cache.insert(id(3, 0), &tile(4)[..TILE_BYTES - 1]);
+        assert_eq!(cache.get(id(3, 0)), None);
+        // Every tier keeps at least its first tile, and the whole stays near 16 MiB.
+        assert_eq!(TileCache::room(40), 1);
+        let bytes: usize = (1..=20).map(|t| TileCache::room(t) * TILE_BYTES).sum();
+        assert!(bytes <= 17 << 20, "{bytes}");
     }
 
     #[test]

@@ -794,7 +794,7 @@ impl Writer {
         let synced = store.commit(batch)?;
         if let Some(open) = &self.open {
             for (id, tile) in upper_tiles {
-                open.tiles.insert(id, tile);
+                open.tiles.insert(id, &tile);
             }
         }
         use std::sync::atomic::Ordering::Relaxed;
@@ -991,7 +991,7 @@ mod tests {
             let id = tiles::TileId { tier: 1, index };
             let cached = live.tiles.get(id).expect("cached by the writer");
             let stored = tiles::read_full_tile(&*live.files, id).unwrap();
-            assert_eq!(cached, stored);
+            assert_eq!(cached, &stored[..]);
         }
         assert!(live
             .tiles
@@ -1005,7 +1005,10 @@ mod tests {
         for index in 0..2 {
             let id = tiles::TileId { tier: 1, index };
             let cached = live.tiles.get(id).expect("read back when the log opened");
-            assert_eq!(cached, tiles::read_full_tile(&*live.files, id).unwrap());
+            assert_eq!(
+                cached,
+                &tiles::read_full_tile(&*live.files, id).unwrap()[..]
+            );
         }
         assert!(live
             .tiles
