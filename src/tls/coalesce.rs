@@ -7,8 +7,8 @@
 //! hands the task back to the scheduler (it is woken at once, behind the tasks
 //! already queued) for as long as each pass brings more, a few times at most. The
 //! handlers queued meanwhile add their frames, and the flush then writes them all
-//! in one TLS record and one system call. Nothing waits on a timer: when no other
-//! task adds anything, the next poll writes.
+//! at once: as few TLS records as fit (16 KiB each) and one system call. Nothing
+//! waits on a timer: when no other task adds anything, the next poll writes.
 
 use std::io;
 use std::pin::Pin;
