@@ -470,22 +470,6 @@ impl FullTiles for TileFiles {
     }
 }
 
-/// Reads from the start of `file` into `buf` until it is full or the file ends.
-/// Returns how many bytes it read.
-fn read_up_to(file: &std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    use std::os::unix::fs::FileExt;
-    let mut read = 0;
-    while read < buf.len() {
-        match file.read_at(&mut buf[read..], read as u64) {
-            Ok(0) => break,
-            Ok(n) => read += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(read)
-}
-
 /// The tile a stored key names (the inverse of [`tile_key`]).
 pub(crate) fn tile_id_of_key(key: &[u8]) -> Option<TileId> {
     let key: &[u8; 10] = key.try_into().ok()?;
@@ -580,17 +564,21 @@ impl TileCache {
             return;
         }
         if let Ok(mut tiers) = self.tiers.write() {
-            if tiers.len() <= tier {
-                tiers.resize_with(tier + 1, CachedTier::default);
-            }
-            tiers[tier].keep(index, tile);
+            Self::tier_mut(&mut tiers, tier).keep(index, tile);
         }
+    }
+
+    fn tier_mut(tiers: &mut Vec<CachedTier>, slot: usize) -> &mut CachedTier {
+        if tiers.len() <= slot {
+            tiers.resize_with(slot + 1, CachedTier::default);
+        }
+        &mut tiers[slot]
     }
 
     /// Reads the full tiles of tier 1 and above of a tree of `size` leaves from
     /// their files, as many of each tier as it keeps: one sequential read per
-    /// tier. Returns how many tiles it holds then.
-    pub(crate) fn warm(&self, files: &TileFiles, size: u64) -> Result<usize, AuditError> {
+    /// tier.
+    pub(crate) fn warm(&self, files: &TileFiles, size: u64) -> Result<(), AuditError> {
         let full = |tier: u8| size >> (u32::from(TILE_HEIGHT) * (u32::from(tier) + 1));
         let mut tiers = self.tiers.write().unwrap_or_else(|p| p.into_inner());
         for tier in (1u8..).take_while(|t| full(*t) > 0) {
@@ -600,25 +588,23 @@ impl TileCache {
             let Some(file) = files.file(tier, false)? else {
                 continue;
             };
-            let mut bytes = vec![0u8; count * TILE_BYTES];
             // A file shorter than the edge says is a damaged log; proofs then
             // read (and report) the missing tiles themselves.
-            let read = read_up_to(&file, &mut bytes).map_err(|e| TileFiles::io("read", tier, e))?;
-            let kept: Vec<bool> = bytes[..read - read % TILE_BYTES]
+            let stored = file
+                .metadata()
+                .map_err(|e| TileFiles::io("stat", tier, e))?
+                .len();
+            let count = count.min(usize::try_from(stored).unwrap_or(usize::MAX) / TILE_BYTES);
+            let mut bytes = vec![0u8; count * TILE_BYTES];
+            std::os::unix::fs::FileExt::read_exact_at(&*file, &mut bytes, 0)
+                .map_err(|e| TileFiles::io("read", tier, e))?;
+            let kept = bytes
                 .chunks_exact(TILE_BYTES)
                 .map(|tile| tile.iter().any(|b| *b != 0))
                 .collect();
-            bytes.truncate(kept.len() * TILE_BYTES);
-            let slot = usize::from(tier) - 1;
-            if tiers.len() <= slot {
-                tiers.resize_with(slot + 1, CachedTier::default);
-            }
-            tiers[slot] = CachedTier { bytes, kept };
+            *Self::tier_mut(&mut tiers, usize::from(tier) - 1) = CachedTier { bytes, kept };
         }
-        Ok(tiers
-            .iter()
-            .map(|t| t.kept.iter().filter(|k| **k).count())
-            .sum())
+        Ok(())
     }
 }
 
