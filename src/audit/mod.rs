@@ -24,6 +24,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub(crate) mod early_sync;
 pub mod entry;
 pub(crate) mod entry_file;
 pub mod log;

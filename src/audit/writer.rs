@@ -12,7 +12,9 @@
 //! is shared by everything in the batch. When the write-ahead file is full, the
 //! round's index lists go into sled, sled is flushed and synced (its `flush` ends
 //! in `sync_file_range`, which does not empty the disk's write cache, so its file
-//! is `fdatasync`ed too) and the file starts over.
+//! is `fdatasync`ed too) and the file starts over. Commits wait for that round
+//! end, so the entry and tile files it must also make durable are synced by a
+//! thread of their own while the round fills ([`super::early_sync`]).
 //!
 //! If any step fails, every waiter of that batch gets [`AuditError::Unavailable`],
 //! the log reports itself unwritable (health NOT_SERVING), and the writer reopens
@@ -29,6 +31,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::checkpoint::{Checkpoint, SignedCheckpoint};
+use super::early_sync::EarlySync;
 use super::entry::{canonical_bytes, NewEntry};
 use super::entry_file::{self, EntryFile};
 use super::log::{self, AuditLog, OpenLog};
@@ -249,6 +252,8 @@ struct Store {
     entries: Arc<EntryFile>,
     /// Where the next chunk goes in the entry file.
     entries_end: u64,
+    /// Syncs the entry and tile files while the round fills.
+    early_sync: EarlySync,
     /// The index lists of the current round, shared with readers.
     postings: Arc<ArcSwap<RoundPostings>>,
     wal: Wal,
@@ -291,6 +296,7 @@ impl Store {
             );
         }
         let entries_end = log::stored_entries_end(&tree)?;
+        let early_sync = EarlySync::start(entries.clone(), tiles.clone(), entries_end);
         let mut store = Store {
             db,
             tree,
@@ -299,6 +305,7 @@ impl Store {
             tiles,
             entries,
             entries_end,
+            early_sync,
             postings: Arc::new(ArcSwap::new(round)),
             wal,
         };
@@ -339,8 +346,7 @@ impl Store {
     /// one's lists.
     fn start_round(&mut self) -> Result<(), AuditError> {
         self.postings.load().write_to(&self.tree)?;
-        self.tiles.sync()?;
-        self.entries.sync()?;
+        self.early_sync.sync_now()?;
         self.sync_sled()?;
         self.wal.start_over()?;
         let size = log::stored_size(&self.sizes, &self.tree)?;
@@ -374,6 +380,7 @@ impl Store {
             &self.postings.load(),
             inserts,
         )?;
+        self.early_sync.written_to(end);
         Ok(synced)
     }
 }
