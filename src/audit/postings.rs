@@ -37,8 +37,9 @@ use std::sync::RwLock;
 use super::log;
 use super::AuditError;
 
-/// The most seqs in one posting list that a round writes to sled (8 KiB): a reader
-/// paging from a seq decodes at most this many it does not need.
+/// The most seqs in one posting list that a round writes to sled (about 1 KiB when
+/// its seqs are close; 8 KiB in the earlier layout): a reader paging from a seq
+/// decodes at most this many it does not need.
 pub(crate) const POSTINGS_PER_KEY: usize = 1024;
 
 /// The posting lists of one write-ahead round.
@@ -161,7 +162,9 @@ mod tests {
     #[test]
     fn a_malformed_list_is_refused() {
         let round = RoundPostings::new(0);
-        assert!(round.add(&key(0), &[1, 2, 3]).is_err());
+        // Neither 8 bytes a seq nor a whole varint list.
+        assert!(round.add(&key(0), &[0, 2, 3]).is_err());
+        assert!(round.add(&key(0), &[1, 0x80]).is_err());
         assert!(round.add(b"k", &log::encode_postings(&[1])).is_err());
     }
 }
