@@ -1122,8 +1122,9 @@ mod tests {
     }
 
     /// A log written before the round's lists were merged has one list per
-    /// commit in sled; the merged list of the same seqs may sit beside them after
-    /// an upgrade replays its last round. Each seq still comes once, in order.
+    /// commit in sled, 8 bytes a seq; the merged list of the same seqs may sit
+    /// beside them after an upgrade replays its last round. Each seq still comes
+    /// once, in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn overlapping_lists_from_an_older_layout_give_each_seq_once() {
         let (dir, keys) = closed_log_of_ten().await;
@@ -1131,12 +1132,11 @@ mod tests {
         {
             let audit = dir.path().join("audit");
             let opened = open_closed_database(&audit).await;
+            let eight_bytes_a_seq: Vec<u8> =
+                [3u64, 4].iter().flat_map(|s| s.to_be_bytes()).collect();
             opened
                 .tree
-                .insert(
-                    log::posting_key(prefix.clone(), 3),
-                    log::encode_postings(&[3, 4]),
-                )
+                .insert(log::posting_key(prefix.clone(), 3), eight_bytes_a_seq)
                 .unwrap();
             opened.tree.flush().unwrap();
         }
