@@ -86,6 +86,23 @@ pub struct CommitStats {
     pub entries: std::sync::atomic::AtomicU64,
     /// Total time spent in the durability point, microseconds.
     pub sync_micros: std::sync::atomic::AtomicU64,
+    /// Write-ahead round ends: the round's index lists into sled, the flat files
+    /// and sled made durable, the file started over. Commits wait meanwhile.
+    pub round_ends: std::sync::atomic::AtomicU64,
+    /// Total time spent in round ends, microseconds.
+    pub round_end_micros: std::sync::atomic::AtomicU64,
+    /// The longest round end so far, microseconds.
+    pub round_end_max_micros: std::sync::atomic::AtomicU64,
+}
+
+impl CommitStats {
+    fn round_ended(&self, took: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let micros = took.as_micros() as u64;
+        self.round_ends.fetch_add(1, Relaxed);
+        self.round_end_micros.fetch_add(micros, Relaxed);
+        self.round_end_max_micros.fetch_max(micros, Relaxed);
+    }
 }
 
 /// The outcome of a checkpoint asked for in a batch.
@@ -646,9 +663,13 @@ impl Writer {
                 self.answer(Answer::Receipts(receipts));
                 // Answered first: their entries are durable in the write-ahead file.
                 if let Some(store) = self.store.as_mut().filter(|s| s.wal.is_full()) {
-                    if let Err(e) = store.start_round() {
-                        tracing::error!(error = %e, "audit store sync failed: failing closed until the store recovers");
-                        self.fail();
+                    let started = Instant::now();
+                    match store.start_round() {
+                        Ok(()) => self.stats.round_ended(started.elapsed()),
+                        Err(e) => {
+                            tracing::error!(error = %e, "audit store sync failed: failing closed until the store recovers");
+                            self.fail();
+                        }
                     }
                 }
             }
@@ -1237,6 +1258,19 @@ mod tests {
         assert_eq!(auditor.log().size(), 3200);
         // Indexes span many rounds in sled and the current one in memory.
         check_indexes(auditor.log());
+        // Each round end is counted and timed for the metrics.
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = auditor.stats();
+        let rounds = stats.round_ends.load(Relaxed);
+        assert!(
+            rounds >= 5,
+            "3,200 long entries fill 64 KiB many times: {rounds} round ends"
+        );
+        let (total, max) = (
+            stats.round_end_micros.load(Relaxed),
+            stats.round_end_max_micros.load(Relaxed),
+        );
+        assert!(max > 0 && max <= total, "longest {max} µs of {total} µs");
         // The file has started over: its round no longer begins at the first commit.
         let live = dir.path().join("audit");
         let first_lsn = || {

@@ -168,6 +168,9 @@ impl Child {
         (commits > 0.0).then(|| AuditStats {
             mean_group: value("sgw_audit_entries_total").unwrap_or(0.0) / commits,
             mean_sync_ms: value("sgw_audit_sync_seconds_total").unwrap_or(0.0) * 1e3 / commits,
+            round_ends: value("sgw_audit_round_ends_total").unwrap_or(0.0) as u64,
+            round_end_total_ms: value("sgw_audit_round_end_seconds_total").unwrap_or(0.0) * 1e3,
+            round_end_max_ms: value("sgw_audit_round_end_max_seconds").unwrap_or(0.0) * 1e3,
         })
     }
 }
@@ -179,6 +182,18 @@ struct AuditStats {
     mean_group: f64,
     /// Time in the durability point (the write-ahead record's write + fdatasync; for PostgreSQL, the commit) per commit.
     mean_sync_ms: f64,
+    /// Write-ahead round ends, which every commit waits for (none on PostgreSQL).
+    round_ends: u64,
+    /// Their total time.
+    round_end_total_ms: f64,
+    /// The longest.
+    round_end_max_ms: f64,
+}
+
+impl AuditStats {
+    fn mean_round_end_ms(&self) -> Option<f64> {
+        (self.round_ends > 0).then(|| self.round_end_total_ms / self.round_ends as f64)
+    }
 }
 
 /// `n` connections (at least one) to each of `addrs` as the identity `stem` of
@@ -596,6 +611,9 @@ fn report(args: &BenchArgs, o: &Outcome) {
             "gateway": figures_json(gw, &o.gateway_cpu), "gateway_peak_rss_bytes": o.rss,
             "audit_mean_group": o.audit.map(|a| a.mean_group),
             "audit_mean_sync_ms": o.audit.map(|a| a.mean_sync_ms),
+            "audit_round_ends": o.audit.map(|a| a.round_ends),
+            "audit_mean_round_end_ms": o.audit.and_then(|a| a.mean_round_end_ms()),
+            "audit_max_round_end_ms": o.audit.map(|a| a.round_end_max_ms),
         });
         if let Some(i) = &o.inbox {
             v["raise_to_receive"] = inbox_json(i);
@@ -688,6 +706,12 @@ fn report(args: &BenchArgs, o: &Outcome) {
             "audit mean group commit {:.1} entries per fsync, {:.2} ms in its durability point per commit",
             a.mean_group, a.mean_sync_ms
         );
+        if let Some(mean) = a.mean_round_end_ms() {
+            println!(
+                "audit write-ahead round ends {}, {mean:.1} ms each on average, longest {:.1} ms (commits wait for them)",
+                a.round_ends, a.round_end_max_ms
+            );
+        }
     }
 }
 
