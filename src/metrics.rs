@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::writer::CommitStats;
+use crate::audit::writer::{CommitStats, SYNC_BUCKETS_MICROS};
 
 /// Latency bucket upper bounds, seconds.
 const BUCKETS: [f64; 12] = [
@@ -151,6 +151,20 @@ impl Metrics {
                 let _ = writeln!(out, "# HELP sgw_audit_commits_total Audit group commits (one durability point each).\n# TYPE sgw_audit_commits_total counter\nsgw_audit_commits_total {commits}");
                 let _ = writeln!(out, "# HELP sgw_audit_entries_total Audit entries committed.\n# TYPE sgw_audit_entries_total counter\nsgw_audit_entries_total {entries}");
                 let _ = writeln!(out, "# HELP sgw_audit_sync_seconds_total Time in the durability point (the write-ahead record's write + fdatasync).\n# TYPE sgw_audit_sync_seconds_total counter\nsgw_audit_sync_seconds_total {sync}");
+                out.push_str("# HELP sgw_audit_sync_duration_seconds Time each commit spent in the durability point; the slow tail is the disk's.\n# TYPE sgw_audit_sync_duration_seconds histogram\n");
+                let mut within = 0;
+                for (bound, n) in SYNC_BUCKETS_MICROS.iter().zip(&s.sync_buckets) {
+                    within += n.load(Ordering::Relaxed);
+                    let _ = writeln!(
+                        out,
+                        "sgw_audit_sync_duration_seconds_bucket{{le=\"{}\"}} {within}",
+                        *bound as f64 / 1e6
+                    );
+                }
+                // Read after the buckets (a commit is counted before its bucket),
+                // so that +Inf is never below the last of them.
+                let count = s.commits.load(Ordering::Relaxed).max(within);
+                let _ = writeln!(out, "sgw_audit_sync_duration_seconds_bucket{{le=\"+Inf\"}} {count}\nsgw_audit_sync_duration_seconds_sum {sync}\nsgw_audit_sync_duration_seconds_count {count}");
                 let rounds = s.round_ends.load(Ordering::Relaxed);
                 let round_secs = s.round_end_micros.load(Ordering::Relaxed) as f64 / 1e6;
                 let round_max = s.round_end_max_micros.load(Ordering::Relaxed) as f64 / 1e6;
@@ -258,5 +272,30 @@ mod tests {
             "sgw_calls_total{{method=\"other\",code=\"Unimplemented\"}} {}",
             1000 - (MAX_METHODS - 1)
         )));
+    }
+
+    #[test]
+    fn the_durability_point_is_a_cumulative_histogram_with_the_slow_tail_above_every_bound() {
+        let m = Metrics::default();
+        let stats = Arc::new(CommitStats::default());
+        m.watch_audit(stats.clone());
+        stats.synced(16, Duration::from_micros(80));
+        stats.synced(16, Duration::from_micros(250));
+        stats.synced(1, Duration::from_millis(30));
+        stats.synced(2, Duration::from_secs(2));
+        let text = m.render();
+        for (le, n) in [
+            ("0.0001", 1),
+            ("0.00025", 2),
+            ("0.01", 2),
+            ("0.1", 3),
+            ("1", 3),
+            ("+Inf", 4),
+        ] {
+            let line = format!("sgw_audit_sync_duration_seconds_bucket{{le=\"{le}\"}} {n}\n");
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert!(text.contains("sgw_audit_sync_duration_seconds_count 4\n"));
+        assert!(text.contains("sgw_audit_entries_total 35\n"));
     }
 }

@@ -86,6 +86,10 @@ pub struct CommitStats {
     pub entries: std::sync::atomic::AtomicU64,
     /// Total time spent in the durability point, microseconds.
     pub sync_micros: std::sync::atomic::AtomicU64,
+    /// Commits by the time their durability point took: `sync_buckets[i]` counts
+    /// those within [`SYNC_BUCKETS_MICROS`]`[i]` and above the bound before it; the
+    /// slower ones are the rest of `commits`.
+    pub sync_buckets: [std::sync::atomic::AtomicU64; SYNC_BUCKETS_MICROS.len()],
     /// Write-ahead round ends: the round's index lists into sled, the flat files
     /// and sled made durable, the file started over. Commits wait meanwhile.
     pub round_ends: std::sync::atomic::AtomicU64,
@@ -95,7 +99,24 @@ pub struct CommitStats {
     pub round_end_max_micros: std::sync::atomic::AtomicU64,
 }
 
+/// Upper bounds, microseconds, of [`CommitStats::sync_buckets`].
+pub const SYNC_BUCKETS_MICROS: [u64; 10] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
+];
+
 impl CommitStats {
+    /// Counts a commit of `entries` whose durability point took `took`.
+    pub(crate) fn synced(&self, entries: usize, took: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let micros = took.as_micros() as u64;
+        self.commits.fetch_add(1, Relaxed);
+        self.entries.fetch_add(entries as u64, Relaxed);
+        self.sync_micros.fetch_add(micros, Relaxed);
+        if let Some(i) = SYNC_BUCKETS_MICROS.iter().position(|&b| micros <= b) {
+            self.sync_buckets[i].fetch_add(1, Relaxed);
+        }
+    }
+
     fn round_ended(&self, took: Duration) {
         use std::sync::atomic::Ordering::Relaxed;
         let micros = took.as_micros() as u64;
@@ -825,12 +846,7 @@ impl Writer {
                 open.tiles.insert(id, &tile);
             }
         }
-        use std::sync::atomic::Ordering::Relaxed;
-        self.stats.commits.fetch_add(1, Relaxed);
-        self.stats.entries.fetch_add(receipts.len() as u64, Relaxed);
-        self.stats
-            .sync_micros
-            .fetch_add(synced.as_micros() as u64, Relaxed);
+        self.stats.synced(receipts.len(), synced);
         Ok((receipts, checkpoint))
     }
 

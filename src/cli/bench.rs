@@ -168,6 +168,9 @@ impl Child {
         (commits > 0.0).then(|| AuditStats {
             mean_group: value("sgw_audit_entries_total").unwrap_or(0.0) / commits,
             mean_sync_ms: value("sgw_audit_sync_seconds_total").unwrap_or(0.0) * 1e3 / commits,
+            slow_syncs: (commits
+                - value("sgw_audit_sync_duration_seconds_bucket{le=\"0.01\"}").unwrap_or(commits))
+            .max(0.0) as u64,
             round_ends: value("sgw_audit_round_ends_total").unwrap_or(0.0) as u64,
             round_end_total_ms: value("sgw_audit_round_end_seconds_total").unwrap_or(0.0) * 1e3,
             round_end_max_ms: value("sgw_audit_round_end_max_seconds").unwrap_or(0.0) * 1e3,
@@ -182,6 +185,8 @@ struct AuditStats {
     mean_group: f64,
     /// Time in the durability point (the write-ahead record's write + fdatasync; for PostgreSQL, the commit) per commit.
     mean_sync_ms: f64,
+    /// Commits whose durability point took over 10 ms: the disk's slow tail.
+    slow_syncs: u64,
     /// Write-ahead round ends, which every commit waits for (none on PostgreSQL).
     round_ends: u64,
     /// Their total time.
@@ -611,6 +616,7 @@ fn report(args: &BenchArgs, o: &Outcome) {
             "gateway": figures_json(gw, &o.gateway_cpu), "gateway_peak_rss_bytes": o.rss,
             "audit_mean_group": o.audit.map(|a| a.mean_group),
             "audit_mean_sync_ms": o.audit.map(|a| a.mean_sync_ms),
+            "audit_syncs_over_10ms": o.audit.map(|a| a.slow_syncs),
             "audit_round_ends": o.audit.map(|a| a.round_ends),
             "audit_mean_round_end_ms": o.audit.and_then(|a| a.mean_round_end_ms()),
             "audit_max_round_end_ms": o.audit.map(|a| a.round_end_max_ms),
@@ -703,8 +709,8 @@ fn report(args: &BenchArgs, o: &Outcome) {
     }
     if let Some(a) = o.audit {
         println!(
-            "audit mean group commit {:.1} entries per fsync, {:.2} ms in its durability point per commit",
-            a.mean_group, a.mean_sync_ms
+            "audit mean group commit {:.1} entries per fsync, {:.2} ms in its durability point per commit ({} over 10 ms)",
+            a.mean_group, a.mean_sync_ms, a.slow_syncs
         );
         if let Some(mean) = a.mean_round_end_ms() {
             println!(

@@ -47,7 +47,6 @@
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -813,11 +812,7 @@ impl Inner {
         tx.commit().await.map_err(|e| {
             AuditError::Unavailable(format!("COMMIT failed (outcome unknown): {}", describe(&e)))
         })?;
-        self.stats.commits.fetch_add(1, Ordering::Relaxed);
-        self.stats.entries.fetch_add(n, Ordering::Relaxed);
-        self.stats
-            .sync_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.stats.synced(n as usize, started.elapsed());
         Ok(appended)
     }
 }
