@@ -392,7 +392,10 @@ async fn metrics_count_calls_and_audit_commits_on_their_own_listener() {
     assert!(body.contains("sgw_audit_commits_total"), "{body}");
     // No round of the write-ahead file has ended yet.
     assert!(body.contains("sgw_audit_round_ends_total 0\n"), "{body}");
-    assert!(body.contains("sgw_audit_round_end_max_seconds 0\n"), "{body}");
+    assert!(
+        body.contains("sgw_audit_round_end_max_seconds 0\n"),
+        "{body}"
+    );
     // Nothing else is served there, and the gRPC port does not serve metrics.
     assert!(http_get(metrics, "/").await.starts_with("HTTP/1.1 404"));
     gw.stop().await;
