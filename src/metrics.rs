@@ -151,7 +151,7 @@ impl Metrics {
                 let _ = writeln!(out, "# HELP sgw_audit_commits_total Audit group commits (one durability point each).\n# TYPE sgw_audit_commits_total counter\nsgw_audit_commits_total {commits}");
                 let _ = writeln!(out, "# HELP sgw_audit_entries_total Audit entries committed.\n# TYPE sgw_audit_entries_total counter\nsgw_audit_entries_total {entries}");
                 let _ = writeln!(out, "# HELP sgw_audit_sync_seconds_total Time in the durability point (the write-ahead record's write + fdatasync).\n# TYPE sgw_audit_sync_seconds_total counter\nsgw_audit_sync_seconds_total {sync}");
-                out.push_str("# HELP sgw_audit_sync_duration_seconds Time each commit spent in the durability point; the slow tail is the disk's.\n# TYPE sgw_audit_sync_duration_seconds histogram\n");
+                out.push_str("# HELP sgw_audit_sync_duration_seconds Time each commit spent in the durability point (sled: the write-ahead record's write and fdatasync; PostgreSQL: from taking a connection to COMMIT).\n# TYPE sgw_audit_sync_duration_seconds histogram\n");
                 let mut within = 0;
                 for (bound, n) in SYNC_BUCKETS_MICROS.iter().zip(&s.sync_buckets) {
                     within += n.load(Ordering::Relaxed);
@@ -168,7 +168,7 @@ impl Metrics {
                 let rounds = s.round_ends.load(Ordering::Relaxed);
                 let round_secs = s.round_end_micros.load(Ordering::Relaxed) as f64 / 1e6;
                 let round_max = s.round_end_max_micros.load(Ordering::Relaxed) as f64 / 1e6;
-                let _ = writeln!(out, "# HELP sgw_audit_round_ends_total Ends of a write-ahead round (index lists into sled, files and sled synced); commits wait for each.\n# TYPE sgw_audit_round_ends_total counter\nsgw_audit_round_ends_total {rounds}");
+                let _ = writeln!(out, "# HELP sgw_audit_round_ends_total Ends of a write-ahead round after a commit (index lists into sled, files and sled synced; not those at open or close); commits wait for each.\n# TYPE sgw_audit_round_ends_total counter\nsgw_audit_round_ends_total {rounds}");
                 let _ = writeln!(out, "# HELP sgw_audit_round_end_seconds_total Time in write-ahead round ends.\n# TYPE sgw_audit_round_end_seconds_total counter\nsgw_audit_round_end_seconds_total {round_secs}");
                 let _ = writeln!(out, "# HELP sgw_audit_round_end_max_seconds The longest write-ahead round end since the gateway started.\n# TYPE sgw_audit_round_end_max_seconds gauge\nsgw_audit_round_end_max_seconds {round_max}");
             }

@@ -16,6 +16,7 @@
 //! write-ahead file, which still holds every commit of the round, is replayed when
 //! the store reopens.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -34,6 +35,10 @@ struct Files {
     /// Held for the whole of each sync, so that [`EarlySync::sync_now`] never
     /// checks for a failure while a sync that might fail is still running.
     failed: Mutex<Option<AuditError>>,
+    /// Set when the store lets go: a wake-up still queued then is not acted on.
+    stop: AtomicBool,
+    /// Early syncs made.
+    done: AtomicU64,
 }
 
 impl Files {
@@ -43,8 +48,8 @@ impl Files {
     }
 }
 
-/// The syncing thread of one open store. Dropping it stops the thread after the
-/// sync it may be running.
+/// The syncing thread of one open store. Dropping it waits for the sync the thread
+/// may be running, and starts no other.
 pub(crate) struct EarlySync {
     files: Arc<Files>,
     wake: Option<SyncSender<()>>,
@@ -66,6 +71,8 @@ impl EarlySync {
             entries,
             tiles,
             failed: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            done: AtomicU64::new(0),
         });
         // One pending wake-up is enough: a sync that starts later covers
         // everything written before it.
@@ -75,12 +82,17 @@ impl EarlySync {
             std::thread::Builder::new()
                 .name("sgw-audit-sync".into())
                 .spawn(move || {
-                    while woken.recv().is_ok() {
+                    while woken.recv().is_ok() && !files.stop.load(Ordering::Acquire) {
                         let mut failed = files.failed.lock().unwrap_or_else(|p| p.into_inner());
                         if failed.is_none() {
-                            if let Err(e) = files.sync() {
-                                tracing::error!(error = %e, "early sync of the audit files failed; the round end will fail");
-                                *failed = Some(e);
+                            match files.sync() {
+                                Ok(()) => {
+                                    files.done.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, "early sync of the audit files failed; the round end will fail");
+                                    *failed = Some(e);
+                                }
                             }
                         }
                     }
@@ -131,6 +143,7 @@ impl EarlySync {
 
 impl Drop for EarlySync {
     fn drop(&mut self) {
+        self.files.stop.store(true, Ordering::Release);
         self.wake = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -154,8 +167,15 @@ mod tests {
             .unwrap();
         early.written_to(3);
         assert_eq!(early.next_at, EARLY_SYNC_BYTES, "not yet due");
+        assert_eq!(early.files.done.load(Ordering::Relaxed), 0);
         early.written_to(EARLY_SYNC_BYTES + 1);
         assert_eq!(early.next_at, 2 * EARLY_SYNC_BYTES + 1);
+        // The thread syncs on its own.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while early.files.done.load(Ordering::Relaxed) == 0 {
+            assert!(std::time::Instant::now() < deadline, "no early sync");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         early.sync_now().unwrap();
 
         // A failure seen by the thread is returned by the round end's sync, and

@@ -197,20 +197,32 @@ const POSTINGS_DELTA: u8 = 1;
 /// mostly close together, so a seq costs one or two bytes instead of eight: the
 /// lists are an eighth of the size to store, and sled, which copies a whole leaf
 /// on every insert, spends that much less at each round end.
-pub(crate) fn encode_postings(seqs: &[u64]) -> Vec<u8> {
+///
+/// Fails unless `seqs` ascend strictly: such a list could not be read back, and
+/// the commit that carries it must fail rather than reach the write-ahead file.
+pub(crate) fn encode_postings(seqs: &[u64]) -> Result<Vec<u8>, AuditError> {
     let mut out = Vec::with_capacity(1 + 10 + seqs.len() * 2);
     out.push(POSTINGS_DELTA);
-    let mut previous = 0;
-    for (i, &seq) in seqs.iter().enumerate() {
-        debug_assert!(i == 0 || seq > previous, "posting lists ascend");
-        push_varint(&mut out, if i == 0 { seq } else { seq - previous });
-        previous = seq;
+    let mut previous = None;
+    for &seq in seqs {
+        let step = match previous {
+            None => seq,
+            Some(p) if seq > p => seq - p,
+            Some(_) => {
+                return Err(AuditError::Unavailable(
+                    "an index posting list does not ascend".into(),
+                ))
+            }
+        };
+        push_varint(&mut out, step);
+        previous = Some(seq);
     }
-    out
+    Ok(out)
 }
 
-/// The seqs of a posting list of either layout. Fails on anything but a list of
-/// strictly ascending seqs.
+/// The seqs of a posting list of either layout. A list of the delta layout must
+/// ascend strictly, or it is refused; one of the earlier layout is taken as it is
+/// (readers keep each seq once, in order).
 pub(crate) fn decode_postings(bytes: &[u8]) -> Result<Vec<u64>, AuditError> {
     let malformed = || AuditError::Corrupt("malformed index posting list".into());
     let Some((&POSTINGS_DELTA, mut rest)) = bytes.split_first() else {
@@ -713,9 +725,16 @@ mod tests {
     #[test]
     fn a_posting_list_of_near_seqs_costs_about_a_byte_a_seq() {
         let seqs: Vec<u64> = (1_000_000..1_001_024).collect();
-        let encoded = encode_postings(&seqs);
+        let encoded = encode_postings(&seqs).unwrap();
         assert_eq!(encoded.len(), 1 + 3 + 1023);
         assert_eq!(decode_postings(&encoded).unwrap(), seqs);
+    }
+
+    #[test]
+    fn a_list_that_does_not_ascend_is_never_encoded() {
+        assert!(encode_postings(&[3, 3]).is_err());
+        assert!(encode_postings(&[5, 4]).is_err());
+        assert!(encode_postings(&[]).is_ok());
     }
 
     #[test]
@@ -747,12 +766,12 @@ mod tests {
                 .prop_map(|s| s.into_iter().collect::<Vec<_>>()),
             near in 0u64..1 << 50,
         ) {
-            prop_assert_eq!(decode_postings(&encode_postings(&seqs)).unwrap(), seqs.clone());
+            prop_assert_eq!(decode_postings(&encode_postings(&seqs).unwrap()).unwrap(), seqs.clone());
             // And lists of close seqs, as the log makes them.
             for (i, s) in seqs.iter_mut().enumerate() {
                 *s = near + i as u64 * 3 + (*s % 3);
             }
-            prop_assert_eq!(decode_postings(&encode_postings(&seqs)).unwrap(), seqs);
+            prop_assert_eq!(decode_postings(&encode_postings(&seqs).unwrap()).unwrap(), seqs);
         }
 
         #[test]

@@ -104,7 +104,7 @@ impl RoundPostings {
             for part in seqs.chunks(POSTINGS_PER_KEY) {
                 tree.insert(
                     log::posting_key(prefix.clone(), part[0]),
-                    log::encode_postings(part),
+                    log::encode_postings(part)?,
                 )?;
                 keys += 1;
             }
@@ -125,11 +125,15 @@ mod tests {
     fn a_round_keeps_each_seq_once_in_order_and_answers_ranges() {
         let round = RoundPostings::new(10);
         round
-            .add(&key(10), &log::encode_postings(&[10, 12]))
+            .add(&key(10), &log::encode_postings(&[10, 12]).unwrap())
             .unwrap();
-        round.add(&key(13), &log::encode_postings(&[13])).unwrap();
+        round
+            .add(&key(13), &log::encode_postings(&[13]).unwrap())
+            .unwrap();
         // The same commit replayed.
-        round.add(&key(13), &log::encode_postings(&[13])).unwrap();
+        round
+            .add(&key(13), &log::encode_postings(&[13]).unwrap())
+            .unwrap();
         let prefix = log::action_index_prefix(7);
         assert_eq!(round.seqs(&prefix, 0, u64::MAX), vec![10, 12, 13]);
         assert_eq!(round.seqs(&prefix, 11, 13), vec![12]);
@@ -145,7 +149,9 @@ mod tests {
             .map(|s| s * 3)
             .collect();
         for s in &all {
-            round.add(&key(*s), &log::encode_postings(&[*s])).unwrap();
+            round
+                .add(&key(*s), &log::encode_postings(&[*s]).unwrap())
+                .unwrap();
         }
         assert_eq!(round.write_to(&tree).unwrap(), 3);
         let mut back = Vec::new();
@@ -165,6 +171,8 @@ mod tests {
         // Neither 8 bytes a seq nor a whole varint list.
         assert!(round.add(&key(0), &[0, 2, 3]).is_err());
         assert!(round.add(&key(0), &[1, 0x80]).is_err());
-        assert!(round.add(b"k", &log::encode_postings(&[1])).is_err());
+        assert!(round
+            .add(b"k", &log::encode_postings(&[1]).unwrap())
+            .is_err());
     }
 }

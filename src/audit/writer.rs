@@ -709,13 +709,15 @@ impl Writer {
     /// Lets go of a failing store: every append fails fast until [`Writer::recover`]
     /// has reopened it.
     fn fail(&mut self) {
-        self.store = None;
-        self.open = None;
+        // Said first: letting go of the store waits for its early sync thread,
+        // which a hanging disk may keep in `fdatasync`.
         self.shared.store(None);
         self.health.send_replace(LogHealth {
             writable: false,
             size: self.size,
         });
+        self.open = None;
+        self.store = None;
     }
 
     /// Writes one batch durably. Returns each append's receipt, in order, and the
@@ -811,7 +813,7 @@ impl Writer {
         }
         for (prefix, seqs) in postings {
             let key = log::posting_key(prefix, seqs[0]);
-            batch.push((key, log::encode_postings(&seqs)));
+            batch.push((key, log::encode_postings(&seqs)?));
         }
         batch.push((log::SIZE.to_vec(), self.size.to_be_bytes().to_vec()));
 

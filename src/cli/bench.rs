@@ -185,7 +185,7 @@ struct AuditStats {
     mean_group: f64,
     /// Time in the durability point (the write-ahead record's write + fdatasync; for PostgreSQL, the commit) per commit.
     mean_sync_ms: f64,
-    /// Commits whose durability point took over 10 ms: the disk's slow tail.
+    /// Commits whose durability point took over 10 ms: its slow tail.
     slow_syncs: u64,
     /// Write-ahead round ends, which every commit waits for (none on PostgreSQL).
     round_ends: u64,
