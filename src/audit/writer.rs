@@ -803,10 +803,10 @@ impl Writer {
         // Tiles above the bottom tier are few (one per 256 entries) and every
         // proof reads one per tier: they go into the readers' cache as they are
         // made, so that no proof pays for reading them back from the file.
-        let upper_tiles: Vec<(tiles::TileId, sled::IVec)> = full_tiles
+        let upper_tiles: Vec<(tiles::TileId, Vec<u8>)> = full_tiles
             .iter()
             .filter(|(id, _)| id.tier > 0)
-            .map(|(id, tile)| (*id, sled::IVec::from(tile.as_slice())))
+            .cloned()
             .collect();
         for (id, tile) in full_tiles {
             batch.push((tiles::tile_key(id).to_vec(), tile));
