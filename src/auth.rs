@@ -19,9 +19,9 @@ use tonic::{Code, Status};
 use tower::{Layer, Service};
 
 use crate::config::Config;
-use crate::domain::Role;
+use crate::domain::{Clock, Role};
 use crate::identity::{identify, Caller};
-use crate::tls::{PeerInfo, Revocations};
+use crate::tls::{PeerCert, PeerInfo, Revocations};
 
 /// The metadata key that carries a request id in and out.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -52,6 +52,7 @@ pub struct AuthContext {
     ids: RequestIds,
     draining: tokio_util::sync::CancellationToken,
     metrics: Arc<crate::metrics::Metrics>,
+    clock: Arc<dyn Clock>,
 }
 
 impl AuthContext {
@@ -63,6 +64,7 @@ impl AuthContext {
         revocations: Arc<Revocations>,
         draining: tokio_util::sync::CancellationToken,
         metrics: Arc<crate::metrics::Metrics>,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         AuthContext {
             config,
@@ -70,6 +72,7 @@ impl AuthContext {
             ids: RequestIds::new(),
             draining,
             metrics,
+            clock,
         }
     }
 
@@ -83,11 +86,8 @@ impl AuthContext {
         let Some(PeerInfo(peer)) = peer else {
             return Err(Status::unauthenticated("a client certificate is required"));
         };
-        if self.revocations.is_revoked(&peer.serial_hex) {
-            return Err(Status::unauthenticated(format!(
-                "client certificate serial {} has been revoked",
-                peer.serial_hex
-            )));
+        if let Some(status) = refusal(&self.revocations, peer, unix(&*self.clock)) {
+            return Err(status);
         }
         let caller =
             identify(peer, &self.config).map_err(|e| Status::unauthenticated(e.to_string()))?;
@@ -107,6 +107,40 @@ impl AuthContext {
         }
         Ok(caller)
     }
+}
+
+/// Why a verified peer may no longer call, if it may not: its certificate, or an
+/// intermediate it presented, has been revoked since, or its certificate has
+/// expired since the handshake (a long-lived connection, or a resumed session).
+fn refusal(revocations: &Revocations, peer: &PeerCert, now: i64) -> Option<Status> {
+    if let Some(serial) = revocations.revoked_in(peer) {
+        return Some(Status::unauthenticated(if serial == peer.serial_hex {
+            format!("client certificate serial {serial} has been revoked")
+        } else {
+            format!(
+                "client certificate serial {} was issued under intermediate serial {serial}, which has been revoked",
+                peer.serial_hex
+            )
+        }));
+    }
+    if now >= peer.not_after {
+        let at = time::OffsetDateTime::from_unix_timestamp(peer.not_after)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| peer.not_after.to_string());
+        return Some(Status::unauthenticated(format!(
+            "client certificate serial {} expired at {at}; reconnect with a current one",
+            peer.serial_hex
+        )));
+    }
+    None
+}
+
+fn unix(clock: &dyn Clock) -> i64 {
+    clock.now().unix_timestamp()
 }
 
 /// Makes request ids: a per-process random prefix and a counter, so they are unique
@@ -222,7 +256,9 @@ where
             Ok(caller) => {
                 let revocations = self.ctx.revocations.clone();
                 let draining = self.ctx.draining.clone();
-                let serial = caller.serial_hex.clone();
+                let clock = self.ctx.clock.clone();
+                // authorise() found it.
+                let peer = req.extensions().get::<PeerInfo>().map(|p| p.0.clone());
                 req.extensions_mut().insert(caller);
                 req.extensions_mut().insert(RequestId(request_id));
                 // The clone is ready-polled by the next poll_ready; take the ready one.
@@ -238,10 +274,14 @@ where
                         log.finish(code);
                         return Ok(resp);
                     }
-                    let guard = Guard::Unarmed {
-                        revocations,
-                        serial,
-                        draining,
+                    let guard = match peer {
+                        Some(peer) => Guard::Unarmed {
+                            revocations,
+                            peer,
+                            draining,
+                            clock,
+                        },
+                        None => Guard::Done,
                     };
                     log.metrics.stream(1);
                     Ok(resp.map(|body| {
@@ -297,7 +337,8 @@ impl CallLog {
 }
 
 /// Ends a response stream with UNAUTHENTICATED as soon as the caller's certificate
-/// is revoked (by an operator or a newly loaded CRL), whatever the stream is doing.
+/// (or an intermediate it presented) is revoked, by an operator or a newly loaded
+/// CRL, or the certificate expires, whatever the stream is doing.
 /// It also ends the stream with UNAVAILABLE when the gateway starts to drain.
 ///
 /// A response is watched only once it proves to be a stream: when its body is not
@@ -307,8 +348,9 @@ enum Guard {
     /// Not watching yet: what watching needs.
     Unarmed {
         revocations: Arc<Revocations>,
-        serial: String,
+        peer: Arc<PeerCert>,
         draining: tokio_util::sync::CancellationToken,
+        clock: Arc<dyn Clock>,
     },
     Armed(RevocationGuard),
     /// The stream has been ended by the guard.
@@ -318,8 +360,20 @@ enum Guard {
 struct RevocationGuard {
     changes: tokio_stream::wrappers::WatchStream<u64>,
     revocations: Arc<Revocations>,
-    serial: String,
+    peer: Arc<PeerCert>,
     draining: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    /// Fires at the certificate's expiry, or a year on when that is later (and is
+    /// set again then).
+    expiry: Pin<Box<tokio::time::Sleep>>,
+    clock: Arc<dyn Clock>,
+}
+
+/// How long a timer waits at most: tokio's timer wheel reaches about two years.
+const LONGEST_TIMER: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
+fn until(not_after: i64, clock: &dyn Clock) -> tokio::time::Instant {
+    let left = u64::try_from(not_after.saturating_sub(unix(clock))).unwrap_or(0);
+    tokio::time::Instant::now() + std::time::Duration::from_secs(left).min(LONGEST_TIMER)
 }
 
 impl RevocationGuard {
@@ -327,14 +381,17 @@ impl RevocationGuard {
     /// [`RevocationGuard::poll_end`], which also checks the set as it is now.
     fn arm(
         revocations: Arc<Revocations>,
-        serial: String,
+        peer: Arc<PeerCert>,
         draining: tokio_util::sync::CancellationToken,
+        clock: Arc<dyn Clock>,
     ) -> RevocationGuard {
         RevocationGuard {
             changes: tokio_stream::wrappers::WatchStream::new(revocations.subscribe()),
             revocations,
-            serial,
+            expiry: Box::pin(tokio::time::sleep_until(until(peer.not_after, &*clock))),
+            peer,
             draining: Box::pin(draining.cancelled_owned()),
+            clock,
         }
     }
 
@@ -342,12 +399,18 @@ impl RevocationGuard {
     fn poll_end(&mut self, cx: &mut Context<'_>) -> Option<Status> {
         use tokio_stream::Stream;
         while let Poll::Ready(Some(_)) = Pin::new(&mut self.changes).poll_next(cx) {
-            if self.revocations.is_revoked(&self.serial) {
-                return Some(Status::unauthenticated(format!(
-                    "client certificate serial {} has been revoked",
-                    self.serial
-                )));
+            if let Some(status) = refusal(&self.revocations, &self.peer, unix(&*self.clock)) {
+                return Some(status);
             }
+        }
+        while self.expiry.as_mut().poll(cx).is_ready() {
+            if let Some(status) = refusal(&self.revocations, &self.peer, unix(&*self.clock)) {
+                return Some(status);
+            }
+            // A timer capped at a year, or a clock that ran slow: wait again.
+            let next = until(self.peer.not_after, &*self.clock)
+                .max(tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+            self.expiry.as_mut().reset(next);
         }
         if self.draining.as_mut().poll(cx).is_ready() {
             return Some(Status::unavailable(
@@ -376,9 +439,10 @@ impl LoggedBody {
         self.guard = match std::mem::replace(&mut self.guard, Guard::Done) {
             Guard::Unarmed {
                 revocations,
-                serial,
+                peer,
                 draining,
-            } => Guard::Armed(RevocationGuard::arm(revocations, serial, draining)),
+                clock,
+            } => Guard::Armed(RevocationGuard::arm(revocations, peer, draining, clock)),
             other => other,
         };
         let Guard::Armed(guard) = &mut self.guard else {

@@ -92,6 +92,7 @@ pub async fn bind(config: Config) -> Result<Bound, ServeError> {
         revocations,
         stop.clone(),
         metrics.clone(),
+        app.clock.clone(),
     ));
     let app = Arc::new(app.with_tls(tls));
     Ok(Bound {

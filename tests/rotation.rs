@@ -601,3 +601,195 @@ async fn rotating_under_load_fails_no_call_and_keeps_streams_open() {
     }
     gw.stop().await;
 }
+
+/// Whether a new connection with this certificate is refused (at the handshake,
+/// or at its first call).
+async fn new_connection_refused(gw: &common::Gateway, cert: &str, key: &str) -> bool {
+    match gw.connect(cert, key).await {
+        Err(_) => true,
+        Ok(channel) => common::health(channel).await.is_err(),
+    }
+}
+
+async fn ops_client(
+    env: &Env,
+    gw: &common::Gateway,
+) -> sgw::proto::v1::operations_service_client::OperationsServiceClient<tonic::transport::Channel> {
+    sgw::proto::v1::operations_service_client::OperationsServiceClient::new(
+        gw.connect_as(env, Role::Operator, "ops").await,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crl_file_that_holds_no_crl_is_refused_and_what_it_revoked_stays_revoked() {
+    let env = Env::new();
+    env.set_tls_watch(false);
+    let gw = env.start().await;
+    let mut ops = ops_client(&env, &gw).await;
+    let (cert, key) = env.identity(Role::Agency, "school-oakfield");
+    let serial = sgw::pki::serial_hex_of_pem(&cert).unwrap();
+    let crl = sgw::pki::revoke_in_dir(&env.pki_dir(), &serial).expect("CRL updated");
+    ops.reload_tls(ReloadTlsRequest {}).await.expect("reload");
+    assert!(new_connection_refused(&gw, &cert, &key).await);
+
+    // Emptied in place (a copy half done), or replaced by the DER form: each would
+    // read as "nothing revoked".
+    let pem = std::fs::read_to_string(&crl).unwrap();
+    let der: Vec<u8> =
+        rustls::pki_types::CertificateRevocationListDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .as_ref()
+            .to_vec();
+    for broken in [Vec::new(), der] {
+        std::fs::write(&crl, &broken).unwrap();
+        let err = ops
+            .reload_tls(ReloadTlsRequest {})
+            .await
+            .expect_err("a CRL file without a CRL");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(
+            err.message().contains("crl.pem") && err.message().contains("no PEM CRL"),
+            "{err:?}"
+        );
+        assert!(
+            new_connection_refused(&gw, &cert, &key).await,
+            "still revoked"
+        );
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_serial_a_crl_lists_is_audited_and_outlives_the_crl() {
+    let env = Env::new();
+    env.set_tls_watch(false);
+    let gw = env.start().await;
+    let mut ops = ops_client(&env, &gw).await;
+    let (cert, key) = env.identity(Role::Agency, "police-met");
+    let serial = sgw::pki::serial_hex_of_pem(&cert).unwrap();
+    sgw::pki::revoke_in_dir(&env.pki_dir(), &serial).expect("CRL updated");
+    ops.reload_tls(ReloadTlsRequest {}).await.expect("reload");
+
+    ops.revoke_certificate(RevokeCertificateRequest {
+        serial_hex: serial.clone(),
+        reason: "laptop stolen".into(),
+    })
+    .await
+    .expect("revoke");
+    let mut auditor = AuditServiceClient::new(gw.connect_as(&env, Role::Auditor, "dpo").await);
+    let revoked = auditor
+        .query_disclosures(QueryDisclosuresRequest {
+            action: AuditAction::CertificateRevoked as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert_eq!(revoked[0].object_id, serial);
+
+    // The CA issues a CRL that no longer lists it: the operator's revocation holds.
+    let empty = env.ca().crl(&[], 1000, 30).unwrap();
+    std::fs::write(env.pki_dir().join("crl.pem"), empty).unwrap();
+    ops.reload_tls(ReloadTlsRequest {}).await.expect("reload");
+    assert!(new_connection_refused(&gw, &cert, &key).await);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_client_certificate_is_refused_on_its_open_connection_and_its_streams_end() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut spec = common::client_spec(Role::Agency, "school-oakfield");
+    spec.not_after =
+        sgw::domain::Clock::now(&sgw::domain::SystemClock) + time::Duration::seconds(4);
+    let short = env.issue(&spec);
+    let channel = gw.connect(&short.cert_pem, &short.key_pem).await.unwrap();
+    let mut health = HealthClient::new(channel);
+    let check = HealthCheckRequest {
+        service: String::new(),
+    };
+    health.check(check.clone()).await.expect("valid for now");
+    let mut stream = health.watch(check.clone()).await.unwrap().into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+
+    let ended =
+        common::stream_end_status(&mut stream, Duration::from_secs(15), "ends at expiry").await;
+    assert_eq!(ended.code(), tonic::Code::Unauthenticated, "{ended:?}");
+    assert!(ended.message().contains("expired"), "{ended:?}");
+    let err = health
+        .check(check)
+        .await
+        .expect_err("expired on the open connection");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("expired"), "{err:?}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_intermediate_refuses_every_certificate_it_issued() {
+    let env = Env::new();
+    env.set_tls_watch(false);
+    let gw = env.start().await;
+    let mut ops = ops_client(&env, &gw).await;
+    let now = sgw::domain::Clock::now(&sgw::domain::SystemClock);
+    let intermediate = env.issue(&sgw::pki::CertSpec {
+        common_name: "sgw test issuing CA".into(),
+        uri_sans: vec![],
+        dns_sans: vec![],
+        ip_sans: vec![],
+        eku: vec![],
+        not_before: now - time::Duration::minutes(1),
+        not_after: now + time::Duration::days(30),
+        serial: None,
+        is_ca: true,
+    });
+    let issuing =
+        sgw::pki::Ca::load(&intermediate.cert_pem, &intermediate.key_pem).expect("issuing CA");
+    let leaf = issuing
+        .issue(&common::client_spec(Role::Agency, "school-oakfield"))
+        .unwrap();
+    let chain = format!("{}{}", leaf.cert_pem, intermediate.cert_pem);
+    let open = gw
+        .connect(&chain, &leaf.key_pem)
+        .await
+        .expect("chain accepted");
+    common::health(open.clone()).await.expect("serves");
+
+    // The root's CRL lists the intermediate: new handshakes and the open
+    // connection are refused.
+    let listed = sgw::pki::Revocation {
+        serial_hex: intermediate.serial_hex.clone(),
+        revoked_at: now,
+    };
+    let crl = env.ca().crl(&[listed], 1000, 30).unwrap();
+    std::fs::write(env.pki_dir().join("crl.pem"), crl).unwrap();
+    ops.reload_tls(ReloadTlsRequest {}).await.expect("reload");
+    assert!(new_connection_refused(&gw, &chain, &leaf.key_pem).await);
+    let err = common::health(open)
+        .await
+        .expect_err("open connection refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("intermediate"), "{err:?}");
+
+    // Off the CRL it is accepted again, until an operator revokes it.
+    std::fs::write(
+        env.pki_dir().join("crl.pem"),
+        env.ca().crl(&[], 1001, 30).unwrap(),
+    )
+    .unwrap();
+    ops.reload_tls(ReloadTlsRequest {}).await.expect("reload");
+    assert!(!new_connection_refused(&gw, &chain, &leaf.key_pem).await);
+    ops.revoke_certificate(RevokeCertificateRequest {
+        serial_hex: intermediate.serial_hex.clone(),
+        reason: "issuing CA key exposed".into(),
+    })
+    .await
+    .expect("revoke");
+    assert!(new_connection_refused(&gw, &chain, &leaf.key_pem).await);
+    gw.stop().await;
+}

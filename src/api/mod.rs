@@ -98,6 +98,10 @@ pub struct App {
     /// The log size up to which CERTIFICATE_REVOKED entries have been applied.
     revoked_upto: std::sync::atomic::AtomicU64,
     tls: Option<Arc<TlsState>>,
+    /// Held for the whole of a TLS reload, from reading the files to putting them in
+    /// force: reloads (SIGHUP, the file watch, ReloadTls, another replica's) come
+    /// one at a time, so an older one never lands over a newer one.
+    reloading: tokio::sync::Mutex<()>,
     /// Whose turn it is to sweep.
     turns: Arc<dyn crate::store::Turns>,
     /// With PostgreSQL: the other replicas.
@@ -207,6 +211,7 @@ impl App {
             revocations: Arc::new(Revocations::new(revoked)),
             revoked_upto: std::sync::atomic::AtomicU64::new(revoked_upto),
             tls: None,
+            reloading: tokio::sync::Mutex::new(()),
             turns,
             replicas,
         })
@@ -238,7 +243,9 @@ impl App {
                 "reason is required, at most 500 characters".into(),
             ));
         }
-        if self.revocations.is_revoked(&serial) {
+        // Only an operator's own revocation makes this one redundant: a serial a
+        // CRL lists is still recorded, so that it stays revoked when the CRL changes.
+        if self.revocations.is_revoked_by_operator(&serial) {
             return Ok(());
         }
         let mut entry = NewEntry::new(
@@ -301,20 +308,22 @@ impl App {
         Ok(())
     }
 
-    /// Re-reads this gateway's TLS files. On success new handshakes use the new
-    /// material and the reload is audited (TLS_RELOADED, with old and new
-    /// fingerprints); on failure the running configuration is untouched and the
-    /// error names the file.
+    /// Re-reads this gateway's TLS files. When they are valid the reload is
+    /// audited (TLS_RELOADED, with old and new fingerprints) and only then put in
+    /// force: new handshakes use the new material, and its CRLs apply to every
+    /// later call. When they are not, or the audit entry cannot be written, the
+    /// running configuration is untouched, and a file error names the file.
     pub async fn reload_tls(&self, actor: Actor, request_id: &str) -> Result<(), ApiError> {
         let Some(tls) = &self.tls else {
             return Err(ApiError::Internal("TLS state not attached".into()));
         };
-        let tls = tls.clone();
-        let reloaded = tokio::task::spawn_blocking(move || tls.reload())
+        let _one_at_a_time = self.reloading.lock().await;
+        let reading = tls.clone();
+        let loaded = tokio::task::spawn_blocking(move || reading.load_fresh())
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-        let (old, new) = match reloaded {
-            Ok(pair) => pair,
+        let (old, new) = match loaded {
+            Ok(new) => (tls.current(), new),
             Err(e) => {
                 let mut entry = NewEntry::new(
                     actor,
@@ -351,6 +360,7 @@ impl App {
             new.crl_serials.len(),
         );
         self.auditor.append(entry).await?;
+        tls.install(new.clone());
         tracing::info!(server_cert = %new.server_cert.sha256_hex, serial = %new.server_cert.serial_hex, "TLS material reloaded");
         warn_of_expiry(&new, self.clock.now().unix_timestamp());
         Ok(())
@@ -384,7 +394,7 @@ impl App {
         let (serials, upto) = revoked_serials(&*self.auditor, from).await?;
         let mut new = 0;
         for serial in serials {
-            if !self.revocations.is_revoked(&serial) {
+            if !self.revocations.is_revoked_by_operator(&serial) {
                 self.revocations.revoke(&serial);
                 tracing::warn!(serial = %serial, "certificate revoked through another replica");
                 new += 1;

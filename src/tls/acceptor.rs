@@ -114,8 +114,8 @@ async fn handshake(
         }
     };
     let (_, session) = stream.get_ref();
-    let leaf = session.peer_certificates().and_then(|c| c.first())?;
-    match PeerCert::parse(remote, leaf) {
+    let (leaf, intermediates) = session.peer_certificates()?.split_first()?;
+    match PeerCert::parse(remote, leaf, intermediates) {
         Ok(peer) => Some(TlsConn {
             inner: Coalesced::new(stream),
             peer: PeerInfo(Arc::new(peer)),

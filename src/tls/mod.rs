@@ -134,13 +134,24 @@ impl TlsState {
         self.material.load_full()
     }
 
-    /// Re-reads every file. On success the new material serves every later handshake
-    /// and the previous one is returned; on failure nothing changes.
-    pub fn reload(&self) -> Result<(Arc<TlsMaterial>, Arc<TlsMaterial>), TlsError> {
-        let fresh = Arc::new(TlsMaterial::load(&self.paths, &self.revocations, now())?);
+    /// Re-reads and validates every file, changing nothing: [`TlsState::install`]
+    /// puts the result in force. The caller serialises the two (one reload at a
+    /// time), so that no older reload can install its material, or its CRLs, over a
+    /// newer one.
+    pub fn load_fresh(&self) -> Result<Arc<TlsMaterial>, TlsError> {
+        Ok(Arc::new(TlsMaterial::load(
+            &self.paths,
+            &self.revocations,
+            now(),
+        )?))
+    }
+
+    /// Puts `fresh` in force: its CRLs apply to every later call and end the open
+    /// streams of the certificates they revoke, and its configuration serves every
+    /// later handshake. Returns the material it replaces.
+    pub fn install(&self, fresh: Arc<TlsMaterial>) -> Arc<TlsMaterial> {
         self.revocations.set_crl(fresh.crl_serials.clone());
-        let old = self.material.swap(fresh.clone());
-        Ok((old, fresh))
+        self.material.swap(fresh)
     }
 
     /// The shared revocation set.
@@ -211,6 +222,23 @@ impl Revocations {
     /// Whether a serial (canonical lower-case hex) is revoked.
     pub fn is_revoked(&self, serial_hex: &str) -> bool {
         self.operator.load().contains(serial_hex) || self.crl.load().contains(serial_hex)
+    }
+
+    /// Whether an operator has revoked a serial: a revocation recorded in the
+    /// audit log, which outlives any CRL file.
+    pub fn is_revoked_by_operator(&self, serial_hex: &str) -> bool {
+        self.operator.load().contains(serial_hex)
+    }
+
+    /// The first of a peer's serials (its leaf's, then its intermediates') that is
+    /// revoked.
+    pub fn revoked_in<'a>(&self, peer: &'a PeerCert) -> Option<&'a str> {
+        let operator = self.operator.load();
+        let crl = self.crl.load();
+        std::iter::once(&peer.serial_hex)
+            .chain(&peer.chain_serials)
+            .find(|s| operator.contains(s.as_str()) || crl.contains(s.as_str()))
+            .map(String::as_str)
     }
 
     /// Adds an operator revocation; it applies from the next handshake and call on,
@@ -341,6 +369,7 @@ impl TlsMaterial {
         for path in &paths.crl {
             let bytes = read(path)?;
             remember(path, &bytes);
+            let before = crls.len();
             for crl in CertificateRevocationListDer::pem_slice_iter(&bytes) {
                 let crl =
                     crl.map_err(|e| TlsError::invalid(path, format!("not a PEM CRL: {e}")))?;
@@ -351,11 +380,20 @@ impl TlsMaterial {
                 }
                 crls.push(crl);
             }
+            // An empty, cut-short or DER file would otherwise read as "nothing
+            // revoked" and let every revoked certificate back in.
+            if crls.len() == before {
+                return Err(TlsError::invalid(
+                    path,
+                    "contains no PEM CRL (-----BEGIN X509 CRL-----)",
+                ));
+            }
         }
 
         let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .with_crls(crls)
-            .only_check_end_entity_revocation()
+            // The whole chain: a revoked intermediate revokes what it issued.
+            // A certificate whose issuer has no CRL here is accepted.
             .allow_unknown_revocation_status()
             .build()
             .map_err(|e| {

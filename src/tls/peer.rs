@@ -18,6 +18,12 @@ pub struct PeerCert {
     pub serial_hex: String,
     /// Every URI subject alternative name, in order.
     pub uri_sans: Vec<String>,
+    /// End of the leaf's validity, unix seconds: no call is served after it, on a
+    /// connection that outlives it or a resumed session alike.
+    pub not_after: i64,
+    /// The serials of the intermediates the peer presented, in the same form: a
+    /// revocation of one of them refuses the peer's calls too.
+    pub chain_serials: Vec<String>,
 }
 
 /// Connection info that tonic copies into every request's extensions.
@@ -25,8 +31,13 @@ pub struct PeerCert {
 pub struct PeerInfo(pub Arc<PeerCert>);
 
 impl PeerCert {
-    /// Reads the facts identity needs from the (already verified) DER leaf.
-    pub fn parse(remote: SocketAddr, der: &[u8]) -> Result<Self, String> {
+    /// Reads the facts identity needs from the (already verified) DER leaf, and the
+    /// serials of the intermediates presented with it.
+    pub fn parse(
+        remote: SocketAddr,
+        der: &[u8],
+        intermediates: &[impl AsRef<[u8]>],
+    ) -> Result<Self, String> {
         let (_, cert) = x509_parser::parse_x509_certificate(der)
             .map_err(|e| format!("client certificate does not parse: {e}"))?;
         let mut uri_sans = Vec::new();
@@ -39,11 +50,21 @@ impl PeerCert {
         }
         let mut cert_sha256 = [0u8; 32];
         cert_sha256.copy_from_slice(digest(&SHA256, der).as_ref());
+        let chain_serials = intermediates
+            .iter()
+            .map(|der| {
+                x509_parser::parse_x509_certificate(der.as_ref())
+                    .map(|(_, c)| serial_hex(c.raw_serial()))
+                    .map_err(|e| format!("intermediate certificate does not parse: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(PeerCert {
             remote,
             cert_sha256,
             serial_hex: serial_hex(cert.raw_serial()),
             uri_sans,
+            not_after: cert.validity().not_after.timestamp(),
+            chain_serials,
         })
     }
 }

@@ -13,7 +13,7 @@ use super::{serial_hex, Revocations};
 
 /// Wraps webpki's verifier and additionally requires (a) an extended key usage
 /// extension that includes clientAuth (webpki accepts a certificate with no EKU at
-/// all) and (b) a serial that no operator has revoked.
+/// all) and (b) that no operator has revoked its serial or an intermediate's.
 #[derive(Debug)]
 pub struct ClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
@@ -63,6 +63,14 @@ impl ClientCertVerifier for ClientVerifier {
         }
         if self.revocations.is_revoked(&serial_hex(cert.raw_serial())) {
             return Err(Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        // An operator may revoke an intermediate too (a CRL's are webpki's).
+        for der in intermediates {
+            let (_, ca) = x509_parser::parse_x509_certificate(der)
+                .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
+            if self.revocations.is_revoked(&serial_hex(ca.raw_serial())) {
+                return Err(Error::InvalidCertificate(CertificateError::Revoked));
+            }
         }
         Ok(verified)
     }
