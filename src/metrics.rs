@@ -36,10 +36,49 @@ struct MethodStats {
     latency: Histogram,
 }
 
-/// Methods counted apart; calls to any further path (a client may send any path)
-/// are counted under [`OTHER_METHOD`], so the map cannot grow without bound.
-const MAX_METHODS: usize = 128;
+/// Calls to a path the gateway does not serve (a client may send any path, and
+/// the path may hold characters a label cannot) are counted under this label.
 const OTHER_METHOD: &str = "other";
+
+/// The paths the gateway serves, each of which is counted apart: every rpc of the
+/// contract, health and reflection.
+static KNOWN_METHODS: std::sync::LazyLock<std::collections::HashSet<String>> =
+    std::sync::LazyLock::new(|| {
+        use prost::Message as _;
+        let mut known: std::collections::HashSet<String> = [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        let set = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
+            .unwrap_or_default();
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    known.insert(format!(
+                        "/{}.{}/{}",
+                        file.package(),
+                        service.name(),
+                        method.name()
+                    ));
+                }
+            }
+        }
+        known
+    });
+
+/// The label a call's path is counted under.
+fn method_label(path: &str) -> &str {
+    if KNOWN_METHODS.contains(path) {
+        path
+    } else {
+        OTHER_METHOD
+    }
+}
 
 /// The gateway's metrics.
 #[derive(Debug, Default)]
@@ -54,21 +93,13 @@ impl Metrics {
     /// Counts one finished call.
     pub fn call(&self, method: &str, code: tonic::Code, latency: Duration) {
         let secs = latency.as_secs_f64();
+        let method = method_label(method);
         let Ok(mut calls) = self.calls.lock() else {
             return;
         };
-        let stats = if calls.contains_key(method) {
-            calls.get_mut(method)
-        } else {
-            let key = if calls.len() < MAX_METHODS {
-                method
-            } else {
-                OTHER_METHOD
-            };
-            Some(calls.entry(key.to_owned()).or_default())
-        };
-        let Some(stats) = stats else {
-            return;
+        let stats = match calls.get_mut(method) {
+            Some(stats) => stats,
+            None => calls.entry(method.to_owned()).or_default(),
         };
         if let Some(n) = stats.codes.get_mut(code as usize) {
             *n += 1;
@@ -182,16 +213,27 @@ pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener, stop: Cancellat
     if let Ok(addr) = listener.local_addr() {
         eprintln!("sgw: metrics on http://{addr}/metrics");
     }
+    // A scraper needs one connection; a few more is plenty.
+    let slots = Arc::new(tokio::sync::Semaphore::new(8));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (mut sock, _) = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
-                Err(_) => continue,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             },
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut buf = vec![0u8; 2048];
             let mut read = 0;
             let head = tokio::time::timeout(Duration::from_secs(5), async {
@@ -243,7 +285,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn calls_are_counted_by_method_and_code_and_unknown_paths_stay_bounded() {
+    fn calls_are_counted_by_method_and_code_and_unknown_paths_as_other() {
         let m = Metrics::default();
         let ms = Duration::from_millis(1);
         m.call("/safeguard.v1.RecordService/GetRecord", tonic::Code::Ok, ms);
@@ -253,9 +295,17 @@ mod tests {
             tonic::Code::PermissionDenied,
             ms,
         );
+        m.call("/grpc.health.v1.Health/Check", tonic::Code::Ok, ms);
         for i in 0..1000 {
             m.call(&format!("/made.up/M{i}"), tonic::Code::Unimplemented, ms);
         }
+        // A path is any bytes a client sends: none may reach the text as a label.
+        m.call("/x\"}\n{", tonic::Code::Unimplemented, ms);
+        m.call(
+            "/safeguard.v1.RecordService/Nope",
+            tonic::Code::Unimplemented,
+            ms,
+        );
         let text = m.render();
         assert!(text.contains(
             "sgw_calls_total{method=\"/safeguard.v1.RecordService/GetRecord\",code=\"Ok\"} 2"
@@ -266,12 +316,21 @@ mod tests {
         assert!(text.contains(
             "sgw_call_duration_seconds_count{method=\"/safeguard.v1.RecordService/GetRecord\"} 3"
         ));
+        assert!(
+            text.contains("sgw_calls_total{method=\"/grpc.health.v1.Health/Check\",code=\"Ok\"} 1")
+        );
         let methods = m.calls.lock().unwrap().len();
-        assert_eq!(methods, MAX_METHODS + 1, "capped, plus \"other\"");
-        assert!(text.contains(&format!(
-            "sgw_calls_total{{method=\"other\",code=\"Unimplemented\"}} {}",
-            1000 - (MAX_METHODS - 1)
-        )));
+        assert_eq!(methods, 3, "GetRecord, Check and \"other\"");
+        assert!(text.contains("sgw_calls_total{method=\"other\",code=\"Unimplemented\"} 1002"));
+        assert!(!text.contains("made.up") && !text.contains("/x"));
+        // Every rpc of the contract is known.
+        for rpc in [
+            "/safeguard.v1.ConcernService/RaiseConcern",
+            "/safeguard.v1.AuditService/QueryDisclosures",
+            "/safeguard.v1.OperationsService/ReloadTls",
+        ] {
+            assert_eq!(method_label(rpc), rpc);
+        }
     }
 
     #[test]
