@@ -31,6 +31,10 @@ use crate::domain::{
 /// narrative, for the other fields of a message and protobuf framing.
 pub const MESSAGE_HEADROOM_BYTES: usize = 64 * 1024;
 
+/// The longest default retention a config may set: a century, in days. (A record's
+/// deadline must stay within the calendar's range.)
+pub const MAX_RETENTION_DAYS: u32 = 36_525;
+
 /// The whole, validated configuration of one gateway.
 ///
 /// Built only by [`Config::load`] or [`Config::from_toml_str`]. The registry lists
@@ -1083,6 +1087,18 @@ impl Loader<'_> {
                     Problem::out_of_range(field, "must be at least 1".into()),
                 ));
             }
+        }
+        if l.default_retention_days > MAX_RETENTION_DAYS {
+            return Err(self.invalid(
+                None,
+                Problem::out_of_range(
+                    "limits.default_retention_days",
+                    format!(
+                        "({}) must be at most {MAX_RETENTION_DAYS} (a century)",
+                        l.default_retention_days
+                    ),
+                ),
+            ));
         }
         if l.default_page_size > l.max_page_size {
             return Err(self.invalid(
@@ -2236,6 +2252,13 @@ bank_holidays = []                    # ["2026-12-25", ...]
         assert!(msg.contains("4 × limits.max_narrative_chars"), "{msg}");
         let msg = syntax(with("max_connections = -1"));
         assert!(msg.contains("-1"), "{msg}");
+        // A default retention past the calendar's end would fail every ShareRecord.
+        let (_, msg) = problem(with("default_retention_days = 3000000"));
+        assert!(
+            msg.contains("limits.default_retention_days (3000000) must be at most 36525"),
+            "{msg}"
+        );
+        assert!(with("default_retention_days = 36525").is_ok());
     }
 
     #[test]

@@ -52,7 +52,14 @@ impl Records {
                         .into(),
                 )),
                 Some(t) => stored_time(t),
-                None => now + Duration::days(i64::from(limits.default_retention_days)),
+                // Config keeps the default within a century, so this cannot overflow.
+                None => now
+                    .checked_add(Duration::days(i64::from(limits.default_retention_days)))
+                    .ok_or_else(|| {
+                        RecordError::Internal(
+                            "limits.default_retention_days runs past the year 9999".into(),
+                        )
+                    })?,
             };
         let record = Record {
             id: RecordId::from_random(self.random_bytes()?),
