@@ -173,6 +173,19 @@ async fn auditor_queries_are_themselves_audited_and_proofs_verify() {
         .await
         .expect_err("out of range");
     assert_eq!(err.code(), Code::OutOfRange);
+    // RFC 9162 has no proof from the empty log: an empty answer would check nothing.
+    let err = client
+        .get_consistency_proof(GetConsistencyProofRequest {
+            from_size: 0,
+            to_size: 1,
+        })
+        .await
+        .expect_err("no proof from the empty log");
+    assert_eq!(err.code(), Code::OutOfRange);
+    assert!(
+        err.message().contains("from_size must be at least 1"),
+        "{err:?}"
+    );
     let err = client
         .query_disclosures(QueryDisclosuresRequest {
             subject: Some(Subject {

@@ -251,6 +251,13 @@ impl AuditService for Audit {
                     req.from_size, req.to_size
                 )));
             }
+            if req.from_size == 0 && req.to_size > 0 {
+                // RFC 9162 defines proofs for 0 < from_size only: an empty proof
+                // would check nothing.
+                return Err(ApiError::OutOfRange(
+                    "from_size must be at least 1: every log extends the empty log, and no proof shows it".into(),
+                ));
+            }
             self.audit_call(
                 &ctx,
                 format!("GetConsistencyProof from_size={} to_size={}", req.from_size, req.to_size),

@@ -433,9 +433,6 @@ impl AuditLog {
                 "from_size {from} is greater than to_size {to}"
             )));
         }
-        if from == 0 {
-            return Ok(Vec::new());
-        }
         let open = self.open()?;
         let edge = open.edge.load();
         let nodes = ProofNodes::new(&*open.files, &edge, &open.tiles);

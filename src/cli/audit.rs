@@ -417,21 +417,22 @@ async fn verify_online(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             );
             return Ok(ExitCode::from(1));
         }
-        let proof = client
-            .get_consistency_proof(GetConsistencyProofRequest {
-                from_size: old.tree_size,
-                to_size: note.tree_size,
-            })
-            .await?
-            .into_inner();
-        let hashes = proof
-            .hashes
-            .iter()
-            .map(|h| <[u8; 32]>::try_from(h.as_slice()).context("malformed proof hash"))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        // Every log extends the empty log; there is no proof of it to ask for.
         let consistent = if old.tree_size == 0 {
             true
         } else {
+            let proof = client
+                .get_consistency_proof(GetConsistencyProofRequest {
+                    from_size: old.tree_size,
+                    to_size: note.tree_size,
+                })
+                .await?
+                .into_inner();
+            let hashes = proof
+                .hashes
+                .iter()
+                .map(|h| <[u8; 32]>::try_from(h.as_slice()).context("malformed proof hash"))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             merkle::verify_consistency(
                 old.tree_size,
                 note.tree_size,

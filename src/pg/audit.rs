@@ -465,8 +465,10 @@ impl PgAuditLog {
                 "from_size {from} is greater than to_size {to}"
             )));
         }
-        if from == 0 {
-            return Ok(Vec::new());
+        if from == 0 && to > 0 {
+            return Err(AuditError::OutOfRange(
+                merkle::ProofError::FromEmptyTree { to }.to_string(),
+            ));
         }
         let rec = Recorder::default();
         let _ = merkle::consistency_proof(from, to, &rec);
