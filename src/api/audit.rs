@@ -72,6 +72,11 @@ impl Audit {
                 )))
             }
         };
+        for (name, t) in [("since", &req.since), ("until", &req.until)] {
+            if let Some(t) = t {
+                super::records::time_in(t, name)?;
+            }
+        }
         let since_micros = req.since.as_ref().map(micros_from_timestamp);
         let until_micros = req.until.as_ref().map(micros_from_timestamp);
         if let (Some(s), Some(u)) = (since_micros, until_micros) {
@@ -79,15 +84,45 @@ impl Audit {
                 return Err(ApiError::Invalid("until must be after since".into()));
             }
         }
-        Ok(query::Filter {
+        let filter = query::Filter {
             subject,
             actor_id: text("actor_id", &req.actor_id)?,
             target_agency_id: text("target_agency_id", &req.target_agency_id)?,
             action,
             since_micros,
             until_micros,
-        })
+        };
+        // A token that is not one this filter's pages handed out is refused before
+        // the call is audited.
+        if !req.page_token.is_empty() {
+            query::decode_token(&req.page_token, &filter)?;
+        }
+        Ok(filter)
     }
+
+    /// The bytes of entries one response may carry: a message's limit, less room
+    /// for the rest of the response.
+    fn entry_budget(&self) -> usize {
+        self.app
+            .config
+            .limits
+            .max_message_bytes
+            .saturating_sub(crate::config::MESSAGE_HEADROOM_BYTES)
+    }
+}
+
+/// How many of `entries` fit in `budget` bytes of a response (at least one: no
+/// entry comes near a message's limit).
+fn fitting(entries: &[AuditEntry], budget: usize) -> usize {
+    let mut bytes = 0usize;
+    for (i, entry) in entries.iter().enumerate() {
+        // The field's tag and length prefix take at most 6 bytes.
+        bytes = bytes.saturating_add(prost::Message::encoded_len(entry) + 6);
+        if bytes > budget {
+            return i.max(1);
+        }
+    }
+    entries.len()
 }
 
 fn checkpoint_message(signed: &SignedCheckpoint) -> Checkpoint {
@@ -130,11 +165,19 @@ impl AuditService for Audit {
             )
             .await?;
             let max_scan = page_size.saturating_mul(20).max(10_000);
-            let page = self
+            let mut page = self
                 .app
                 .auditor
                 .query(&filter, &req.page_token, page_size, max_scan)
                 .await?;
+            // A page also ends where the response would outgrow a message; the
+            // next one starts at the first entry left out.
+            let fit = fitting(&page.entries, self.entry_budget());
+            if fit < page.entries.len() {
+                let resume = page.entries[fit].seq;
+                page.entries.truncate(fit);
+                page.next_page_token = Some(query::encode_token(resume, &filter));
+            }
             Ok(QueryDisclosuresResponse {
                 entries: page.entries,
                 next_page_token: page.next_page_token.unwrap_or_default(),
@@ -168,6 +211,13 @@ impl AuditService for Audit {
             if page.entries.len() > SUBJECT_REPORT_MAX {
                 return Err(ApiError::Exhausted(format!(
                     "more than {SUBJECT_REPORT_MAX} entries concern this child; page through them with QueryDisclosures and the subject filter"
+                )));
+            }
+            let budget = self.entry_budget();
+            if fitting(&page.entries, budget) < page.entries.len() {
+                return Err(ApiError::Exhausted(format!(
+                    "the {} entries about this child take more than one response may carry ({budget} bytes, from limits.max_message_bytes); page through them with QueryDisclosures and the subject filter",
+                    page.entries.len()
                 )));
             }
             Ok(SubjectAccessReportResponse { entries: page.entries })
