@@ -40,10 +40,15 @@ impl ChunkPointer {
         tagged(value).map(|tagged| {
             let (offset, rest) = tagged?;
             let len: [u8; 4] = rest.try_into().map_err(|_| malformed())?;
-            Ok(ChunkPointer {
-                offset,
-                len: u32::from_be_bytes(len),
-            })
+            let len = u32::from_be_bytes(len);
+            // A damaged pointer must give an error, not an overflow or a read of
+            // gigabytes.
+            if len > MAX_CHUNK_BYTES || offset.checked_add(u64::from(len)).is_none() {
+                return Err(AuditError::Corrupt(format!(
+                    "entry chunk pointer out of range: {len} bytes at byte {offset}"
+                )));
+            }
+            Ok(ChunkPointer { offset, len })
         })
     }
 
@@ -70,6 +75,10 @@ fn tagged(value: &[u8]) -> Option<Result<(u64, &[u8]), AuditError>> {
             .ok_or_else(malformed),
     )
 }
+
+/// No chunk is longer: a chunk is a commit's entries up to `log::CHUNK_BYTES`, or
+/// one entry, and an entry's fields are limited to a few KiB each.
+const MAX_CHUNK_BYTES: u32 = 64 << 20;
 
 fn malformed() -> AuditError {
     AuditError::Corrupt("malformed entry chunk pointer".into())
@@ -181,6 +190,16 @@ mod tests {
             (77, inline.len(), &inline[..])
         );
         assert_eq!(split_placed(&inline), None);
+        // Damage: a length no chunk has, an end past the last byte a file can have.
+        for (offset, len) in [(0, u32::MAX), (u64::MAX - 10, 100)] {
+            let mut damaged = [POINTER_TAG; ChunkPointer::BYTES];
+            damaged[1..9].copy_from_slice(&u64::to_be_bytes(offset));
+            damaged[9..13].copy_from_slice(&u32::to_be_bytes(len));
+            assert!(matches!(
+                ChunkPointer::decode(&damaged),
+                Some(Err(AuditError::Corrupt(_)))
+            ));
+        }
     }
 
     #[test]
