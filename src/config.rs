@@ -182,6 +182,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// `handshake_timeout`: time allowed for a TLS handshake. Default `"10s"`.
     pub handshake_timeout: Duration,
+    /// `max_handshakes_per_ip`: TLS handshakes in progress at once from one
+    /// address; further connections from it are closed at once. Default 64.
+    pub max_handshakes_per_ip: usize,
     /// `keepalive_interval`: HTTP/2 ping interval on idle connections. Default
     /// `"30s"`.
     pub keepalive_interval: Duration,
@@ -612,6 +615,7 @@ impl Default for Limits {
             max_concurrent_streams: 64,
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
+            max_handshakes_per_ip: 64,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
@@ -1036,6 +1040,7 @@ impl Loader<'_> {
                 raw.handshake_timeout,
                 d.handshake_timeout,
             )?,
+            max_handshakes_per_ip: raw.max_handshakes_per_ip.unwrap_or(d.max_handshakes_per_ip),
             keepalive_interval: self.positive_duration(
                 "limits.keepalive_interval",
                 raw.keepalive_interval,
@@ -1058,7 +1063,7 @@ impl Loader<'_> {
                 .default_retention_days
                 .unwrap_or(d.default_retention_days),
         };
-        let positive: [(&str, u64); 11] = [
+        let positive: [(&str, u64); 12] = [
             ("limits.max_content_bytes", l.max_content_bytes as u64),
             ("limits.max_narrative_chars", l.max_narrative_chars as u64),
             ("limits.max_summary_chars", l.max_summary_chars as u64),
@@ -1070,6 +1075,10 @@ impl Loader<'_> {
                 u64::from(l.max_concurrent_streams),
             ),
             ("limits.max_connections", l.max_connections as u64),
+            (
+                "limits.max_handshakes_per_ip",
+                l.max_handshakes_per_ip as u64,
+            ),
             (
                 "limits.max_subscribers_per_agency",
                 l.max_subscribers_per_agency as u64,
@@ -1599,6 +1608,7 @@ struct RawLimits {
     max_concurrent_streams: Option<u32>,
     max_connections: Option<usize>,
     handshake_timeout: Option<Spanned<String>>,
+    max_handshakes_per_ip: Option<usize>,
     keepalive_interval: Option<Spanned<String>>,
     keepalive_timeout: Option<Spanned<String>>,
     request_timeout: Option<Spanned<String>>,

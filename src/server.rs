@@ -76,6 +76,7 @@ pub async fn bind(config: Config) -> Result<Bound, ServeError> {
     let limits = AcceptorLimits {
         max_connections: config.limits.max_connections,
         handshake_timeout: config.limits.handshake_timeout,
+        max_handshakes_per_ip: config.limits.max_handshakes_per_ip,
     };
     let acceptor = Acceptor::new(listener, tls.clone(), limits);
     let stop = CancellationToken::new();

@@ -400,3 +400,43 @@ async fn metrics_count_calls_and_audit_commits_on_their_own_listener() {
     assert!(http_get(metrics, "/").await.starts_with("HTTP/1.1 404"));
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_more_than_its_share_of_handshakes() {
+    use tokio::io::AsyncReadExt;
+    let env = Env::new();
+    env.append_config("[limits]\nmax_handshakes_per_ip = 2\nhandshake_timeout = \"60s\"\n");
+    let gw = env.start().await;
+    // Two connections that never say hello hold this address's two turns.
+    let silent: Vec<tokio::net::TcpStream> = vec![
+        tokio::net::TcpStream::connect(gw.addr).await.unwrap(),
+        tokio::net::TcpStream::connect(gw.addr).await.unwrap(),
+    ];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A third is closed at once, not after the 60 s handshake timeout.
+    let mut third = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), third.read(&mut byte))
+        .await
+        .expect("closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+    // Once they go, the address may connect again.
+    drop(silent);
+    let (cert, key) = env.identity(Role::Agency, "police-met");
+    let mut served = false;
+    for _ in 0..50 {
+        if let Ok(channel) = gw.connect(&cert, &key).await {
+            served = health(channel).await.is_ok();
+            if served {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        served,
+        "a genuine client is served once the silent ones are gone"
+    );
+    gw.stop().await;
+}

@@ -51,6 +51,7 @@ pub async fn serve(
     let limits = AcceptorLimits {
         max_connections: config.limits.max_connections,
         handshake_timeout: config.limits.handshake_timeout,
+        max_handshakes_per_ip: config.limits.max_handshakes_per_ip,
     };
     let incoming = Acceptor::new(listener, tls, limits).incoming(stop.clone());
     let max = config.limits.max_message_bytes;

@@ -3,7 +3,7 @@
 //! with the peer's certificate attached.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -28,6 +28,10 @@ pub struct AcceptorLimits {
     pub max_connections: usize,
     /// How long a client has to complete its TLS handshake.
     pub handshake_timeout: Duration,
+    /// TLS handshakes in progress at once from one address; a connection beyond
+    /// it is closed at once, so that one host sending nothing cannot take every
+    /// connection slot for `handshake_timeout` at a time.
+    pub max_handshakes_per_ip: usize,
 }
 
 /// A listening socket that yields authenticated TLS connections.
@@ -56,6 +60,7 @@ impl Acceptor {
     pub fn incoming(self, stop: CancellationToken) -> ReceiverStream<Result<TlsConn, io::Error>> {
         let (tx, rx) = mpsc::channel(64);
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        let handshaking = Arc::new(Handshaking::new(self.limits.max_handshakes_per_ip));
         tokio::spawn(async move {
             loop {
                 let permit = tokio::select! {
@@ -77,17 +82,70 @@ impl Acceptor {
                         }
                     },
                 };
+                let Some(turn) = handshaking.start(remote.ip()) else {
+                    tracing::info!(%remote, "too many TLS handshakes in progress from this address; connection closed");
+                    continue;
+                };
                 let acceptor = TlsAcceptor::from(self.tls.current().server_config.clone());
                 let timeout = self.limits.handshake_timeout;
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    if let Some(conn) = handshake(acceptor, tcp, remote, timeout, permit).await {
+                    let conn = handshake(acceptor, tcp, remote, timeout, permit).await;
+                    drop(turn);
+                    if let Some(conn) = conn {
                         let _ = tx.send(Ok(conn)).await;
                     }
                 });
             }
         });
         ReceiverStream::new(rx)
+    }
+}
+
+/// Handshakes in progress, by the peer's address.
+struct Handshaking {
+    by_ip: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+    max: usize,
+}
+
+/// One handshake in progress; it ends when this is dropped.
+struct Turn {
+    ip: IpAddr,
+    of: Arc<Handshaking>,
+}
+
+impl Handshaking {
+    fn new(max: usize) -> Self {
+        Handshaking {
+            by_ip: Default::default(),
+            max,
+        }
+    }
+
+    /// A turn for `ip`, unless it has `max` handshakes in progress already.
+    fn start(self: &Arc<Self>, ip: IpAddr) -> Option<Turn> {
+        let mut by_ip = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = by_ip.entry(ip).or_default();
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(Turn {
+            ip,
+            of: self.clone(),
+        })
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut by_ip = self.of.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let std::collections::hash_map::Entry::Occupied(mut n) = by_ip.entry(self.ip) {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
+            }
+        }
     }
 }
 
