@@ -793,3 +793,42 @@ async fn a_revoked_intermediate_refuses_every_certificate_it_issued() {
     assert!(new_connection_refused(&gw, &chain, &leaf.key_pem).await);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_cannot_be_audited_is_not_put_in_force() {
+    let env = Env::new();
+    env.set_tls_watch(false);
+    let gw = common::spawn_gateway(&env).await;
+    let pid = gw.child.id().unwrap();
+    let (cert, key) = env.identity(Role::Operator, "ops");
+    let mut ops = sgw::proto::v1::operations_service_client::OperationsServiceClient::new(
+        common::connect(gw.addr, &env.ca_pem(), Some((&cert, &key)))
+            .await
+            .unwrap(),
+    );
+    let before = served_serial(&env, gw.addr).await;
+    let renewed = sgw::pki::renew_server(&env.pki_dir(), 30, &[], &[]).expect("renew");
+
+    // The audit disk fails: the reload is refused and the old certificate stays.
+    common::set_fsize_limit(pid, "1:unlimited");
+    let err = ops
+        .reload_tls(ReloadTlsRequest {})
+        .await
+        .expect_err("no reload without its audit entry");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert_eq!(served_serial(&env, gw.addr).await, before, "not in force");
+
+    // The disk recovers: the same reload goes through, audited.
+    common::set_fsize_limit(pid, "unlimited:unlimited");
+    let mut reloaded = false;
+    for _ in 0..50 {
+        if ops.reload_tls(ReloadTlsRequest {}).await.is_ok() {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reloaded, "reloads once the log can be written");
+    assert_eq!(served_serial(&env, gw.addr).await, renewed.serial_hex);
+    gw.stop().await;
+}

@@ -283,6 +283,18 @@ impl Process {
     }
 }
 
+/// Sets a process's file-size limit (RLIMIT_FSIZE, `soft:hard`) with util-linux
+/// prlimit: `"1:unlimited"` makes every write past byte 1 of any file fail with
+/// EFBIG, as on a full disk. Only the soft limit moves, so no capability is needed
+/// to raise it again.
+pub fn set_fsize_limit(pid: u32, limit: &str) {
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--fsize={limit}")])
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit failed");
+}
+
 impl Env {
     /// Sets `[tls] watch` in the config.
     pub fn set_tls_watch(&self, watch: bool) {
