@@ -124,6 +124,40 @@ async fn audit_entries(
         .entries
 }
 
+/// The entries of `action` whose actor is `actor`, oldest first.
+async fn entries_by(
+    gw: &common::Gateway,
+    env: &Env,
+    action: AuditAction,
+    actor: &str,
+) -> Vec<AuditEntry> {
+    let mut client = AuditServiceClient::new(gw.connect_as(env, Role::Auditor, "dpo").await);
+    client
+        .query_disclosures(QueryDisclosuresRequest {
+            action: action as i32,
+            actor_id: actor.into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("audit query")
+        .into_inner()
+        .entries
+}
+
+/// Asserts that `entry` is a DENIED entry of `actor` about `concern_id` whose
+/// reason starts with `reason` and holds no narrative, note or NHS number.
+fn assert_denied(entry: &AuditEntry, actor: &str, concern_id: &str, reason: &str) {
+    assert_eq!(entry.outcome, AuditOutcome::Denied as i32, "{entry:?}");
+    assert_eq!(entry.actor_id, actor, "{entry:?}");
+    assert_eq!(entry.object_id, concern_id, "{entry:?}");
+    assert!(entry.reason.starts_with(reason), "{entry:?}");
+    for secret in [NARRATIVE, NHS, NHS_DIGITS] {
+        assert!(!entry.reason.contains(secret), "{entry:?}");
+        assert!(!entry.justification.contains(secret), "{entry:?}");
+    }
+}
+
 async fn inbox(client: &mut Client) -> Vec<Concern> {
     client
         .list_inbox(ListInboxRequest::default())
@@ -341,7 +375,14 @@ async fn only_parties_see_a_concern_only_recipients_acknowledge_only_the_front_d
         .concern
         .unwrap();
     assert_eq!(delivery(&again, "school-oakfield"), &school_delivery);
-    let acks = audit_entries(&gw, &env, AuditAction::ConcernAcknowledged, "police-met").await;
+    // The refusals above are audited DENIED under the same action: count the one
+    // acknowledgement that happened.
+    let acks: Vec<AuditEntry> =
+        audit_entries(&gw, &env, AuditAction::ConcernAcknowledged, "police-met")
+            .await
+            .into_iter()
+            .filter(|e| e.outcome == AuditOutcome::Allowed as i32)
+            .collect();
     assert_eq!(acks.len(), 1, "{acks:?}");
     assert_eq!(acks[0].actor_id, "school-oakfield");
 
@@ -404,8 +445,13 @@ async fn only_parties_see_a_concern_only_recipients_acknowledge_only_the_front_d
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    let decisions = audit_entries(&gw, &env, AuditAction::ConcernDecided, "police-met").await;
-    assert_eq!(decisions.len(), 1);
+    let decisions: Vec<AuditEntry> =
+        audit_entries(&gw, &env, AuditAction::ConcernDecided, "police-met")
+            .await
+            .into_iter()
+            .filter(|e| e.outcome == AuditOutcome::Allowed as i32)
+            .collect();
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
     assert_eq!(decisions[0].actor_id, "csc-southwark");
     assert!(decisions[0].reason.contains("EARLY_HELP"));
 
@@ -1093,5 +1139,210 @@ async fn list_inbox_pages_stay_within_the_message_size_limit() {
         pages > 1,
         "10 narratives of 20000 characters need more than one page"
     );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_non_party_get_concern_is_not_found_and_audited_denied_like_an_unknown_id() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut police = agency(&gw, &env, "police-met").await;
+    let mut hospital = agency(&gw, &env, "nhs-guys").await;
+    let c = raise_ok(&mut police, raise(&["school-oakfield"], "")).await;
+    let id = c.concern_id.clone();
+    let unknown = "c-0123456789abcdef0123456789abcdef";
+
+    let not_party = hospital
+        .get_concern(GetConcernRequest {
+            concern_id: id.clone(),
+        })
+        .await
+        .unwrap_err();
+    let missing = hospital
+        .get_concern(GetConcernRequest {
+            concern_id: unknown.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(not_party.code(), Code::NotFound, "{not_party:?}");
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    assert_eq!(
+        not_party.message().replace(&id, "ID"),
+        missing.message().replace(unknown, "ID"),
+        "the caller cannot tell a concern it may not see from an unknown id"
+    );
+
+    // Both probes are in the log, DENIED, naming the id as given.
+    let denied = entries_by(&gw, &env, AuditAction::DisclosureDenied, "nhs-guys").await;
+    assert_eq!(denied.len(), 2, "{denied:?}");
+    assert_denied(&denied[0], "nhs-guys", &id, "NOT_PARTY");
+    assert_eq!(denied[0].target_agency_id, "police-met");
+    assert_eq!(denied[0].subject_ref.len(), 64, "the child, by keyed hash");
+    assert_denied(&denied[1], "nhs-guys", unknown, "NOT_FOUND");
+    assert!(denied[1].subject_ref.is_empty() && denied[1].target_agency_id.is_empty());
+    // Nothing was delivered to the hospital.
+    assert!(
+        entries_by(&gw, &env, AuditAction::ConcernDelivered, "nhs-guys")
+            .await
+            .is_empty()
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn refused_acknowledgements_and_decisions_are_audited_denied() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut police = agency(&gw, &env, "police-met").await;
+    let mut school = agency(&gw, &env, "school-oakfield").await;
+    let mut hospital = agency(&gw, &env, "nhs-guys").await;
+    let c = raise_ok(&mut police, raise(&["school-oakfield"], "")).await;
+    let id = c.concern_id.clone();
+    let unknown = "c-0123456789abcdef0123456789abcdef";
+    let ack = |concern_id: &str| AcknowledgeConcernRequest {
+        concern_id: concern_id.into(),
+        note: "A note that must not reach the log's reason.".into(),
+    };
+    let decide = |concern_id: &str| RecordDecisionRequest {
+        concern_id: concern_id.into(),
+        decision: Decision::EarlyHelp as i32,
+        lead_practitioner: "A. Worker".into(),
+        note: String::new(),
+    };
+
+    // The sender acknowledging its own concern.
+    let err = police.acknowledge_concern(ack(&id)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let acks = entries_by(&gw, &env, AuditAction::ConcernAcknowledged, "police-met").await;
+    assert_eq!(acks.len(), 1, "{acks:?}");
+    assert_denied(&acks[0], "police-met", &id, "NOT_RECIPIENT");
+    assert_eq!(acks[0].subject_ref.len(), 64);
+
+    // A recipient other than the front door deciding.
+    let err = school.record_decision(decide(&id)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let decisions = entries_by(&gw, &env, AuditAction::ConcernDecided, "school-oakfield").await;
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    assert_denied(&decisions[0], "school-oakfield", &id, "NOT_FRONT_DOOR");
+    assert_eq!(decisions[0].target_agency_id, "police-met");
+
+    // A non-party, and an unknown id: the same NOT_FOUND, both audited.
+    for (attempt, not_party, missing) in [
+        (
+            AuditAction::ConcernAcknowledged,
+            hospital.acknowledge_concern(ack(&id)).await.unwrap_err(),
+            hospital
+                .acknowledge_concern(ack(unknown))
+                .await
+                .unwrap_err(),
+        ),
+        (
+            AuditAction::ConcernDecided,
+            hospital.record_decision(decide(&id)).await.unwrap_err(),
+            hospital.record_decision(decide(unknown)).await.unwrap_err(),
+        ),
+    ] {
+        assert_eq!(not_party.code(), Code::NotFound, "{not_party:?}");
+        assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+        assert_eq!(
+            not_party.message().replace(&id, "ID"),
+            missing.message().replace(unknown, "ID")
+        );
+        let denied = entries_by(&gw, &env, attempt, "nhs-guys").await;
+        assert_eq!(denied.len(), 2, "{attempt:?}: {denied:?}");
+        assert_denied(&denied[0], "nhs-guys", &id, "NOT_PARTY");
+        assert_denied(&denied[1], "nhs-guys", unknown, "NOT_FOUND");
+    }
+
+    // Nothing was acknowledged or decided.
+    let seen = police
+        .get_concern(GetConcernRequest { concern_id: id })
+        .await
+        .unwrap()
+        .into_inner()
+        .concern
+        .unwrap();
+    assert!(seen.recipients.iter().all(|d| d.acknowledged_at.is_none()));
+    assert_eq!(seen.decision, Decision::Unspecified as i32);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_refusal_fails_closed_when_the_audit_log_cannot_be_written() {
+    let env = Env::new();
+    let gw = common::spawn_gateway(&env).await;
+    let pid = gw.child.id().expect("pid");
+    let mut police = agency_at(&env, gw.addr, "police-met").await;
+    let mut school = agency_at(&env, gw.addr, "school-oakfield").await;
+    let mut hospital = agency_at(&env, gw.addr, "nhs-guys").await;
+    let c = raise_ok(&mut police, raise(&["school-oakfield"], "")).await;
+    let id = c.concern_id.clone();
+
+    // Every write past byte 1 of any file now fails with EFBIG, as on a full disk.
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), "--fsize=1:unlimited"])
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit failed");
+    let refusals = [
+        hospital
+            .get_concern(GetConcernRequest {
+                concern_id: id.clone(),
+            })
+            .await
+            .unwrap_err(),
+        hospital
+            .get_concern(GetConcernRequest {
+                concern_id: "c-0123456789abcdef0123456789abcdef".into(),
+            })
+            .await
+            .unwrap_err(),
+        police
+            .acknowledge_concern(AcknowledgeConcernRequest {
+                concern_id: id.clone(),
+                note: String::new(),
+            })
+            .await
+            .unwrap_err(),
+        school
+            .record_decision(RecordDecisionRequest {
+                concern_id: id.clone(),
+                decision: Decision::EarlyHelp as i32,
+                lead_practitioner: "A. Worker".into(),
+                note: String::new(),
+            })
+            .await
+            .unwrap_err(),
+    ];
+    for err in refusals {
+        assert_eq!(
+            err.code(),
+            Code::Unavailable,
+            "no refusal unaudited: {err:?}"
+        );
+    }
+
+    // The disk recovers: the refusal is answered (and audited) again.
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), "--fsize=unlimited:unlimited"])
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit failed");
+    let mut last = None;
+    for _ in 0..50 {
+        let err = hospital
+            .get_concern(GetConcernRequest {
+                concern_id: id.clone(),
+            })
+            .await
+            .unwrap_err();
+        if err.code() == Code::NotFound {
+            last = None;
+            break;
+        }
+        last = Some(err);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(last.is_none(), "still refused after recovery: {last:?}");
     gw.stop().await;
 }

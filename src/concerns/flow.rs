@@ -155,6 +155,8 @@ impl Concerns {
     }
 
     /// GetConcern: the concern, for its sender or a recipient (delivered first).
+    /// Anyone else, and an unknown id, is audited (DISCLOSURE_DENIED) and answered
+    /// NOT_FOUND.
     pub async fn get(
         self: &Arc<Self>,
         caller: &Caller,
@@ -163,7 +165,9 @@ impl Concerns {
     ) -> Result<Concern, ConcernError> {
         let (agency, _) = agency_of(caller)?;
         let id = ConcernId::parse(concern_id).map_err(ConcernError::Invalid)?;
-        let concern = self.visible(&agency, &id).await?;
+        let concern = self
+            .visible(caller, &agency, &id, Attempt::Read, request_id)
+            .await?;
         self.deliver(caller, &agency, concern, request_id).await
     }
 
@@ -251,7 +255,9 @@ impl Concerns {
     }
 
     /// AcknowledgeConcern: records the recipient's acknowledgement (audited
-    /// CONCERN_ACKNOWLEDGED); acknowledging again changes nothing.
+    /// CONCERN_ACKNOWLEDGED); acknowledging again changes nothing. A refusal (not a
+    /// party: NOT_FOUND; the sender: PERMISSION_DENIED) is audited
+    /// CONCERN_ACKNOWLEDGED with outcome DENIED before it is returned.
     pub async fn acknowledge(
         self: &Arc<Self>,
         caller: &Caller,
@@ -263,8 +269,19 @@ impl Concerns {
         let id = ConcernId::parse(concern_id).map_err(ConcernError::Invalid)?;
         check_text("note", note, 0, self.config.limits.max_note_chars)
             .map_err(ConcernError::Invalid)?;
-        let concern = self.visible(&agency, &id).await?;
+        let concern = self
+            .visible(caller, &agency, &id, Attempt::Acknowledge, request_id)
+            .await?;
         if concern.delivery(&agency).is_none() {
+            self.audit_refusal(
+                caller,
+                Attempt::Acknowledge,
+                &id,
+                Some(&concern),
+                "NOT_RECIPIENT: only recipients acknowledge (answered PERMISSION_DENIED)",
+                request_id,
+            )
+            .await?;
             return Err(ConcernError::Denied(format!(
                 "{agency} sent concern {id} and is not one of its recipients; only recipients acknowledge a concern"
             )));
@@ -306,7 +323,9 @@ impl Concerns {
 
     /// RecordDecision: the front door's decision and lead practitioner (audited
     /// CONCERN_DECIDED). Recording the same decision again changes nothing; a
-    /// different one is FAILED_PRECONDITION.
+    /// different one is FAILED_PRECONDITION. A refusal (not a party: NOT_FOUND; a
+    /// party other than the front door: PERMISSION_DENIED) is audited
+    /// CONCERN_DECIDED with outcome DENIED before it is returned.
     pub async fn decide(
         self: &Arc<Self>,
         caller: &Caller,
@@ -327,9 +346,20 @@ impl Concerns {
         .map_err(ConcernError::Invalid)?;
         check_text("note", note, 0, self.config.limits.max_note_chars)
             .map_err(ConcernError::Invalid)?;
-        let concern = self.visible(&agency, &id).await?;
+        let concern = self
+            .visible(caller, &agency, &id, Attempt::Decide, request_id)
+            .await?;
         let front_door = &self.config.front_door;
         if &agency != front_door {
+            self.audit_refusal(
+                caller,
+                Attempt::Decide,
+                &id,
+                Some(&concern),
+                "NOT_FRONT_DOOR: only the front door decides (answered PERMISSION_DENIED)",
+                request_id,
+            )
+            .await?;
             return Err(ConcernError::Denied(format!(
                 "only the front door ({front_door}) records decisions on concerns"
             )));
@@ -392,13 +422,56 @@ impl Concerns {
             .ok_or_else(|| ConcernError::Internal("decided concern vanished".into()))
     }
 
-    /// The concern, if `agency` is a party to it; NOT_FOUND otherwise, exactly as
-    /// for an id that does not exist.
-    async fn visible(&self, agency: &AgencyId, id: &ConcernId) -> Result<Concern, ConcernError> {
-        match self.load(id).await? {
-            Some(c) if c.is_party(agency) => Ok(c),
-            _ => Err(ConcernError::NotFound(id.to_string())),
+    /// The concern, if `agency` is a party to it. Otherwise the refusal is audited
+    /// (durably, before the answer) and the answer is NOT_FOUND, exactly as for an
+    /// id that does not exist: only the audit entry's reason tells the two apart.
+    async fn visible(
+        &self,
+        caller: &Caller,
+        agency: &AgencyId,
+        id: &ConcernId,
+        attempt: Attempt,
+        request_id: &str,
+    ) -> Result<Concern, ConcernError> {
+        let (found, reason) = match self.load(id).await? {
+            Some(c) if c.is_party(agency) => return Ok(c),
+            Some(c) => (
+                Some(c),
+                "NOT_PARTY: neither sender nor recipient (answered NOT_FOUND)",
+            ),
+            None => (None, "NOT_FOUND: no such concern"),
+        };
+        self.audit_refusal(caller, attempt, id, found.as_ref(), reason, request_id)
+            .await?;
+        Err(ConcernError::NotFound(id.to_string()))
+    }
+
+    /// Appends the DENIED entry of a refused call and waits until it is durable. The
+    /// entry names the concern (as given), its child and its sender when it exists,
+    /// and `reason`: a short fixed text, never a narrative, note or NHS number.
+    async fn audit_refusal(
+        &self,
+        caller: &Caller,
+        attempt: Attempt,
+        id: &ConcernId,
+        concern: Option<&Concern>,
+        reason: &str,
+        request_id: &str,
+    ) -> Result<(), ConcernError> {
+        let mut entry = NewEntry::new(
+            Actor::from(caller),
+            attempt.action(),
+            AuditOutcome::Denied,
+            request_id,
+        );
+        entry.object_id = id.to_string();
+        if let Some(c) = concern {
+            entry.subject = Some(c.subject_ref.clone());
+            entry.target_agency_id = c.raised_by.to_string();
         }
+        entry.reason = reason.to_owned();
+        self.auditor.append(entry).await?;
+        Ok(())
     }
 
     /// Makes sure `agency` has been delivered `concern` before its narrative is sent
@@ -483,6 +556,27 @@ impl Concerns {
             out[i] = Some(delivered?);
         }
         Ok(out.into_iter().flatten().collect())
+    }
+}
+
+/// What a refused call tried to do: the action of its DENIED audit entry.
+#[derive(Debug, Clone, Copy)]
+enum Attempt {
+    /// GetConcern: a refused read of the concern.
+    Read,
+    /// AcknowledgeConcern.
+    Acknowledge,
+    /// RecordDecision.
+    Decide,
+}
+
+impl Attempt {
+    fn action(self) -> AuditAction {
+        match self {
+            Attempt::Read => AuditAction::DisclosureDenied,
+            Attempt::Acknowledge => AuditAction::ConcernAcknowledged,
+            Attempt::Decide => AuditAction::ConcernDecided,
+        }
     }
 }
 

@@ -23,7 +23,11 @@
 //! - **Who sees what.** Only the sender and the recipients know a concern exists:
 //!   anyone else gets NOT_FOUND, with the message an unknown id gets. Only
 //!   recipients acknowledge (the sender gets PERMISSION_DENIED); only the front
-//!   door decides (other parties get PERMISSION_DENIED).
+//!   door decides (other parties get PERMISSION_DENIED). Each refusal is audited
+//!   durably before it is answered (GetConcern: DISCLOSURE_DENIED; otherwise the
+//!   attempted CONCERN_ACKNOWLEDGED or _DECIDED with outcome DENIED), an unknown id
+//!   like a concern the caller may not see; a short fixed reason tells them apart
+//!   in the log only.
 //! - **Routing.** The requested recipients, duplicates removed, plus the front door
 //!   unless it is the sender (a concern is never sent to its own sender, so the front
 //!   door raising one must name someone else).
