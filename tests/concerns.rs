@@ -1279,11 +1279,7 @@ async fn a_refusal_fails_closed_when_the_audit_log_cannot_be_written() {
     let id = c.concern_id.clone();
 
     // Every write past byte 1 of any file now fails with EFBIG, as on a full disk.
-    let status = std::process::Command::new("prlimit")
-        .args(["--pid", &pid.to_string(), "--fsize=1:unlimited"])
-        .status()
-        .expect("run prlimit");
-    assert!(status.success(), "prlimit failed");
+    common::set_fsize_limit(pid, "1:unlimited");
     let refusals = [
         hospital
             .get_concern(GetConcernRequest {
@@ -1323,11 +1319,7 @@ async fn a_refusal_fails_closed_when_the_audit_log_cannot_be_written() {
     }
 
     // The disk recovers: the refusal is answered (and audited) again.
-    let status = std::process::Command::new("prlimit")
-        .args(["--pid", &pid.to_string(), "--fsize=unlimited:unlimited"])
-        .status()
-        .expect("run prlimit");
-    assert!(status.success(), "prlimit failed");
+    common::set_fsize_limit(pid, "unlimited:unlimited");
     let mut last = None;
     for _ in 0..50 {
         let err = hospital
