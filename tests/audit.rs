@@ -427,6 +427,33 @@ async fn tampering_is_caught_by_verify_naming_the_first_bad_seq() {
         },
         "signature does not verify",
     );
+    // An index posting list removed (they are not sealed): queries by that action
+    // would omit its entries. Here the last list of AUDIT_QUERIED, stored at the
+    // seq of the first entry it holds.
+    let queried = {
+        let mut k = vec![b'k'];
+        k.extend_from_slice(&(AuditAction::AuditQueried as i32 as u32).to_be_bytes());
+        k
+    };
+    let first_dropped = std::sync::Mutex::new(0u64);
+    case(
+        "index-list",
+        &|t| {
+            let (k, _) = t.tree.scan_prefix(&queried).next_back().unwrap().unwrap();
+            *first_dropped.lock().unwrap() =
+                u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap());
+            t.tree.remove(k).unwrap();
+        },
+        "action index of AUDIT_ACTION_AUDIT_QUERIED: a query by it omits this entry",
+    );
+    let dropped = *first_dropped.lock().unwrap();
+    assert!(dropped > 0, "the second run's list");
+    let dir = env.path().join("case-index-list");
+    let (ok, out) = verify(&dir, None);
+    assert!(
+        !ok && out.contains(&format!("seq {dropped}: missing from the action index")),
+        "{out}"
+    );
 
     // Rolled back to an older copy: the old copy verifies on its own, but not against
     // the checkpoint the auditor kept.

@@ -27,7 +27,9 @@
 //! Index values are posting lists: ascending seqs (u64 each) for that index value,
 //! keyed by the first of them. Each write-ahead round's lists reach sled merged
 //! when the round ends, and are read from memory until then ([`super::postings`]);
-//! logs written before that have one list per commit.
+//! logs written before that have one list per commit. The lists are neither
+//! sealed nor MACed: `sgw audit verify` rebuilds them from the entries (with
+//! [`index_prefixes`], as the writer does) and compares ([`super::verify`]).
 //!
 //! Entry times never decrease with seq (the writer makes it so), which lets a time
 //! range be found by binary search over seq instead of another index.
@@ -165,6 +167,25 @@ pub(crate) fn action_index_prefix(action: i32) -> Vec<u8> {
     k
 }
 
+/// How many indexes an entry can be listed in: [`index_prefixes`] gives one
+/// slot for each.
+pub(crate) const INDEXES: usize = 4;
+
+/// The index prefixes whose posting lists hold `entry`, one slot per index:
+/// its child's (when it names one), its actor's, its target agency's (when it
+/// has one) and its action's. The writer builds the lists from this and `sgw
+/// audit verify` rebuilds them from it, so the two cannot disagree about where an
+/// entry belongs.
+pub(crate) fn index_prefixes(entry: &AuditEntry) -> [Option<Vec<u8>>; INDEXES] {
+    [
+        (!entry.subject_ref.is_empty()).then(|| subject_index_prefix(&entry.subject_ref)),
+        Some(text_index_prefix(BY_ACTOR, &entry.actor_id)),
+        (!entry.target_agency_id.is_empty())
+            .then(|| text_index_prefix(BY_TARGET, &entry.target_agency_id)),
+        Some(action_index_prefix(entry.action)),
+    ]
+}
+
 /// The key of a posting list: the index prefix and the list's first seq.
 pub(crate) fn posting_key(mut prefix: Vec<u8>, first_seq: u64) -> Vec<u8> {
     prefix.extend_from_slice(&first_seq.to_be_bytes());
@@ -220,9 +241,10 @@ pub(crate) fn encode_postings(seqs: &[u64]) -> Result<Vec<u8>, AuditError> {
     Ok(out)
 }
 
-/// The seqs of a posting list of either layout. A list of the delta layout must
-/// ascend strictly, or it is refused; one of the earlier layout is taken as it is
-/// (readers keep each seq once, in order).
+/// The seqs of a posting list of either layout. A list must ascend strictly, or
+/// it is refused: every writer made its lists so, and a reader that met a seq
+/// below the one before would drop it without a word (it keeps each seq once, in
+/// order, across lists).
 pub(crate) fn decode_postings(bytes: &[u8]) -> Result<Vec<u64>, AuditError> {
     let malformed = || AuditError::Corrupt("malformed index posting list".into());
     let Some((&POSTINGS_DELTA, mut rest)) = bytes.split_first() else {
@@ -230,7 +252,13 @@ pub(crate) fn decode_postings(bytes: &[u8]) -> Result<Vec<u64>, AuditError> {
         if !bytes.len().is_multiple_of(8) {
             return Err(malformed());
         }
-        return Ok(bytes.chunks_exact(8).filter_map(read_u64).collect());
+        let seqs: Vec<u64> = bytes.chunks_exact(8).filter_map(read_u64).collect();
+        if seqs.windows(2).any(|pair| pair[1] <= pair[0]) {
+            return Err(AuditError::Corrupt(
+                "index posting list does not ascend".into(),
+            ));
+        }
+        return Ok(seqs);
     };
     let mut seqs = Vec::with_capacity(rest.len());
     while !rest.is_empty() {
@@ -717,6 +745,26 @@ mod tests {
         assert_eq!(decode_postings(&legacy).unwrap(), vec![5, 9, 1 << 40]);
         assert_eq!(decode_postings(&[]).unwrap(), Vec::<u64>::new());
         assert!(decode_postings(&legacy[..7]).is_err());
+    }
+
+    #[test]
+    fn a_list_of_the_earlier_layout_that_does_not_ascend_is_refused() {
+        let eight_bytes_a_seq =
+            |seqs: &[u64]| -> Vec<u8> { seqs.iter().flat_map(|s| s.to_be_bytes()).collect() };
+        for bad in [&[5u64, 9, 7][..], &[5, 5], &[9, 1 << 40, 3]] {
+            assert_eq!(
+                decode_postings(&eight_bytes_a_seq(bad)),
+                Err(AuditError::Corrupt(
+                    "index posting list does not ascend".into()
+                )),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            decode_postings(&eight_bytes_a_seq(&[7])).unwrap(),
+            vec![7],
+            "a list of one seq ascends"
+        );
     }
 
     #[test]

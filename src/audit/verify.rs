@@ -4,8 +4,13 @@
 //! recomputed tree,
 //! check every stored checkpoint's signature and root, and optionally a checkpoint
 //! the auditor kept from earlier (which catches a database rolled back to an old
-//! copy, checkpoints and all).
+//! copy, checkpoints and all). Last, rebuild every index posting list from the
+//! entries and compare it with the stored one as readers see it: the lists are
+//! neither sealed nor MACed, and a query by a child, actor, target or action
+//! follows them to its entries.
 
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::path::Path;
 
 use super::checkpoint::{self, SignedCheckpoint};
@@ -13,6 +18,7 @@ use super::log::{self, open_entry};
 use super::merkle::{self, Hash, MemoryTree};
 use super::tiles;
 use super::AuditError;
+use crate::proto::v1::{AuditAction, AuditEntry};
 use crate::store::Keys;
 
 /// What a successful verification found.
@@ -91,6 +97,8 @@ pub fn verify_data_dir(
     //    entry of its seq, and its time is not before the previous one's.
     let mut memory = MemoryTree::new();
     let mut last_time = i64::MIN;
+    // Where the writer lists each entry (checked in 5).
+    let mut listed = Listed::default();
     let corrupt = |seq: u64, e: AuditError| match e {
         AuditError::Corrupt(m) => fail(
             Some(seq),
@@ -135,6 +143,7 @@ pub fn verify_data_dir(
             }
             last_time = t;
             memory.append(merkle::leaf_hash(&entry.canonical));
+            listed.push(&entry);
         }
     }
     if memory.size() < stored_size {
@@ -204,6 +213,15 @@ pub fn verify_data_dir(
         };
         check_root(&signed, &memory, "the kept checkpoint")?;
     }
+    drop(memory);
+
+    // 5. Every index posting list holds exactly the seqs of the entries that
+    //    carry its value. Opening the database replayed the write-ahead file and
+    //    put that round's lists into sled (the writer's round end), so sled now
+    //    holds every list a reader would see.
+    if let Some((seq, slots)) = check_indexes(tree, listed, stored_size)? {
+        return Err(missing_from_index(tree, entry_file, &keys, seq, slots));
+    }
     drop(opened);
     Ok(Summary {
         entries: stored_size,
@@ -253,6 +271,268 @@ fn check_root(cp: &SignedCheckpoint, memory: &MemoryTree, what: &str) -> Result<
     Ok(())
 }
 
+/// Where the entries say the writer lists each of them, small enough to keep for
+/// millions of entries: per seq, a keyed 64-bit hash of each index prefix of
+/// [`log::index_prefixes`] (the key is drawn at random for each run, so no one
+/// can make two prefixes collide on purpose), and which of them a stored list
+/// has given.
+#[derive(Default)]
+struct Listed {
+    hasher: RandomState,
+    /// Per seq, one hash per index slot; 0 where the entry has no such index.
+    prefixes: Vec<[u64; log::INDEXES]>,
+    /// Per seq, bit `i` set once slot `i` has been given by its index (set from
+    /// the start where the slot is empty).
+    given: Vec<u8>,
+}
+
+/// Every slot given.
+const ALL_GIVEN: u8 = (1 << log::INDEXES) - 1;
+
+impl Listed {
+    /// Adds the next seq's entry.
+    fn push(&mut self, entry: &AuditEntry) {
+        let mut slots = [0; log::INDEXES];
+        let mut given = 0;
+        for (i, prefix) in log::index_prefixes(entry).into_iter().enumerate() {
+            match prefix {
+                Some(prefix) => slots[i] = self.hash(&prefix),
+                None => given |= 1 << i,
+            }
+        }
+        self.prefixes.push(slots);
+        self.given.push(given);
+    }
+
+    /// Never 0, which marks an empty slot.
+    fn hash(&self, prefix: &[u8]) -> u64 {
+        self.hasher.hash_one(prefix) | 1
+    }
+
+    /// The slot of `seq`'s entry that is listed under the prefix hashed `hash`.
+    fn slot(&self, seq: u64, hash: u64) -> Option<usize> {
+        let slots = self.prefixes.get(usize::try_from(seq).ok()?)?;
+        slots.iter().position(|&h| h == hash)
+    }
+}
+
+/// Step 5: the stored index posting lists, as readers see them, against where
+/// the entries say each is listed. A reader of one index takes its lists stored
+/// below the log's size in key order, and gives each seq below the size once,
+/// passing over any at or below the last it gave; a query that starts part-way
+/// (a later page, a time range) begins at the list stored at or before its
+/// first seq ([`log::AuditLog::index_seqs`]). Every list is read once, in key
+/// order, one index at a time.
+///
+/// Fails naming the earliest seq that a list holds without cause or that a
+/// reader would pass over. Otherwise returns the earliest seq that some index
+/// does not give, if any, and the slots of [`log::index_prefixes`] that do not
+/// give it, for the caller to name.
+fn check_indexes(
+    tree: &sled::Tree,
+    mut listed: Listed,
+    size: u64,
+) -> Result<Option<(u64, u8)>, Failure> {
+    let mut earliest = Earliest::default();
+    // The index being read: its prefix and its lists so far.
+    let mut index: Option<(Vec<u8>, Vec<StoredList>)> = None;
+    for tag in [
+        log::BY_ACTOR,
+        log::BY_ACTION,
+        log::BY_SUBJECT,
+        log::BY_TARGET,
+    ] {
+        for kv in tree.scan_prefix([tag]) {
+            let (key, value) = kv.map_err(|e| fail(None, e.to_string()))?;
+            let prefix = log::posting_prefix(&key).map_err(|e| fail(None, problem_of(e)))?;
+            let at = stored_at(&key);
+            if index.as_ref().is_none_or(|(p, _)| p[..] != *prefix) {
+                if let Some((p, lists)) = index.take() {
+                    check_index(&p, &lists, &mut listed, size, &mut earliest);
+                }
+                index = Some((prefix.to_vec(), Vec::new()));
+            }
+            match log::decode_postings(&value) {
+                Ok(seqs) => {
+                    if let Some((_, lists)) = index.as_mut() {
+                        lists.push((at, seqs));
+                    }
+                }
+                Err(e) => earliest.note(at, || {
+                    format!(
+                        "the {} list stored at seq {at}: {}",
+                        index_name(prefix),
+                        problem_of(e)
+                    )
+                }),
+            }
+        }
+    }
+    if let Some((p, lists)) = index.take() {
+        check_index(&p, &lists, &mut listed, size, &mut earliest);
+    }
+    let missing = listed
+        .given
+        .iter()
+        .enumerate()
+        .find(|(_, &g)| g != ALL_GIVEN)
+        .map(|(seq, &g)| (seq as u64, !g & ALL_GIVEN));
+    match earliest.0 {
+        Some((seq, problem)) if missing.is_none_or(|(m, _)| seq <= m) => {
+            Err(fail(Some(seq), problem))
+        }
+        _ => Ok(missing),
+    }
+}
+
+/// A stored posting list: the seq its key names, and its seqs.
+type StoredList = (u64, Vec<u64>);
+
+/// One index's stored `lists`, in key order: marks in `listed` the seqs a reader gets from them, and notes what is
+/// wrong.
+fn check_index(
+    prefix: &[u8],
+    lists: &[StoredList],
+    listed: &mut Listed,
+    size: u64,
+    earliest: &mut Earliest,
+) {
+    let hash = listed.hash(prefix);
+    let name = || index_name(prefix);
+    let mut last_given: Option<u64> = None;
+    for (at, seqs) in lists {
+        match seqs.first() {
+            Some(first) if first == at => {}
+            Some(&first) => earliest.note(first.min(*at), || {
+                format!(
+                    "the {} list stored at seq {at} begins at seq {first}",
+                    name()
+                )
+            }),
+            None => earliest.note(*at, || {
+                format!("the {} list stored at seq {at} is empty", name())
+            }),
+        }
+        for &seq in seqs {
+            let given = *at < size && seq < size && last_given.is_none_or(|last| seq > last);
+            if given {
+                last_given = Some(seq);
+            }
+            let Some(slot) = listed.slot(seq, hash) else {
+                earliest.note(seq, || {
+                    if seq >= size {
+                        format!("listed in the {}, beyond the log's {size} entries", name())
+                    } else {
+                        format!(
+                            "listed in the {}, but the entry does not carry that value",
+                            name()
+                        )
+                    }
+                });
+                continue;
+            };
+            if !given {
+                // Passed over: missing, unless the reader gave it already.
+                continue;
+            }
+            if let Some(g) = usize::try_from(seq)
+                .ok()
+                .and_then(|s| listed.given.get_mut(s))
+            {
+                *g |= 1 << slot;
+            }
+            // A query starting at `seq` begins at the list stored at or before it.
+            let begins = lists.partition_point(|(a, _)| *a <= seq).checked_sub(1);
+            if let Some((begins_at, holds)) = begins.and_then(|i| lists.get(i)) {
+                if holds.binary_search(&seq).is_err() {
+                    earliest.note(seq, || {
+                        format!(
+                            "missing from the {} list stored at seq {begins_at}, where a query \
+                             by it that starts between seqs {begins_at} and {seq} looks for it, \
+                             and omits this entry",
+                            name()
+                        )
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The failure for entry `seq`, which the indexes of `slots` (of
+/// [`log::index_prefixes`]) do not give: named from the entry itself, read
+/// again, since only a hash of each index was kept.
+fn missing_from_index(
+    tree: &sled::Tree,
+    entries: &std::sync::Arc<super::entry_file::EntryFile>,
+    keys: &Keys,
+    seq: u64,
+    slots: u8,
+) -> Failure {
+    let entry = match log::read_entry(tree, entries, keys, seq) {
+        Ok(entry) => entry,
+        Err(e) => return fail(Some(seq), problem_of(e)),
+    };
+    let name = log::index_prefixes(&entry)
+        .into_iter()
+        .enumerate()
+        .find_map(|(i, prefix)| prefix.filter(|_| slots & (1 << i) != 0))
+        .map_or_else(|| "indexes".to_owned(), |prefix| index_name(&prefix));
+    fail(
+        Some(seq),
+        format!("missing from the {name}: a query by it omits this entry"),
+    )
+}
+
+/// The earliest seq found wrong so far in the indexes, and what is wrong there.
+#[derive(Default)]
+struct Earliest(Option<(u64, String)>);
+
+impl Earliest {
+    fn note(&mut self, seq: u64, problem: impl FnOnce() -> String) {
+        if self.0.as_ref().is_none_or(|(earlier, _)| seq < *earlier) {
+            self.0 = Some((seq, problem()));
+        }
+    }
+}
+
+/// The seq a posting list is stored at: the last 8 bytes of its key.
+fn stored_at(key: &[u8]) -> u64 {
+    key.len()
+        .checked_sub(8)
+        .and_then(|n| log::read_u64(&key[n..]))
+        .unwrap_or(0)
+}
+
+/// How a failure names the index of `prefix`.
+fn index_name(prefix: &[u8]) -> String {
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    match prefix.split_first() {
+        Some((&log::BY_SUBJECT, hex)) => format!("subject index of {}", text(hex)),
+        Some((&log::BY_ACTOR, [_, id @ ..])) => format!("actor index of {:?}", text(id)),
+        Some((&log::BY_TARGET, [_, id @ ..])) => format!("target agency index of {:?}", text(id)),
+        Some((&log::BY_ACTION, code)) => match <[u8; 4]>::try_from(code) {
+            Ok(code) => {
+                let code = u32::from_be_bytes(code) as i32;
+                match AuditAction::try_from(code) {
+                    Ok(action) => format!("action index of {}", action.as_str_name()),
+                    Err(_) => format!("action index of {code}"),
+                }
+            }
+            Err(_) => format!("index {:?}", text(prefix)),
+        },
+        _ => format!("index {:?}", text(prefix)),
+    }
+}
+
+/// An audit error's text without the "audit log damaged at" of its display.
+fn problem_of(e: AuditError) -> String {
+    match e {
+        AuditError::Corrupt(m) => m,
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -263,6 +543,7 @@ mod tests {
     use crate::audit::{Actor, Auditor, NewEntry};
     use crate::domain::SystemClock;
     use crate::proto::v1::{AuditAction, AuditOutcome};
+    use crate::store::keys::SubjectRef;
 
     /// A stopped gateway's data dir holding `n` entries written by concurrent
     /// callers (so group commits of several entries, in shared chunks) and a
@@ -270,6 +551,27 @@ mod tests {
     async fn written_log(n: usize) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let keys = Arc::new(Keys::load_or_create(dir.path(), None).unwrap());
+        write_log(&dir, keys, n, |i| {
+            NewEntry::new(
+                Actor::system(),
+                AuditAction::TlsReloaded,
+                AuditOutcome::Allowed,
+                &format!("r{i}"),
+            )
+        })
+        .await;
+        dir
+    }
+
+    /// Writes `n` entries made by `entry` (from 0 to `n - 1`) as concurrent
+    /// callers would, and a checkpoint, then stops the log.
+    async fn write_log(
+        dir: &tempfile::TempDir,
+        keys: Arc<Keys>,
+        n: usize,
+        entry: impl Fn(usize) -> NewEntry + Send + Sync + 'static,
+    ) {
+        let entry = Arc::new(entry);
         let settings = AuditSettings {
             dir: dir.path().join("audit"),
             log_id: "test.example/sgw/audit".into(),
@@ -280,16 +582,8 @@ mod tests {
         let auditor = Auditor::open(settings, keys, Arc::new(SystemClock)).unwrap();
         let tasks: Vec<_> = (0..n)
             .map(|i| {
-                let a = auditor.clone();
-                tokio::spawn(async move {
-                    let e = NewEntry::new(
-                        Actor::system(),
-                        AuditAction::TlsReloaded,
-                        AuditOutcome::Allowed,
-                        &format!("r{i}"),
-                    );
-                    a.append(e).await.unwrap()
-                })
+                let (a, entry) = (auditor.clone(), entry.clone());
+                tokio::spawn(async move { a.append(entry(i)).await.unwrap() })
             })
             .collect();
         for t in tasks {
@@ -307,7 +601,6 @@ mod tests {
                 _ => break,
             }
         }
-        dir
     }
 
     /// The first chunk holding at least three entries: its key and entries.
@@ -516,5 +809,234 @@ mod tests {
             300
         });
         assert_eq!(got.unwrap_err().seq, Some(seq));
+    }
+
+    /// Five children (real NHS numbers, keyed with the log's own key), `n` entries
+    /// by three agencies about them in turn, some with a target agency: the log,
+    /// and the children's subject refs, in the order entry `i` names them (`i % 5`).
+    async fn log_about_children(n: usize) -> (tempfile::TempDir, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(Keys::load_or_create(dir.path(), None).unwrap());
+        let children: Vec<String> = (0..)
+            .filter_map(|n| {
+                crate::domain::NhsNumber::parse(&format!("{}", 9_434_765_000u64 + n)).ok()
+            })
+            .take(5)
+            .map(|nhs| keys.subject_ref(&nhs).as_str().to_owned())
+            .collect();
+        let named = children.clone();
+        write_log(&dir, keys, n, move |i| entry_about(&named, i)).await;
+        (dir, children)
+    }
+
+    /// Entry `i` of [`log_about_children`]: about child `i % 5`, by one of three
+    /// agencies, one of two actions, every other one with a target agency.
+    fn entry_about(children: &[String], i: usize) -> NewEntry {
+        let mut e = NewEntry::new(
+            Actor {
+                id: ["police-met", "school-oakfield", "health-guys"][i % 3].into(),
+                ..Actor::system()
+            },
+            [AuditAction::RecordDisclosed, AuditAction::ConcernRaised][i % 2],
+            AuditOutcome::Allowed,
+            &format!("r{i}"),
+        );
+        e.subject = Some(SubjectRef::from_hex(children[i % 5].clone()));
+        e.target_agency_id = ["", "csc-southwark"][i % 2].into();
+        e
+    }
+
+    /// Verifies `dir`, retrying while sled still holds the file lock of a log
+    /// just closed.
+    fn verify_when_free(dir: &Path) -> Result<Summary, Failure> {
+        let mut got = verify_data_dir(dir, None, None);
+        for _ in 0..100 {
+            match &got {
+                Err(f) if f.cannot_check => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    got = verify_data_dir(dir, None, None);
+                }
+                _ => break,
+            }
+        }
+        got
+    }
+
+    /// The writer's own lists verify however it left them: merged over many
+    /// write-ahead rounds, split into lists of at most `POSTINGS_PER_KEY`, and,
+    /// in a copy taken while it runs (what a crash leaves), the current round's
+    /// lists held only by the write-ahead file until the verifier replays it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn indexes_over_many_write_ahead_rounds_and_after_a_crash_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(Keys::load_or_create(dir.path(), None).unwrap());
+        let children: Vec<String> = (0..5).map(|c| format!("{c:064x}")).collect();
+        let settings = AuditSettings {
+            dir: dir.path().join("audit"),
+            log_id: "test.example/sgw/audit".into(),
+            max_batch: 64,
+            cache_bytes: 8 << 20,
+            // About 1,700 entries of 300 bytes a round: three rounds and a part.
+            wal_bytes: 512 * 1024,
+        };
+        let auditor = Auditor::open(settings, keys, Arc::new(SystemClock)).unwrap();
+        let n = 6_000;
+        for wave in 0..4 {
+            let tasks: Vec<_> = (wave * n / 4..(wave + 1) * n / 4)
+                .map(|i| {
+                    let (a, mut e) = (auditor.clone(), entry_about(&children, i));
+                    e.reason = "x".repeat(200);
+                    // One action for all: its lists outgrow `POSTINGS_PER_KEY`.
+                    e.action = AuditAction::RecordDisclosed;
+                    tokio::spawn(async move { a.append(e).await.unwrap() })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+        {
+            let db = auditor.log().open.load_full().expect("open");
+            let action = log::action_index_prefix(AuditAction::RecordDisclosed as i32);
+            assert!(
+                db.tree.scan_prefix(&action).count() >= 4,
+                "several rounds, and lists split within a round"
+            );
+        }
+        let crashed = tempfile::tempdir().unwrap();
+        copy_tree(dir.path(), crashed.path());
+        let summary = verify_when_free(crashed.path()).unwrap();
+        assert_eq!(summary.entries, n as u64);
+
+        auditor.close().await;
+        drop(auditor);
+        let summary = verify_when_free(dir.path()).unwrap();
+        assert_eq!(summary.entries, n as u64);
+    }
+
+    /// The seqs of the subject index list stored at `key`.
+    fn seqs_at(tree: &sled::Tree, key: &[u8]) -> Vec<u64> {
+        log::decode_postings(&tree.get(key).unwrap().expect("a list")).unwrap()
+    }
+
+    /// The keys of a child's subject index lists, in order.
+    fn subject_lists(tree: &sled::Tree, child: &str) -> Vec<Vec<u8>> {
+        tree.scan_prefix(log::subject_index_prefix(child))
+            .map(|kv| kv.unwrap().0.to_vec())
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_edited_subject_index_fails_verification_naming_the_index_and_seq() {
+        let (dir, children) = log_about_children(300).await;
+        // Untouched, it verifies, indexes and all.
+        let summary = verify_data_dir(dir.path(), None, None).unwrap();
+        assert_eq!(summary.entries, 300);
+        let index_of = |child: &str| format!("subject index of {child}");
+
+        // One seq taken out of a child's list: SubjectAccessReport would omit it.
+        let (seq, got) = tampered(dir.path(), |t, _| {
+            let key = subject_lists(t, &children[1]).remove(0);
+            let mut seqs = seqs_at(t, &key);
+            let dropped = seqs.remove(seqs.len() / 2);
+            t.insert(&key, log::encode_postings(&seqs).unwrap())
+                .unwrap();
+            dropped
+        });
+        let err = got.unwrap_err();
+        assert_eq!(err.seq, Some(seq), "{err}");
+        assert!(!err.cannot_check, "{err}");
+        assert!(err.problem.contains(&index_of(&children[1])), "{err}");
+        assert!(err.problem.contains("missing from"), "{err}");
+
+        // A whole list deleted.
+        let (seq, got) = tampered(dir.path(), |t, _| {
+            let key = subject_lists(t, &children[2]).remove(0);
+            let first = seqs_at(t, &key)[0];
+            t.remove(&key).unwrap();
+            first
+        });
+        let err = got.unwrap_err();
+        assert_eq!(err.seq, Some(seq), "{err}");
+        assert!(err.problem.contains(&index_of(&children[2])), "{err}");
+
+        // A seq of another child's entry added to a child's list.
+        let (seq, got) = tampered(dir.path(), |t, _| {
+            let key = subject_lists(t, &children[0]).remove(0);
+            let mut seqs = seqs_at(t, &key);
+            // Seqs follow the order of the concurrent appends: take one from
+            // the other child's list.
+            let other = seqs_at(t, &subject_lists(t, &children[1])[0])[5];
+            seqs.push(other);
+            seqs.sort_unstable();
+            t.insert(&key, log::encode_postings(&seqs).unwrap())
+                .unwrap();
+            other
+        });
+        let err = got.unwrap_err();
+        assert_eq!(err.seq, Some(seq), "{err}");
+        assert!(err.problem.contains(&index_of(&children[0])), "{err}");
+        assert!(err.problem.contains("does not carry that value"), "{err}");
+
+        // A list for a child no entry names.
+        let stranger = "ab".repeat(32);
+        let (seq, got) = tampered(dir.path(), |t, _| {
+            let key = log::posting_key(log::subject_index_prefix(&stranger), 7);
+            t.insert(key, log::encode_postings(&[7]).unwrap()).unwrap();
+            7
+        });
+        let err = got.unwrap_err();
+        assert_eq!(err.seq, Some(seq), "{err}");
+        assert!(err.problem.contains(&index_of(&stranger)), "{err}");
+        assert!(err.problem.contains("does not carry that value"), "{err}");
+
+        // A copy of the list's own seq stored as a list of its own, part-way: a
+        // full read still gives every seq once, but a query starting after it (a
+        // later page, a time range) begins at the copy and skips the rest of the
+        // list it was taken from.
+        let (seq, got) = tampered(dir.path(), |t, _| {
+            let key = subject_lists(t, &children[3]).remove(0);
+            let seqs = seqs_at(t, &key);
+            let copy = seqs[10];
+            t.insert(
+                log::posting_key(log::subject_index_prefix(&children[3]), copy),
+                log::encode_postings(&[copy]).unwrap(),
+            )
+            .unwrap();
+            seqs[11]
+        });
+        let err = got.unwrap_err();
+        assert_eq!(err.seq, Some(seq), "{err}");
+        assert!(err.problem.contains(&index_of(&children[3])), "{err}");
+
+        // A list of the earlier layout (8 bytes a seq) whose seqs do not ascend:
+        // a reader would drop the seq that goes back.
+        let (seq, got) = tampered(dir.path(), |t, _| {
+            let key = subject_lists(t, &children[4]).remove(0);
+            let mut seqs = seqs_at(t, &key);
+            seqs.swap(1, 2);
+            let legacy: Vec<u8> = seqs.iter().flat_map(|s| s.to_be_bytes()).collect();
+            t.insert(&key, legacy).unwrap();
+            seqs[0]
+        });
+        let err = got.unwrap_err();
+        assert_eq!(err.seq, Some(seq), "{err}");
+        assert!(err.problem.contains("does not ascend"), "{err}");
+
+        // The other indexes too: an entry dropped from its actor's list.
+        let (seq, got) = tampered(dir.path(), |t, _| {
+            let prefix = log::text_index_prefix(log::BY_ACTOR, "school-oakfield");
+            let (key, value) = t.scan_prefix(&prefix).next().unwrap().unwrap();
+            let mut seqs = log::decode_postings(&value).unwrap();
+            let dropped = seqs.pop().unwrap();
+            t.insert(key, log::encode_postings(&seqs).unwrap()).unwrap();
+            dropped
+        });
+        let err = got.unwrap_err();
+        assert_eq!(err.seq, Some(seq), "{err}");
+        assert!(
+            err.problem.contains("actor index of \"school-oakfield\""),
+            "{err}"
+        );
     }
 }

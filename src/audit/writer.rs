@@ -778,18 +778,9 @@ impl Writer {
                 chunk_first = seq;
             }
             log::push_to_chunk(&mut chunk, &sealed);
-            let mut index = |prefix: Vec<u8>| postings.entry(prefix).or_default().push(seq);
-            if !record.subject_ref.is_empty() {
-                index(log::subject_index_prefix(&record.subject_ref));
+            for prefix in log::index_prefixes(&record).into_iter().flatten() {
+                postings.entry(prefix).or_default().push(seq);
             }
-            index(log::text_index_prefix(log::BY_ACTOR, &record.actor_id));
-            if !record.target_agency_id.is_empty() {
-                index(log::text_index_prefix(
-                    log::BY_TARGET,
-                    &record.target_agency_id,
-                ));
-            }
-            index(log::action_index_prefix(record.action));
             receipts.push(Durable {
                 seq,
                 time_micros: time,
