@@ -1156,7 +1156,16 @@ impl Loader<'_> {
         Ok(Logging {
             format: raw.format.unwrap_or(d.format),
             level: match raw.level {
-                Some(level) => self.non_blank("logging.level", level)?,
+                Some(level) => {
+                    let span = level.span();
+                    let level = self.non_blank("logging.level", level)?;
+                    if let Err(why) = log_filter_problem(&level) {
+                        return Err(
+                            self.invalid(Some(span), Problem::out_of_range("logging.level", why))
+                        );
+                    }
+                    level
+                }
                 None => d.level,
             },
         })
@@ -1190,7 +1199,22 @@ impl Loader<'_> {
                 .map(|p| self.path("audit.signing_key", p))
                 .transpose()?,
             log_id: match raw.log_id {
-                Some(id) => self.non_blank("audit.log_id", id)?,
+                Some(id) => {
+                    let span = id.span();
+                    let id = self.non_blank("audit.log_id", id)?;
+                    // It names every checkpoint the log signs, for good: a name no
+                    // checkpoint can carry would leave the log unverifiable.
+                    crate::audit::checkpoint::check_key_name(&id).map_err(|_| {
+                        self.invalid(
+                            Some(span),
+                            Problem::out_of_range(
+                                "audit.log_id",
+                                format!("{id:?} must have no spaces, '+' or control characters: it names every checkpoint the log signs"),
+                            ),
+                        )
+                    })?;
+                    id
+                }
                 None => format!("{trust_domain}/sgw/audit"),
             },
             max_batch,
@@ -1419,6 +1443,32 @@ impl Problem {
             requirement,
         }
     }
+}
+
+/// Why a `[logging] level` is not a filter to log by: each comma-separated part
+/// is a level (`error`, `warn`, `info`, `debug`, `trace`, `off`) or `target=level`.
+/// A bare word that is not a level (`warning`, `verbose`) would parse as a target
+/// and leave every other line, the gateway's errors included, unlogged.
+fn log_filter_problem(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let is_level = |s: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(s.trim()));
+    for part in filter.split(',') {
+        let level = match part.rsplit_once('=') {
+            Some((target, level)) if !target.trim().is_empty() => level,
+            Some(_) => return Err(format!("{part:?} names no target before '='")),
+            None => part,
+        };
+        if !is_level(level) {
+            return Err(format!(
+                "{part:?}: a level must be one of {}, alone or as target=level (e.g. \"sgw=debug,info\")",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// Formats [`Problem::DuplicateId`]'s message.
@@ -2298,6 +2348,23 @@ bank_holidays = []                    # ["2026-12-25", ...]
         assert_eq!(c.shutdown.grace, Duration::ZERO);
         assert_eq!(c.auditors[1].name.as_deref(), Some("Ofsted"));
 
+        for bad in ["warning", "sgw=verbose,info", "=debug"] {
+            let (_, msg) = problem(load(&format!("{EXAMPLE}\n[logging]\nlevel = \"{bad}\"\n")));
+            assert!(msg.contains("logging.level"), "{bad}: {msg}");
+        }
+        for good in ["WARN", "sgw=debug,info", "sgw::call=off,h2=warn,info"] {
+            assert!(
+                load(&format!("{EXAMPLE}\n[logging]\nlevel = \"{good}\"\n")).is_ok(),
+                "{good}"
+            );
+        }
+        let (_, msg) = problem(load(&format!(
+            "{EXAMPLE}\n[audit]\nlog_id = \"Southwark audit\"\n"
+        )));
+        assert!(
+            msg.contains("audit.log_id") && msg.contains("no spaces"),
+            "{msg}"
+        );
         let msg = syntax(load(&format!("{EXAMPLE}\n[logging]\nformat = \"xml\"\n")));
         assert!(msg.contains("xml") && msg.contains("json"), "{msg}");
         let (_, msg) = problem(load(&format!(

@@ -459,7 +459,7 @@ fn is_c2sp_key_name(name: &str) -> bool {
 
 /// Our own key names (log ids) follow C2SP and also have no control
 /// characters, since the name is also the checkpoint's first line.
-fn check_key_name(name: &str) -> Result<(), CheckpointError> {
+pub fn check_key_name(name: &str) -> Result<(), CheckpointError> {
     if !is_c2sp_key_name(name) || name.chars().any(char::is_control) {
         return Err(CheckpointError::InvalidKeyName(name.to_owned()));
     }
