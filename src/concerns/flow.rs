@@ -291,7 +291,7 @@ impl Concerns {
         if acknowledged(&concern, &agency) {
             return Ok(concern);
         }
-        let _one_at_a_time = self.locks.lock(&format!("ack/{id}/{agency}")).await;
+        let _one_at_a_time = self.lock_changes(&id).await;
         let concern = self.existing(&id).await?;
         if acknowledged(&concern, &agency) {
             return Ok(concern);
@@ -367,7 +367,7 @@ impl Concerns {
         // The answer carries the narrative: deliver first (the front door is
         // usually a recipient).
         self.deliver(caller, &agency, concern, request_id).await?;
-        let _one_at_a_time = self.locks.lock(&format!("decide/{id}")).await;
+        let _one_at_a_time = self.lock_changes(&id).await;
         let concern = self.existing(&id).await?;
         if let Some(made) = &concern.decision {
             if made.decision == decision

@@ -208,6 +208,13 @@ impl Concerns {
             .await?)
     }
 
+    /// The lock that serialises, within this process, the changes to one concern
+    /// that depend on its current state: acknowledgements, decisions and the
+    /// sweeper's escalations.
+    async fn lock_changes(&self, id: &ConcernId) -> tokio::sync::MutexGuard<'_, ()> {
+        self.locks.lock(&format!("change/{id}")).await
+    }
+
     async fn load(&self, id: &ConcernId) -> Result<Option<Concern>, ConcernError> {
         Ok(self.store.get(id).await?)
     }

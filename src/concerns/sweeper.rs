@@ -8,13 +8,22 @@
 //! sender's inbox and one in the front door's, in one durable write. A crash between
 //! the two leaves audit entries without the escalation; the next sweep (after the
 //! restart) makes it, so the events still go out exactly once.
+//!
+//! The write escalates only what is still escalatable as stored: a concern decided
+//! meanwhile only has its deadlines cleared, and a recipient that acknowledged
+//! meanwhile is neither marked nor named in the event. A recipient audited but not
+//! escalated gets a compensating CONCERN_ESCALATED entry with outcome DENIED.
+//! Within one process acknowledgements and decisions wait for the sweeper's work on
+//! a concern (they share its lock), so that happens only when another replica
+//! changes the concern in between.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use super::model::{overdue, Escalation, InboxEvent};
+use super::model::{overdue, ConcernId, Escalation, InboxEvent, Overdue};
 use super::store::Edit;
 use super::{ConcernError, Concerns};
 use crate::audit::{Actor, NewEntry};
@@ -23,6 +32,10 @@ use crate::proto::v1::{AuditAction, AuditOutcome};
 
 /// The request id of the sweeper's audit entries.
 const SWEEPER_REQUEST_ID: &str = "deadline-sweeper";
+
+/// The reason of the compensating entry (outcome DENIED) for a recipient whose
+/// CONCERN_ESCALATED entry was written but whose escalation was not made.
+const NOT_ESCALATED: &str = "NOT_ESCALATED: acknowledged, decided or escalated before the escalation was stored; no escalation sent";
 
 /// How often the sweeper runs: half the shortest deadline, between 100 ms and 5 s,
 /// so a deadline is escalated at most that late.
@@ -61,69 +74,112 @@ impl Concerns {
         let due = self.store.due_by(now).await?;
         let mut escalated = 0;
         for id in due {
-            let Some(concern) = self.load(&id).await? else {
-                self.store.settle(&id, now).await?;
-                continue;
-            };
-            let Some(late) = overdue(now, [&concern]).into_iter().next() else {
-                // Acknowledged (or decided) in time: nothing to escalate.
-                self.store.settle(&id, now).await?;
-                continue;
-            };
-            let reason = late.reason(concern.urgency);
-            for recipient in &late.recipients {
-                let mut entry = NewEntry::new(
-                    Actor::system(),
-                    AuditAction::ConcernEscalated,
-                    AuditOutcome::Allowed,
-                    SWEEPER_REQUEST_ID,
-                );
-                entry.subject = Some(concern.subject_ref.clone());
-                entry.target_agency_id = recipient.to_string();
-                entry.object_id = id.to_string();
-                entry.reason = reason.clone();
-                self.auditor.append(entry).await?;
-            }
-            let front_door = self.config.front_door.clone();
-            let escalation = InboxEvent::Escalation(Escalation {
-                concern_id: id.clone(),
-                reason,
-                due_at: late.due_at,
-            });
-            let late_recipients = late.recipients.clone();
-            let after = self
-                .store
-                .update(
-                    &id,
-                    Box::new(move |c| {
-                        if c.mark_escalated(&late.recipients).is_empty() {
-                            return Edit {
-                                settle_until: Some(now),
-                                ..Edit::default()
-                            };
-                        }
-                        let mut to = vec![c.raised_by.clone()];
-                        if front_door != c.raised_by {
-                            to.push(front_door);
-                        }
-                        Edit {
-                            record: true,
-                            events: to.into_iter().map(|a| (a, escalation.clone())).collect(),
-                            settle_until: Some(now),
-                        }
-                    }),
-                )
-                .await?;
-            let escalated_now = after.is_some_and(|c| {
-                late_recipients
-                    .iter()
-                    .all(|r| c.delivery(r).is_some_and(|d| d.escalated))
-            });
-            if escalated_now {
+            if self.escalate(&id, now).await? {
                 escalated += 1;
                 tracing::info!(concern = %id, "acknowledgement deadline missed: escalated");
             }
         }
         Ok(escalated)
+    }
+
+    /// Escalates concern `id`'s recipients that are late at `now`, if any; true
+    /// when something was escalated.
+    ///
+    /// Under the concern's lock (so acknowledgements and decisions in this process
+    /// wait), it appends CONCERN_ESCALATED for each late recipient, then, in the
+    /// store's update, escalates only what is still escalatable as stored: nothing
+    /// once the concern is decided, and no recipient that has acknowledged. Another
+    /// replica may change the concern between the two steps; a recipient audited
+    /// but then not escalated gets a compensating CONCERN_ESCALATED entry with
+    /// outcome DENIED, so the log never claims an escalation that was not made.
+    async fn escalate(&self, id: &ConcernId, now: OffsetDateTime) -> Result<bool, ConcernError> {
+        let _one_at_a_time = self.lock_changes(id).await;
+        let Some(concern) = self.load(id).await? else {
+            self.store.settle(id, now).await?;
+            return Ok(false);
+        };
+        let Some(late) = overdue(now, [&concern]).into_iter().next() else {
+            // Acknowledged (or decided) in time: nothing to escalate.
+            self.store.settle(id, now).await?;
+            return Ok(false);
+        };
+        let reason = late.reason(concern.urgency);
+        for recipient in &late.recipients {
+            let mut entry = NewEntry::new(
+                Actor::system(),
+                AuditAction::ConcernEscalated,
+                AuditOutcome::Allowed,
+                SWEEPER_REQUEST_ID,
+            );
+            entry.subject = Some(concern.subject_ref.clone());
+            entry.target_agency_id = recipient.to_string();
+            entry.object_id = id.to_string();
+            entry.reason = reason.clone();
+            self.auditor.append(entry).await?;
+        }
+        let front_door = self.config.front_door.clone();
+        let marked = Arc::new(Mutex::new(Vec::new()));
+        let marked_in_edit = marked.clone();
+        let late_recipients = late.recipients.clone();
+        self.store
+            .update(
+                id,
+                Box::new(move |c| {
+                    let settle_only = Edit {
+                        settle_until: Some(now),
+                        ..Edit::default()
+                    };
+                    if c.decision.is_some() {
+                        // Decided meanwhile: the front door has dealt with it.
+                        return settle_only;
+                    }
+                    let escalated = c.mark_escalated(&late_recipients);
+                    let Some(due_at) = c
+                        .recipients
+                        .iter()
+                        .filter(|d| escalated.contains(&d.agency))
+                        .map(|d| d.due_at)
+                        .min()
+                    else {
+                        return settle_only;
+                    };
+                    let done = Overdue {
+                        concern_id: c.id.clone(),
+                        recipients: escalated.clone(),
+                        due_at,
+                    };
+                    let escalation = InboxEvent::Escalation(Escalation {
+                        concern_id: c.id.clone(),
+                        reason: done.reason(c.urgency),
+                        due_at,
+                    });
+                    let mut to = vec![c.raised_by.clone()];
+                    if front_door != c.raised_by {
+                        to.push(front_door);
+                    }
+                    *marked_in_edit.lock().unwrap_or_else(|p| p.into_inner()) = escalated;
+                    Edit {
+                        record: true,
+                        events: to.into_iter().map(|a| (a, escalation.clone())).collect(),
+                        settle_until: Some(now),
+                    }
+                }),
+            )
+            .await?;
+        let marked = std::mem::take(&mut *marked.lock().unwrap_or_else(|p| p.into_inner()));
+        for recipient in late.recipients.iter().filter(|r| !marked.contains(r)) {
+            let mut entry = NewEntry::new(
+                Actor::system(),
+                AuditAction::ConcernEscalated,
+                AuditOutcome::Denied,
+                SWEEPER_REQUEST_ID,
+            );
+            entry.subject = Some(concern.subject_ref.clone());
+            entry.target_agency_id = recipient.to_string();
+            entry.object_id = id.to_string();
+            entry.reason = NOT_ESCALATED.to_owned();
+            self.auditor.append(entry).await?;
+        }
+        Ok(!marked.is_empty())
     }
 }

@@ -13,7 +13,7 @@ use super::*;
 use crate::audit::writer::AuditSettings;
 use crate::audit::Auditor;
 use crate::domain::{ConcernCategory, ManualClock, NhsNumber, PrincipalId, Role, Urgency};
-use crate::proto::v1::AuditAction;
+use crate::proto::v1::{AuditAction, AuditOutcome};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -23,6 +23,14 @@ struct Fixture {
 }
 
 async fn fixture(stall_after: Duration) -> Fixture {
+    fixture_over(stall_after, |store| store).await
+}
+
+/// A fixture whose concerns use `wrap(the sled store)`.
+async fn fixture_over(
+    stall_after: Duration,
+    wrap: impl FnOnce(Arc<dyn ConcernRepo>) -> Arc<dyn ConcernRepo>,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let text = crate::cli::serve::DEV_CONFIG_TOML.replace(
         "data_dir = \"data/dev\"",
@@ -44,9 +52,20 @@ async fn fixture(stall_after: Duration) -> Fixture {
         wal_bytes: crate::audit::writer::DEFAULT_WAL_BYTES,
     };
     let auditor = Auditor::open(settings, keys.clone(), clock.clone()).unwrap();
-    let concerns = Concerns::open(config, keys, Arc::new(auditor.clone()), clock.clone())
-        .unwrap()
-        .with_stall_after(stall_after);
+    let store = ConcernStore::open(
+        &config.data_dir.join("store"),
+        keys.clone(),
+        config.agencies.iter().map(|a| a.id.clone()),
+    )
+    .unwrap();
+    let concerns = Concerns::new(
+        config,
+        keys,
+        Arc::new(auditor.clone()),
+        clock.clone(),
+        wrap(Arc::new(store)),
+    )
+    .with_stall_after(stall_after);
     Fixture {
         _dir: dir,
         clock,
@@ -305,4 +324,229 @@ async fn subscriptions_per_agency_are_limited_and_cursors_checked() {
     })
     .await
     .expect("slot freed");
+}
+
+/// A change another gateway replica makes to a stored concern.
+type ForeignChange = Box<dyn FnOnce(&mut Concern) + Send>;
+
+/// A store that lets a test step in: another replica's change stored just before
+/// the next `update` (after the caller read the concern), and concerns whose reads
+/// fail.
+struct Interposed {
+    inner: Arc<dyn ConcernRepo>,
+    before_update: std::sync::Mutex<Option<ForeignChange>>,
+    unreadable: std::sync::Mutex<Vec<ConcernId>>,
+}
+
+impl Interposed {
+    fn over(inner: Arc<dyn ConcernRepo>) -> Arc<Interposed> {
+        Arc::new(Interposed {
+            inner,
+            before_update: std::sync::Mutex::new(None),
+            unreadable: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    fn before_next_update(&self, change: impl FnOnce(&mut Concern) + Send + 'static) {
+        *self.before_update.lock().unwrap() = Some(Box::new(change));
+    }
+}
+
+#[async_trait::async_trait]
+impl ConcernRepo for Interposed {
+    async fn get(&self, id: &ConcernId) -> Result<Option<Concern>, StoreError> {
+        if self.unreadable.lock().unwrap().contains(id) {
+            return Err(StoreError::Corrupt("concern does not open (test)".into()));
+        }
+        self.inner.get(id).await
+    }
+    async fn raised_by_key(
+        &self,
+        key: &store::IdempotencyKey,
+    ) -> Result<Option<ConcernId>, StoreError> {
+        self.inner.raised_by_key(key).await
+    }
+    async fn raise(
+        &self,
+        concern: &Concern,
+        key: Option<&store::IdempotencyKey>,
+    ) -> Result<store::Raised, StoreError> {
+        self.inner.raise(concern, key).await
+    }
+    async fn update(&self, id: &ConcernId, edit: EditFn) -> Result<Option<Concern>, StoreError> {
+        let foreign = self.before_update.lock().unwrap().take();
+        if let Some(change) = foreign {
+            self.inner
+                .update(
+                    id,
+                    Box::new(move |c| {
+                        change(c);
+                        store::Edit {
+                            record: true,
+                            ..store::Edit::default()
+                        }
+                    }),
+                )
+                .await?;
+        }
+        self.inner.update(id, edit).await
+    }
+    async fn settle(&self, id: &ConcernId, until: time::OffsetDateTime) -> Result<(), StoreError> {
+        self.inner.settle(id, until).await
+    }
+    async fn due_by(&self, now: time::OffsetDateTime) -> Result<Vec<ConcernId>, StoreError> {
+        self.inner.due_by(now).await
+    }
+    async fn events(
+        &self,
+        agency: &AgencyId,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, InboxEvent)>, StoreError> {
+        self.inner.events(agency, after, upto, limit).await
+    }
+    async fn append_event(&self, agency: &AgencyId, event: InboxEvent) -> Result<u64, StoreError> {
+        self.inner.append_event(agency, event).await
+    }
+    fn durable_cursor(&self, agency: &AgencyId) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.inner.durable_cursor(agency)
+    }
+    async fn close(&self) -> Result<(), StoreError> {
+        self.inner.close().await
+    }
+}
+
+async fn interposed_fixture() -> (Fixture, Arc<Interposed>) {
+    let mut slot = None;
+    let f = fixture_over(DEFAULT_STALL_AFTER, |store| {
+        let interposed = Interposed::over(store);
+        slot = Some(interposed.clone());
+        interposed
+    })
+    .await;
+    (f, slot.unwrap())
+}
+
+fn id_of(s: &str) -> AgencyId {
+    AgencyId::parse(s).unwrap()
+}
+
+async fn escalations_to(f: &Fixture, agency: &str) -> Vec<Escalation> {
+    f.concerns
+        .store()
+        .events(&id_of(agency), 0, u64::MAX, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|(_, e)| match e {
+            InboxEvent::Escalation(e) => Some(e),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The CONCERN_ESCALATED entries as (target, outcome).
+fn escalation_entries(auditor: &Auditor) -> Vec<(String, i32)> {
+    actions(auditor, AuditAction::ConcernEscalated)
+        .into_iter()
+        .map(|e| (e.target_agency_id, e.outcome))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_concern_decided_while_the_sweeper_audits_is_not_escalated() {
+    let (f, interposed) = interposed_fixture().await;
+    let c = f
+        .concerns
+        .raise(
+            &police(),
+            raise_request(ConcernCategory::Neglect, Urgency::ImmediateRisk),
+            "r1",
+        )
+        .await
+        .unwrap();
+    f.clock.advance(time::Duration::minutes(61));
+    // Another replica records the decision after the sweeper read the concern.
+    let decided_at = f.clock.now();
+    interposed.before_next_update(move |c| {
+        c.decision = Some(DecisionRecord {
+            decision: Decision::EarlyHelp,
+            lead_practitioner: "A. Worker".into(),
+            note: String::new(),
+            decided_at,
+            decided_by: id_of("csc-southwark"),
+        });
+    });
+    assert_eq!(f.concerns.sweep().await.unwrap(), 0);
+
+    let after = f.concerns.store().get(&c.id).await.unwrap().unwrap();
+    assert_eq!(after.status(), ConcernStatus::Decided);
+    assert!(after.recipients.iter().all(|d| !d.escalated), "{after:?}");
+    assert!(escalations_to(&f, "police-met").await.is_empty());
+    assert!(escalations_to(&f, "csc-southwark").await.is_empty());
+    assert!(
+        f.concerns
+            .store()
+            .due_by(f.clock.now())
+            .await
+            .unwrap()
+            .is_empty(),
+        "its deadlines are cleared"
+    );
+    // Each ALLOWED entry written before the decision was seen is withdrawn.
+    let (allowed, denied) = (AuditOutcome::Allowed as i32, AuditOutcome::Denied as i32);
+    let mut entries = escalation_entries(&f.auditor);
+    entries.sort();
+    assert_eq!(
+        entries,
+        vec![
+            ("csc-southwark".to_owned(), allowed),
+            ("csc-southwark".to_owned(), denied),
+            ("school-oakfield".to_owned(), allowed),
+            ("school-oakfield".to_owned(), denied),
+        ]
+    );
+    assert_eq!(f.concerns.sweep().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_recipient_that_acknowledges_while_the_sweeper_audits_is_not_named_late() {
+    let (f, interposed) = interposed_fixture().await;
+    let c = f
+        .concerns
+        .raise(
+            &police(),
+            raise_request(ConcernCategory::Neglect, Urgency::ImmediateRisk),
+            "r1",
+        )
+        .await
+        .unwrap();
+    f.clock.advance(time::Duration::minutes(61));
+    let acked_at = f.clock.now();
+    interposed.before_next_update(move |c| {
+        c.acknowledge(&id_of("school-oakfield"), acked_at, "seen");
+    });
+    assert_eq!(f.concerns.sweep().await.unwrap(), 1);
+
+    let after = f.concerns.store().get(&c.id).await.unwrap().unwrap();
+    assert!(!after.delivery(&id_of("school-oakfield")).unwrap().escalated);
+    assert!(after.delivery(&id_of("csc-southwark")).unwrap().escalated);
+    for agency in ["police-met", "csc-southwark"] {
+        let events = escalations_to(&f, agency).await;
+        assert_eq!(events.len(), 1, "{agency}");
+        assert!(events[0].reason.contains("csc-southwark"), "{events:?}");
+        assert!(!events[0].reason.contains("school-oakfield"), "{events:?}");
+    }
+    let (allowed, denied) = (AuditOutcome::Allowed as i32, AuditOutcome::Denied as i32);
+    let mut entries = escalation_entries(&f.auditor);
+    entries.sort();
+    assert_eq!(
+        entries,
+        vec![
+            ("csc-southwark".to_owned(), allowed),
+            ("school-oakfield".to_owned(), allowed),
+            ("school-oakfield".to_owned(), denied),
+        ]
+    );
 }
