@@ -206,7 +206,8 @@ const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Reloads when a TLS file's content changes on disk (replaced in place, or a
 /// Kubernetes secret volume swapping its symlink). A broken new file is reported
-/// once and not retried until the files change again.
+/// once and not retried until the files change again; a reload that fails for
+/// another reason (its audit entry cannot be written) is retried at every tick.
 async fn reload_on_file_change(
     app: Arc<api::App>,
     every: std::time::Duration,
@@ -236,9 +237,15 @@ async fn reload_on_file_change(
             .await
         {
             Ok(()) => refused = None,
-            Err(e) => {
+            // The files themselves are at fault: wait until they change again.
+            Err(e @ api::status::ApiError::Precondition(_)) => {
                 tracing::error!(error = %e, "TLS files changed but cannot be loaded; the running configuration is unchanged");
                 refused = Some(fingerprint);
+            }
+            // The files are fine but the reload could not be audited (or failed
+            // otherwise): try again at the next tick.
+            Err(e) => {
+                tracing::error!(error = %e, "TLS files changed but the reload failed; the running configuration is unchanged, retrying");
             }
         }
     }

@@ -828,3 +828,64 @@ async fn auditor_cli_verifies_online_and_queries_as_json() {
         .all(|v| v["action"] == "AUDIT_QUERIED" && v["actor_id"] == "dpo"));
     gw.stop().await;
 }
+
+/// `sgw audit verify`'s exit code and output for these arguments.
+fn verify_with(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sgw"))
+        .args(["audit", "verify"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sgw audit verify");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+#[tokio::test]
+async fn verify_answers_2_when_it_cannot_check_never_1() {
+    let env = Env::new();
+    let data = env.path().join("data/dev");
+    let gw = env.start().await;
+    checkpoint(&mut auditor(&gw, &env).await).await;
+    let addr = gw.addr.to_string();
+    gw.stop().await;
+
+    // A kept checkpoint that cannot be read: nothing was checked.
+    let missing = env.path().join("no-such.note");
+    let (code, out) = verify_with(&[
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+        "--checkpoint".as_ref(),
+        missing.as_os_str(),
+    ]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("could not be checked"), "{out}");
+
+    // A gateway that cannot be reached (it has stopped).
+    let pki = env.pki_dir();
+    let (code, out) = verify_with(&[
+        "--addr".as_ref(),
+        addr.as_ref(),
+        "--ca".as_ref(),
+        pki.join("ca.pem").as_os_str(),
+        "--cert".as_ref(),
+        pki.join("auditor-dpo.pem").as_os_str(),
+        "--key".as_ref(),
+        pki.join("auditor-dpo.key").as_os_str(),
+    ]);
+    assert_eq!(code, Some(2), "{out}");
+
+    // A pinned key is for the online form: offline it would be ignored.
+    let (code, out) = verify_with(&[
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+        "--verifier-key".as_ref(),
+        "x+00000000+AAAA".as_ref(),
+    ]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("cannot be used with"), "{out}");
+}

@@ -832,3 +832,30 @@ async fn a_reload_that_cannot_be_audited_is_not_put_in_force() {
     assert_eq!(served_serial(&env, gw.addr).await, renewed.serial_hex);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_watch_retries_a_reload_that_could_not_be_audited() {
+    let env = Env::new(); // [tls] watch = true
+    let gw = common::spawn_gateway(&env).await;
+    let pid = gw.child.id().unwrap();
+    let before = served_serial(&env, gw.addr).await;
+
+    common::set_fsize_limit(pid, "1:unlimited");
+    let renewed = sgw::pki::renew_server(&env.pki_dir(), 30, &[], &[]).expect("renew");
+    // At least one watch tick (every 2 s) finds the new files and cannot audit them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(served_serial(&env, gw.addr).await, before, "not in force");
+
+    // The audit disk recovers: the same, unchanged files are loaded after all.
+    common::set_fsize_limit(pid, "unlimited:unlimited");
+    let mut served = before.clone();
+    for _ in 0..100 {
+        served = served_serial(&env, gw.addr).await;
+        if served == renewed.serial_hex {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(served, renewed.serial_hex, "the watch tried again");
+    gw.stop().await;
+}

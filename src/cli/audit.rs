@@ -55,7 +55,7 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// Online: pin the log's C2SP verifier key instead of trusting the one served.
-    #[arg(long, conflicts_with = "config")]
+    #[arg(long, conflicts_with_all = ["config", "data_dir"])]
     pub verifier_key: Option<String>,
     /// Online (when neither --data-dir nor --config is given): the running gateway to
     /// check.
@@ -99,13 +99,20 @@ pub struct QueryArgs {
 pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         AuditCommand::Verify(args) => {
-            if let Some(dir) = &args.data_dir {
+            let checked = if let Some(dir) = &args.data_dir {
                 verify_offline(dir, args.signing_key.as_deref(), &args)
             } else if let Some(file) = &args.config {
                 verify_from_config(file, &args)
             } else {
-                runtime()?.block_on(verify_online(&args))
-            }
+                runtime().and_then(|rt| rt.block_on(verify_online(&args)))
+            };
+            // A failed verification has said so and answers 1; anything else that
+            // stopped the check (a file that cannot be read, a gateway that cannot
+            // be reached) is 2, so that a monitor never takes it for tampering.
+            Ok(checked.unwrap_or_else(|e| {
+                eprintln!("audit log could not be checked: {e:#}");
+                ExitCode::from(2)
+            }))
         }
         AuditCommand::Query(args) => runtime()?.block_on(query(args)),
     }
@@ -364,8 +371,13 @@ async fn verify_online(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let verifier_key: VerifierKey = verifier
         .parse()
         .map_err(|e| anyhow::anyhow!("verifier key: {e}"))?;
-    let note = checkpoint::parse_signed_note(&cp.signed_note, &verifier)
-        .map_err(|e| anyhow::anyhow!("the served checkpoint does not verify: {e}"))?;
+    let note = match checkpoint::parse_signed_note(&cp.signed_note, &verifier) {
+        Ok(note) => note,
+        Err(e) => {
+            eprintln!("audit log FAILED verification: the served checkpoint does not verify with {verifier}: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
     let mut tree = MemoryTree::new();
     let mut stream = client
         .export_entries(ExportEntriesRequest {
@@ -407,9 +419,13 @@ async fn verify_online(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(1));
     }
     if let Some(kept) = read_kept(args)? {
-        let old = checkpoint::parse_signed_note(&kept, &verifier_key.to_string()).map_err(|e| {
-            anyhow::anyhow!("the kept checkpoint does not verify with this log's key: {e}")
-        })?;
+        let old = match checkpoint::parse_signed_note(&kept, &verifier_key.to_string()) {
+            Ok(old) => old,
+            Err(e) => {
+                eprintln!("audit log FAILED verification: the kept checkpoint does not verify with this log's key: {e}");
+                return Ok(ExitCode::from(1));
+            }
+        };
         if old.tree_size > note.tree_size {
             eprintln!(
                 "audit log FAILED verification: seq {}: the log has {} entries but the kept checkpoint covers {}: rolled back or truncated",

@@ -222,6 +222,11 @@ pub fn run(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<Exi
         // with SIGXFSZ: listening for the signal replaces its default action.
         #[cfg(target_os = "linux")]
         let _xfsz = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(25));
+        // A SIGHUP (a reload) during start-up must not end the process, as its
+        // default action would: listening for it replaces that action for the
+        // process's lifetime. The gateway reloads on SIGHUP once it serves.
+        #[cfg(unix)]
+        let _hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         // Before anyone can learn the address: a SIGTERM from then on drains.
         let shutdown = server::shutdown_signal();
         let bound = server::bind(config).await?;
