@@ -1,8 +1,10 @@
 //! RecordConsent, WithdrawConsent, ListConsents.
 
 use super::model::{Consent, ConsentId, NewConsent};
+use super::repo::SubjectHold;
 use super::store::stored_time;
-use super::{agency_of, check_text, RecordError, Records};
+use super::{agency_of, check_text, to_the_end, RecordError, Records};
+use crate::audit::NewEntry;
 use crate::domain::consent::{ConsentScope, ConsentState, ConsentStatement};
 use crate::domain::{AgencyId, NhsNumber};
 use crate::identity::Caller;
@@ -68,7 +70,7 @@ impl Records {
 
         // A new statement may be a refusal, which must bind the very next request
         // as a withdrawal does.
-        let _changing = self.store.changing_consent(&subject_ref).await?;
+        let changing = self.store.changing_consent(&subject_ref).await?;
         let mut entry = Self::entry(
             caller,
             AuditAction::ConsentRecorded,
@@ -83,8 +85,7 @@ impl Records {
             consent.statement.state, consent.statement.given_by
         );
         entry.justification = consent.note.clone();
-        self.auditor.append(entry).await?;
-        self.store.put_consent(&consent).await?;
+        let consent = self.change_consent(changing, entry, consent).await?;
         tracing::info!(consent = %id, state = %consent.statement.state, "consent recorded");
         Ok(consent)
     }
@@ -106,7 +107,7 @@ impl Records {
             return Err(RecordError::NotFound(format!("consent {id} not found")));
         };
         let subject_ref = found.subject_ref();
-        let _changing = self.store.changing_consent(&subject_ref).await?;
+        let changing = self.store.changing_consent(&subject_ref).await?;
         // Read again under the lock: another withdrawal may have come first.
         let Some(mut consent) = self.load_consent(id).await? else {
             return Err(RecordError::NotFound(format!("consent {id} not found")));
@@ -139,8 +140,7 @@ impl Records {
         entry.consent_id = id.to_string();
         entry.reason = "WITHDRAWN".into();
         entry.justification = note.to_owned();
-        self.auditor.append(entry).await?;
-        self.store.put_consent(&consent).await?;
+        let consent = self.change_consent(changing, entry, consent).await?;
         tracing::info!(consent = %id, "consent withdrawn");
         Ok(consent)
     }
@@ -181,6 +181,28 @@ impl Records {
             }
         }
         Ok(consents)
+    }
+
+    /// The critical section of a consent change: audits it, then stores it (which
+    /// also empties the child's consent cache), holding the child exclusively
+    /// throughout. It runs to its end in a task that owns the hold, so dropping the
+    /// call (the client went away, the server's request timeout) cannot release the
+    /// child between a durable CONSENT_WITHDRAWN entry and the store having the
+    /// change, nor leave an audited change unstored.
+    async fn change_consent(
+        &self,
+        changing: SubjectHold,
+        entry: NewEntry,
+        consent: Consent,
+    ) -> Result<Consent, RecordError> {
+        let (auditor, store) = (self.auditor.clone(), self.store.clone());
+        to_the_end(async move {
+            auditor.append(entry).await?;
+            store.put_consent(&consent).await?;
+            drop(changing);
+            Ok(consent)
+        })
+        .await
     }
 
     async fn load_consent(&self, id: &ConsentId) -> Result<Option<Consent>, RecordError> {

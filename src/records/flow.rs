@@ -8,7 +8,9 @@ use super::model::{
 };
 use super::notice::OverrideNotice;
 use super::store::stored_time;
-use super::{agency_of, check_text, pb_basis, pb_purpose, rfc3339, RecordError, Records};
+use super::{
+    agency_of, check_text, pb_basis, pb_purpose, rfc3339, to_the_end, RecordError, Records,
+};
 use crate::domain::consent::ConsentStatement;
 use crate::domain::policy::{self, Basis, Decision, DenyReason, DisclosureRequest};
 use crate::domain::{AgencyId, Purpose, Sector};
@@ -241,8 +243,16 @@ impl Records {
         entry.consent_id = allowed.consent_id.clone().unwrap_or_default();
         entry.justification = allowed.justification.clone().unwrap_or_default();
         entry.reason = disclosed_reason(&allowed);
-        let durable = self.auditor.append(entry).await?;
-        drop(disclosing);
+        // The hold is let go only once the entry is durable, even if this call is
+        // dropped meanwhile: a consent change about the child that starts after it
+        // must take a later seq, on any replica.
+        let auditor = self.auditor.clone();
+        let durable = to_the_end(async move {
+            let durable = auditor.append(entry).await?;
+            drop(disclosing);
+            Ok(durable)
+        })
+        .await?;
 
         if allowed.basis == Basis::SafeguardingOverride {
             let notice = OverrideNotice {

@@ -31,7 +31,10 @@
 //!   exclusively from its audit entry until the store is durable. So every
 //!   disclosure that relied on a consent has an audit seq below that of the
 //!   consent's withdrawal, and every request that starts after a withdrawal returns
-//!   sees it.
+//!   sees it. Each of these holds is kept by a task that runs to its end
+//!   (`to_the_end`), not by the call's future: a call cancelled by its client or by
+//!   the server's request timeout cannot release the child while a write it began
+//!   (audit entry, store, consent cache) is unfinished.
 //! - **Who learns what.** FindRecords lists only the records some agreement lets the
 //!   caller's sector receive for the purpose given, and the caller's own. GetRecord
 //!   answers NOT_FOUND, with the message of an unknown id, for a record of a category
@@ -248,6 +251,19 @@ fn check_text(field: &str, value: &str, min: usize, max: usize) -> Result<(), Re
 fn rfc3339(t: time::OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| format!("{t:?}"))
+}
+
+/// Runs `section` to its end in a task of its own and returns what it returns.
+/// Dropping the returned future (a cancelled call, the server's request timeout)
+/// does not cut `section` short: a dropped `JoinHandle` detaches the task, it does
+/// not cancel it. For the sections that hold a child while they audit and store,
+/// whose hold must outlast every write they start.
+async fn to_the_end<T: Send + 'static>(
+    section: impl std::future::Future<Output = Result<T, RecordError>> + Send + 'static,
+) -> Result<T, RecordError> {
+    tokio::spawn(section)
+        .await
+        .map_err(|e| RecordError::Internal(format!("a task that must run to its end: {e}")))?
 }
 
 /// The audit log's name for a purpose.

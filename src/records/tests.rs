@@ -46,6 +46,14 @@ struct Fixture {
 }
 
 fn fixture(notifier: Arc<dyn OverrideNotifier>) -> Fixture {
+    fixture_over(notifier, |store| Arc::new(SledRecords::new(store)))
+}
+
+/// A fixture whose record store is `wrap` of the sled store.
+fn fixture_over(
+    notifier: Arc<dyn OverrideNotifier>,
+    wrap: impl FnOnce(RecordStore) -> Arc<dyn RecordRepo>,
+) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = Arc::new(
         Config::from_toml_str(crate::cli::serve::DEV_CONFIG_TOML, dir.path(), "test.toml")
@@ -65,9 +73,20 @@ fn fixture(notifier: Arc<dyn OverrideNotifier>) -> Fixture {
         clock.clone(),
     )
     .expect("audit log");
-    let records = Records::open(config, keys, Arc::new(auditor.clone()), clock.clone())
-        .expect("record store")
-        .with_notifier(notifier);
+    let store = RecordStore::open(
+        &config.data_dir.join("records"),
+        &config.data_dir.join("record-content"),
+        keys.clone(),
+    )
+    .expect("record store");
+    let records = Records::new(
+        config,
+        keys,
+        Arc::new(auditor.clone()),
+        clock.clone(),
+        wrap(store),
+    )
+    .with_notifier(notifier);
     Fixture {
         _dir: dir,
         records,
@@ -373,5 +392,225 @@ async fn a_consent_change_binds_the_next_disclosure_after_cached_reads() {
     assert!(
         matches!(&err, RecordError::Refused(_)),
         "a newer refusal must bind the next disclosure: {err:?}"
+    );
+}
+
+/// Holds a call at a point a test chooses until the test lets it go.
+struct Gate {
+    armed: std::sync::atomic::AtomicBool,
+    entered: tokio::sync::Notify,
+    open: tokio::sync::Semaphore,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            armed: Default::default(),
+            entered: Default::default(),
+            open: tokio::sync::Semaphore::new(0),
+        }
+    }
+}
+
+impl Gate {
+    fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn open(&self) {
+        self.armed.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.open.add_permits(1 << 20);
+    }
+
+    /// Waits here while the gate is armed and not yet open.
+    async fn pass(&self) {
+        if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            self.entered.notify_one();
+            drop(self.open.acquire().await);
+        }
+    }
+}
+
+/// The sled store with seams for tests: `put_consent` waits at `consent_gate`
+/// before it writes (as a slow fdatasync would), and `content` can be preceded by a
+/// purge of the record (as by the sweeper between a disclosure's metadata read and
+/// its content read).
+struct Hooked {
+    inner: SledRecords,
+    consent_gate: Arc<Gate>,
+    purge_before_content: std::sync::atomic::AtomicBool,
+}
+
+impl Hooked {
+    fn new(store: RecordStore, consent_gate: Arc<Gate>) -> Self {
+        Hooked {
+            inner: SledRecords::new(store),
+            consent_gate,
+            purge_before_content: Default::default(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl RecordRepo for Hooked {
+    async fn put_record(&self, record: &Record, content: &[u8]) -> Result<(), StoreError> {
+        self.inner.put_record(record, content).await
+    }
+    async fn record(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
+        self.inner.record(id).await
+    }
+    async fn records_about(&self, subject: &SubjectRef) -> Result<Vec<Record>, StoreError> {
+        self.inner.records_about(subject).await
+    }
+    async fn content(&self, id: &RecordId) -> Result<Vec<u8>, StoreError> {
+        if self
+            .purge_before_content
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            if let Some(record) = self.inner.record(id).await? {
+                self.inner.purge(&record).await?;
+            }
+        }
+        self.inner.content(id).await
+    }
+    async fn expired_by(
+        &self,
+        now: time::OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<Due>, StoreError> {
+        self.inner.expired_by(now, limit).await
+    }
+    async fn forget(&self, due: &Due) -> Result<(), StoreError> {
+        self.inner.forget(due).await
+    }
+    async fn purge(&self, record: &Record) -> Result<(), StoreError> {
+        self.inner.purge(record).await
+    }
+    async fn put_consent(&self, consent: &Consent) -> Result<(), StoreError> {
+        self.consent_gate.pass().await;
+        self.inner.put_consent(consent).await
+    }
+    async fn consent(&self, id: &ConsentId) -> Result<Option<Consent>, StoreError> {
+        self.inner.consent(id).await
+    }
+    async fn consents_about(&self, subject: &SubjectRef) -> Result<Vec<Consent>, StoreError> {
+        self.inner.consents_about(subject).await
+    }
+    async fn disclosing(&self, subject: &SubjectRef) -> Result<SubjectHold, StoreError> {
+        self.inner.disclosing(subject).await
+    }
+    async fn changing_consent(&self, subject: &SubjectRef) -> Result<SubjectHold, StoreError> {
+        self.inner.changing_consent(subject).await
+    }
+    async fn close(&self) -> Result<(), StoreError> {
+        self.inner.close().await
+    }
+}
+
+/// A withdrawal whose call is dropped (client gone, request timeout) after its
+/// CONSENT_WITHDRAWN entry is durable but while the store is still writing must
+/// still bind the next disclosure: the child stays held until the store and the
+/// consent cache have the change.
+#[tokio::test]
+async fn a_withdrawal_cancelled_mid_write_still_binds_the_next_disclosure() {
+    let gate = Arc::new(Gate::default());
+    let f = fixture_over(Arc::new(NoNotifier), {
+        let gate = gate.clone();
+        move |store| Arc::new(Hooked::new(store, gate))
+    });
+    let (nhs, school, record) = hospital_record(&f).await;
+    let given = f
+        .records
+        .record_consent(&nhs, school_consent(ConsentState::Given, None), "c1")
+        .await
+        .expect("consent");
+    let disclose = |request_id: &'static str| {
+        f.records.disclose(
+            &school,
+            read(&record, Purpose::EducationSupport, None),
+            request_id,
+        )
+    };
+    // Read under consent: the cache now holds the GIVEN statement.
+    assert_eq!(disclose("d0").await.expect("given").basis, Basis::Consent);
+
+    // The withdrawal reaches the store's write, then its call is dropped.
+    gate.arm();
+    let id = ConsentId::parse(given.id()).expect("id");
+    drop_at_the_gate(&gate, f.records.withdraw_consent(&nhs, &id, "", "w1")).await;
+    // RECORD_SHARED, CONSENT_RECORDED, RECORD_DISCLOSED, then CONSENT_WITHDRAWN.
+    assert_eq!(
+        entry_at(&f.auditor, 3).await.action,
+        AuditAction::ConsentWithdrawn as i32
+    );
+
+    // The next disclosure, with the write let go a little later.
+    let (next, ()) = tokio::join!(disclose("d1"), async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        gate.open();
+    });
+    let err = next.expect_err("a withdrawal whose entry is durable must bind");
+    assert!(
+        matches!(&err, RecordError::Refused(d) if matches!(d.reason, crate::domain::policy::DenyReason::ConsentWithdrawn { .. })),
+        "{err:?}"
+    );
+    let stored = f.records.store().consent(&id).await.expect("read");
+    assert_eq!(
+        stored.map(|c| c.statement.state),
+        Some(ConsentState::Withdrawn)
+    );
+}
+
+/// Polls `call` until it waits at `gate`, then drops it, as tonic drops a handler's
+/// future when its call is cancelled or times out.
+async fn drop_at_the_gate<T: std::fmt::Debug>(
+    gate: &Gate,
+    call: impl std::future::Future<Output = T>,
+) {
+    tokio::pin!(call);
+    tokio::select! {
+        done = &mut call => panic!("the gate should hold the write: {done:?}"),
+        _ = gate.entered.notified() => {}
+    }
+}
+
+/// The same for a newer refusal whose call is dropped while the store writes it.
+#[tokio::test]
+async fn a_refusal_cancelled_mid_write_still_binds_the_next_disclosure() {
+    let gate = Arc::new(Gate::default());
+    let f = fixture_over(Arc::new(NoNotifier), {
+        let gate = gate.clone();
+        move |store| Arc::new(Hooked::new(store, gate))
+    });
+    let (nhs, school, record) = hospital_record(&f).await;
+    f.records
+        .record_consent(&nhs, school_consent(ConsentState::Given, None), "c1")
+        .await
+        .expect("consent");
+    let disclose = |request_id: &'static str| {
+        f.records.disclose(
+            &school,
+            read(&record, Purpose::EducationSupport, None),
+            request_id,
+        )
+    };
+    assert_eq!(disclose("d0").await.expect("given").basis, Basis::Consent);
+
+    f.clock.set(datetime!(2026-03-06 16:01 UTC));
+    gate.arm();
+    drop_at_the_gate(
+        &gate,
+        f.records
+            .record_consent(&nhs, school_consent(ConsentState::Refused, None), "c2"),
+    )
+    .await;
+    let (next, ()) = tokio::join!(disclose("d1"), async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        gate.open();
+    });
+    let err = next.expect_err("a refusal whose entry is durable must bind");
+    assert!(
+        matches!(&err, RecordError::Refused(d) if matches!(d.reason, crate::domain::policy::DenyReason::ConsentRefused { .. })),
+        "{err:?}"
     );
 }
