@@ -284,7 +284,7 @@ pub struct Shutdown {
 /// A replica's default name: the host name, the listen port and the process id, so
 /// that replicas on one machine differ (even on port 0) and a restarted replica does
 /// not take over a lease its dead predecessor held before it expires.
-fn default_replica_name(listen: SocketAddr) -> String {
+pub(crate) fn default_replica_name(listen: SocketAddr) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_owned())
@@ -292,6 +292,19 @@ fn default_replica_name(listen: SocketAddr) -> String {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "sgw".to_owned());
     format!("{host}:{}/{}", listen.port(), std::process::id())
+}
+
+impl Config {
+    /// Listens on `listen` instead (`sgw serve --listen`). A replica name left to
+    /// its default follows, since the default names the listen port.
+    pub fn set_listen(&mut self, listen: SocketAddr) {
+        if let Storage::Postgres(pg) = &mut self.storage {
+            if pg.replica == default_replica_name(self.listen) {
+                pg.replica = default_replica_name(listen);
+            }
+        }
+        self.listen = listen;
+    }
 }
 
 /// Read-only lookups over the registry of a [`Config`]: who is registered, in which
@@ -1226,8 +1239,10 @@ impl Loader<'_> {
         let backend = raw.backend.as_ref().map(|b| b.get_ref().as_str());
         match backend {
             None | Some("sled") => {
+                // Each PostgreSQL key, if given: whether it is, and where.
                 let stray = [
                     ("storage.url", raw.url.as_ref().map(Spanned::span)),
+                    ("storage.pool_size", raw.pool_size.map(|_| 0..0)),
                     (
                         "storage.statement_timeout",
                         raw.statement_timeout.as_ref().map(Spanned::span),
@@ -1236,11 +1251,15 @@ impl Loader<'_> {
                         "storage.connect_timeout",
                         raw.connect_timeout.as_ref().map(Spanned::span),
                     ),
+                    (
+                        "storage.allow_plaintext_network",
+                        raw.allow_plaintext_network.map(|_| 0..0),
+                    ),
                     ("storage.replica", raw.replica.as_ref().map(Spanned::span)),
                 ];
                 if let Some((field, span)) = stray.into_iter().find(|(_, s)| s.is_some()) {
                     return Err(self.invalid(
-                        span,
+                        span.filter(|s| !s.is_empty()),
                         Problem::out_of_range(
                             field,
                             "applies only with backend = \"postgres\"".into(),
@@ -1532,7 +1551,7 @@ fn one_line(message: &str) -> String {
 }
 
 /// Why `name` is not a lowercase DNS name, or `None` if it is one.
-fn dns_name_problem(name: &str) -> Option<&'static str> {
+pub(crate) fn dns_name_problem(name: &str) -> Option<&'static str> {
     if name.is_empty() {
         return Some("it is empty");
     }
@@ -2238,6 +2257,23 @@ bank_holidays = []                    # ["2026-12-25", ...]
             "{}",
             pg.replica
         );
+        // `sgw serve --listen` moves a default name to the port it listens on; a
+        // name given in the file stays.
+        let mut moved = c.clone();
+        moved.set_listen("127.0.0.1:50071".parse().expect("address"));
+        let Storage::Postgres(pg) = &moved.storage else {
+            panic!()
+        };
+        assert!(pg.replica.contains(":50071/"), "{}", pg.replica);
+        let mut named = load(&format!(
+            "{EXAMPLE}\n[storage]\nbackend = \"postgres\"\nurl = \"postgres://sgw@localhost/sgw\"\nreplica = \"a\"\n"
+        ))
+        .expect("loads");
+        named.set_listen("127.0.0.1:50071".parse().expect("address"));
+        let Storage::Postgres(pg) = &named.storage else {
+            panic!()
+        };
+        assert_eq!(pg.replica, "a");
     }
 
     #[test]
@@ -2246,6 +2282,11 @@ bank_holidays = []                    # ["2026-12-25", ...]
             ("backend = \"mysql\"", "\"mysql\" is not a backend"),
             ("backend = \"postgres\"", "storage.url"),
             ("url = \"postgres://sgw@127.0.0.1/sgw\"", "applies only with backend = \"postgres\""),
+            ("pool_size = 8", "storage.pool_size applies only with backend = \"postgres\""),
+            (
+                "allow_plaintext_network = true",
+                "storage.allow_plaintext_network applies only",
+            ),
             (
                 "backend = \"postgres\"\nurl = \"postgres://sgw@127.0.0.1/sgw\"\npool_size = 0",
                 "storage.pool_size",

@@ -811,7 +811,7 @@ pub enum PkiError {
     BadSerial(String),
     /// A trust domain that SPIFFE does not allow.
     #[error(
-        "{0:?} is not a trust domain: use 1 to 255 characters from a-z, 0-9, '.', '-' and '_'"
+        "{0:?} is not a trust domain: use a lowercase DNS name (labels of a-z, 0-9 and '-', joined by '.')"
     )]
     BadTrustDomain(String),
     /// An identity id outside `[a-z0-9-]{1,64}`.
@@ -1084,13 +1084,10 @@ fn format_time(t: OffsetDateTime) -> String {
 }
 
 /// SPIFFE trust domain names: 1 to 255 characters from `[a-z0-9._-]`.
+/// The trust domain must be one the gateway's config accepts (a lowercase DNS
+/// name), or every identity issued under it would be refused.
 fn check_trust_domain(td: &str) -> Result<(), PkiError> {
-    let ok = !td.is_empty()
-        && td.len() <= 255
-        && td.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
-        });
-    if ok {
+    if crate::config::dns_name_problem(td).is_none() {
         Ok(())
     } else {
         Err(PkiError::BadTrustDomain(td.to_owned()))
@@ -1112,6 +1109,27 @@ mod tests {
     use x509_parser::extensions::GeneralName;
 
     const TD: &str = "safeguarding.example";
+
+    #[test]
+    fn trust_domains_are_what_the_config_accepts() {
+        for good in [TD, "la-07.gov.uk", "x"] {
+            assert!(check_trust_domain(good).is_ok(), "{good}");
+        }
+        // Each would issue identities that no config could register.
+        for bad in [
+            "my_org",
+            ".example",
+            "a..b",
+            "example.",
+            "Upper.example",
+            "",
+        ] {
+            assert!(
+                matches!(check_trust_domain(bad), Err(PkiError::BadTrustDomain(_))),
+                "{bad}"
+            );
+        }
+    }
 
     fn parse(der: &[u8]) -> X509Certificate<'_> {
         x509_parser::parse_x509_certificate(der).expect("parses").1

@@ -206,7 +206,7 @@ pub fn run(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<Exi
     };
     let mut config = Config::load(&config_path)?;
     if let Some(listen) = args.listen {
-        config.listen = listen;
+        config.set_listen(listen);
     }
     logging::init(
         log_format.unwrap_or(config.logging.format),
