@@ -16,6 +16,10 @@
 //! Within one process acknowledgements and decisions wait for the sweeper's work on
 //! a concern (they share its lock), so that happens only when another replica
 //! changes the concern in between.
+//!
+//! Each due concern is handled on its own, so one that keeps failing (earliest
+//! deadlines come first) does not hold back the others; it is retried at the next
+//! sweep. An audit failure stops the sweep (fail closed).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -69,15 +73,43 @@ pub async fn sweep_periodically(
 
 impl Concerns {
     /// One sweep at the clock's now. Returns how many concerns were escalated.
+    ///
+    /// Each due concern is handled on its own: one that fails (it does not load,
+    /// the store refuses its update) is logged by id, counted and left for the next
+    /// sweep, and the others still go ahead. An audit failure ends the sweep with
+    /// its error: no escalation may go out without its entry, and every later
+    /// concern would fail alike.
     pub async fn sweep(&self) -> Result<usize, ConcernError> {
         let now = self.clock.now();
         let due = self.store.due_by(now).await?;
-        let mut escalated = 0;
+        let (mut escalated, mut failed) = (0usize, 0usize);
         for id in due {
-            if self.escalate(&id, now).await? {
-                escalated += 1;
-                tracing::info!(concern = %id, "acknowledgement deadline missed: escalated");
+            match self.escalate(&id, now).await {
+                Ok(true) => {
+                    escalated += 1;
+                    tracing::info!(concern = %id, "acknowledgement deadline missed: escalated");
+                }
+                Ok(false) => {}
+                Err(e @ ConcernError::Audit(_)) => {
+                    if failed > 0 {
+                        tracing::warn!(failed, escalated, "deadline sweep: concerns failed");
+                    }
+                    return Err(e);
+                }
+                Err(e) => {
+                    failed += 1;
+                    // The id and the error only: errors never hold a narrative,
+                    // a note or an NHS number.
+                    tracing::warn!(
+                        concern = %id,
+                        error = %e,
+                        "escalating a concern failed; retrying at the next sweep"
+                    );
+                }
             }
+        }
+        if failed > 0 {
+            tracing::warn!(failed, escalated, "deadline sweep: concerns failed");
         }
         Ok(escalated)
     }

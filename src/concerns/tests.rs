@@ -347,6 +347,10 @@ impl Interposed {
         })
     }
 
+    fn make_unreadable(&self, id: &ConcernId) {
+        self.unreadable.lock().unwrap().push(id.clone());
+    }
+
     fn before_next_update(&self, change: impl FnOnce(&mut Concern) + Send + 'static) {
         *self.before_update.lock().unwrap() = Some(Box::new(change));
     }
@@ -548,5 +552,74 @@ async fn a_recipient_that_acknowledges_while_the_sweeper_audits_is_not_named_lat
             ("school-oakfield".to_owned(), allowed),
             ("school-oakfield".to_owned(), denied),
         ]
+    );
+}
+
+/// Raises two immediate-risk concerns a minute apart, the first unreadable, and
+/// moves the clock past both deadlines.
+async fn two_late_concerns_the_first_unreadable(
+    f: &Fixture,
+    interposed: &Interposed,
+) -> (Concern, Concern) {
+    let mut req = raise_request(ConcernCategory::Neglect, Urgency::ImmediateRisk);
+    req.request_id = "k1".into();
+    let broken = f
+        .concerns
+        .raise(&police(), req.clone(), "r1")
+        .await
+        .unwrap();
+    f.clock.advance(time::Duration::minutes(1));
+    req.request_id = "k2".into();
+    let fine = f.concerns.raise(&police(), req, "r2").await.unwrap();
+    f.clock.advance(time::Duration::minutes(61));
+    interposed.make_unreadable(&broken.id);
+    assert_eq!(
+        f.concerns.store().due_by(f.clock.now()).await.unwrap(),
+        vec![broken.id.clone(), fine.id.clone()],
+        "the failing concern comes first"
+    );
+    (broken, fine)
+}
+
+#[tokio::test]
+async fn a_concern_that_fails_does_not_hold_back_later_escalations() {
+    let (f, interposed) = interposed_fixture().await;
+    let (broken, fine) = two_late_concerns_the_first_unreadable(&f, &interposed).await;
+
+    assert_eq!(f.concerns.sweep().await.unwrap(), 1);
+    let after = f.concerns.store().get(&fine.id).await.unwrap().unwrap();
+    assert_eq!(after.status(), ConcernStatus::Overdue);
+    let events = escalations_to(&f, "police-met").await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].concern_id, fine.id);
+    // The failed one is left due, for the next sweep.
+    assert_eq!(
+        f.concerns.store().due_by(f.clock.now()).await.unwrap(),
+        vec![broken.id.clone()]
+    );
+    assert_eq!(f.concerns.sweep().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn an_unwritable_audit_log_stops_the_sweep_and_sends_no_escalation() {
+    let (f, interposed) = interposed_fixture().await;
+    let (_broken, fine) = two_late_concerns_the_first_unreadable(&f, &interposed).await;
+    f.auditor.close().await;
+
+    let Err(ConcernError::Audit(_)) = f.concerns.sweep().await else {
+        panic!("a sweep without an audit log did not fail");
+    };
+    let after = f.concerns.store().get(&fine.id).await.unwrap().unwrap();
+    assert!(after.recipients.iter().all(|d| !d.escalated));
+    assert!(escalations_to(&f, "police-met").await.is_empty());
+    assert!(escalations_to(&f, "csc-southwark").await.is_empty());
+    assert_eq!(
+        f.concerns
+            .store()
+            .due_by(f.clock.now())
+            .await
+            .unwrap()
+            .len(),
+        2
     );
 }
