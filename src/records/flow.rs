@@ -263,7 +263,8 @@ impl Records {
                 justification: allowed.justification.clone().unwrap_or_default(),
                 audit_seq: durable.seq(),
             };
-            self.notifier.notify(notice).await?;
+            self.notify_or_withdraw(notice, self.denied_entry(caller, &record, &req, request_id))
+                .await?;
             tracing::warn!(record = %record.id, owner = %record.owner, recipient = %agency, seq = durable.seq(), "record disclosed under a safeguarding override");
         }
         Ok(Disclosure {
@@ -273,6 +274,31 @@ impl Records {
             audit_seq: durable.seq(),
             override_ignored: allowed.override_ignored,
         })
+    }
+
+    /// Tells the owner of an override. If the notice cannot be delivered the
+    /// content is withheld, and `denied` (a DISCLOSURE_DENIED entry for the same
+    /// request) is appended naming the RECORD_DISCLOSED entry, so the log does not
+    /// claim a disclosure that did not happen; if that append fails too, the call
+    /// fails all the same. Runs to its end even if the call is dropped.
+    async fn notify_or_withdraw(
+        &self,
+        notice: OverrideNotice,
+        mut denied: crate::audit::NewEntry,
+    ) -> Result<(), RecordError> {
+        let (notifier, auditor) = (self.notifier.clone(), self.auditor.clone());
+        to_the_end(async move {
+            let disclosed_seq = notice.audit_seq;
+            let Err(failed) = notifier.notify(notice).await else {
+                return Ok(());
+            };
+            denied.reason = format!("OVERRIDE_NOTICE_FAILED: withheld; see seq {disclosed_seq}");
+            if let Err(e) = auditor.append(denied).await {
+                tracing::error!(error = %e, seq = disclosed_seq, "auditing an override withheld for want of its notice");
+            }
+            Err(failed.into())
+        })
+        .await
     }
 
     /// Audits a request for an id that names no record.

@@ -45,7 +45,9 @@
 //! - **Safeguarding override.** Allowed where the agreement allows one; the
 //!   disclosure is audited as SAFEGUARDING_OVERRIDE with the justification, then the
 //!   owner is notified ([`OverrideNotifier`], with the audit seq) before the content
-//!   is returned. If the notice cannot be delivered the call fails.
+//!   is returned. If the notice cannot be delivered the call fails, and a
+//!   DISCLOSURE_DENIED entry (`OVERRIDE_NOTICE_FAILED: withheld; see seq N`) follows
+//!   the RECORD_DISCLOSED one, so the log does not claim the content went out.
 //! - **Consent statements** may be withdrawn only by the agency that recorded them
 //!   (another agency records a REFUSED statement instead: the newest statement in
 //!   scope wins). Withdrawing one already withdrawn returns it unchanged. A note is

@@ -216,6 +216,21 @@ async fn content_is_withheld_when_the_owner_cannot_be_told_of_an_override() {
         .await
         .expect_err("withheld");
     assert!(matches!(err, RecordError::Notice(_)), "{err:?}");
+
+    // The log must not be left claiming a disclosure that did not happen: the
+    // RECORD_DISCLOSED entry (seq 1, after RECORD_SHARED) is followed by a refusal
+    // that names it.
+    let disclosed = entry_at(&f.auditor, 1).await;
+    assert_eq!(disclosed.action, AuditAction::RecordDisclosed as i32);
+    let withheld = entry_at(&f.auditor, 2).await;
+    assert_eq!(withheld.action, AuditAction::DisclosureDenied as i32);
+    assert_eq!(withheld.outcome, AuditOutcome::Denied as i32);
+    assert_eq!(withheld.object_id, record.id.as_str());
+    assert_eq!(withheld.actor_id, "school-oakfield");
+    assert_eq!(
+        withheld.reason,
+        "OVERRIDE_NOTICE_FAILED: withheld; see seq 1"
+    );
 }
 
 /// A parent's statement about the test child, for the school, for EDUCATION_SUPPORT,
