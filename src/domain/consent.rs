@@ -27,6 +27,11 @@
 //!   WITHDRAWN, then GIVEN), then to the greater `consent_id`, so the answer never
 //!   depends on the order the store returned them in.
 //!
+//! A new statement is stamped by [`recording_time`]: never earlier than a microsecond
+//! after the newest statement about the child, so the one recorded last is the
+//! newest even when the recording clock is behind (clock skew between replicas, a
+//! clock stepped back).
+//!
 //! Statements count as they stand in the store. A withdrawal takes effect for the
 //! very next request (invariant 5) even if `now`, read on another replica whose clock is
 //! behind, is earlier than `withdrawn_at`; likewise a statement whose `recorded_at`
@@ -186,6 +191,22 @@ pub enum ConsentFinding {
     },
     /// No statement that has not expired covers the disclosure.
     None,
+}
+
+/// When a new statement about a child is recorded: `now`, or one microsecond after
+/// the newest statement already recorded about the child if `now` is not later (the
+/// recording clock is behind another replica's, or was stepped back). So the
+/// statement recorded last is always the newest, and [`consent_in_force`] follows
+/// the order of recording whatever the clocks say. `existing` must be every
+/// statement about the child, read while no other can be recorded.
+pub fn recording_time<'a>(
+    now: OffsetDateTime,
+    existing: impl IntoIterator<Item = &'a ConsentStatement>,
+) -> OffsetDateTime {
+    existing
+        .into_iter()
+        .filter_map(|s| s.recorded_at.checked_add(time::Duration::MICROSECOND))
+        .fold(now, OffsetDateTime::max)
 }
 
 /// Finds the consent in force for `query` at `now`: among `statements` (all about the
@@ -598,6 +619,24 @@ mod tests {
         };
         assert_eq!(consent_in_force(&[a.clone(), b.clone()], &q, at(1)), want);
         assert_eq!(consent_in_force(&[b, a], &q, at(1)), want);
+    }
+
+    #[test]
+    fn a_statement_is_recorded_after_every_earlier_one_whatever_the_clock() {
+        let older = [
+            given("c-a", 10, education_support()),
+            given("c-b", 5, education_support()),
+        ];
+        assert_eq!(recording_time(at(20), &older), at(20));
+        assert_eq!(
+            recording_time(at(0), &older),
+            at(10) + Duration::microseconds(1)
+        );
+        assert_eq!(
+            recording_time(at(10), &older),
+            at(10) + Duration::microseconds(1)
+        );
+        assert_eq!(recording_time(at(0), &[]), at(0));
     }
 
     #[test]

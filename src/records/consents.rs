@@ -5,7 +5,7 @@ use super::repo::SubjectHold;
 use super::store::stored_time;
 use super::{agency_of, check_text, to_the_end, RecordError, Records};
 use crate::audit::NewEntry;
-use crate::domain::consent::{ConsentScope, ConsentState, ConsentStatement};
+use crate::domain::consent::{recording_time, ConsentScope, ConsentState, ConsentStatement};
 use crate::domain::{AgencyId, NhsNumber};
 use crate::identity::Caller;
 use crate::proto::v1::{AuditAction, AuditOutcome};
@@ -51,26 +51,36 @@ impl Records {
         .map_err(|e| RecordError::Invalid(e.to_string()))?;
         let subject_ref = self.keys.subject_ref(&req.subject);
         let id = ConsentId::from_random(self.random_bytes()?);
-        let statement = ConsentStatement::record(
-            id.to_string(),
-            subject_ref.as_str().to_owned(),
-            req.state,
-            req.given_by,
-            scope,
-            recorder,
-            stored_time(self.clock.now()),
-        )
-        .map_err(|e| RecordError::Invalid(e.to_string()))?;
-        let consent = Consent {
-            statement,
-            subject: req.subject,
-            note: req.note,
-            withdrawal_note: String::new(),
+        let statement = |recorded_at| {
+            ConsentStatement::record(
+                id.to_string(),
+                subject_ref.as_str().to_owned(),
+                req.state,
+                req.given_by,
+                scope.clone(),
+                recorder.clone(),
+                recorded_at,
+            )
+            .map_err(|e| RecordError::Invalid(e.to_string()))
         };
+        // Checked before the child is held, so a bad request waits for nothing.
+        let now = stored_time(self.clock.now());
+        statement(now)?;
 
         // A new statement may be a refusal, which must bind the very next request
         // as a withdrawal does.
         let changing = self.store.changing_consent(&subject_ref).await?;
+        // The newest statement wins, so the one recorded last must be the newest
+        // whatever this replica's clock says: stamped after every statement about
+        // the child, read while none can be added.
+        let existing = self.store.consents_about(&subject_ref).await?;
+        let recorded_at = recording_time(now, existing.iter().map(|c| &c.statement));
+        let consent = Consent {
+            statement: statement(recorded_at)?,
+            subject: req.subject,
+            note: req.note,
+            withdrawal_note: String::new(),
+        };
         let mut entry = Self::entry(
             caller,
             AuditAction::ConsentRecorded,

@@ -629,3 +629,42 @@ async fn a_refusal_cancelled_mid_write_still_binds_the_next_disclosure() {
         "{err:?}"
     );
 }
+
+/// "The newest statement wins" must follow the order statements were recorded in,
+/// not the clocks of the replicas that recorded them: a refusal recorded after a
+/// consent, by a clock that reads earlier, still binds.
+#[tokio::test]
+async fn a_refusal_recorded_by_a_clock_stepped_back_still_wins() {
+    let f = fixture(Arc::new(NoNotifier));
+    let (nhs, school, record) = hospital_record(&f).await;
+    let given = f
+        .records
+        .record_consent(&nhs, school_consent(ConsentState::Given, None), "c1")
+        .await
+        .expect("consent");
+    f.clock.set(datetime!(2026-03-06 15:00 UTC));
+    let refused = f
+        .records
+        .record_consent(&nhs, school_consent(ConsentState::Refused, None), "c2")
+        .await
+        .expect("refusal");
+    let err = f
+        .records
+        .disclose(
+            &school,
+            read(&record, Purpose::EducationSupport, None),
+            "d1",
+        )
+        .await
+        .expect_err("the refusal was recorded last");
+    assert!(
+        matches!(&err, RecordError::Refused(d) if matches!(&d.reason, crate::domain::policy::DenyReason::ConsentRefused { consent_id, .. } if consent_id == refused.id())),
+        "{err:?}"
+    );
+    assert!(
+        refused.statement.recorded_at > given.statement.recorded_at,
+        "{} is not after {}",
+        refused.statement.recorded_at,
+        given.statement.recorded_at
+    );
+}
