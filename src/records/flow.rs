@@ -227,7 +227,28 @@ impl Records {
             }
         };
 
-        let content = self.store.content(&record.id).await?;
+        let content = match self.store.content(&record.id).await {
+            Ok(content) => content,
+            // The sweeper may have purged the record since its metadata was read
+            // (it purges only records past retention): answered as expired and
+            // audited, as the decision would have refused it a moment later.
+            Err(e) if !self.still_held(&record).await => {
+                tracing::info!(record = %record.id, error = %e, "record purged while being disclosed");
+                let mut entry = self.denied_entry(caller, &record, &req, request_id);
+                entry.reason = format!(
+                    "{}: purged at the end of its retention ({}) before its content was read",
+                    DenyReason::Expired.as_str(),
+                    rfc3339(record.retain_until)
+                );
+                self.auditor.append(entry).await?;
+                return Err(RecordError::Refused(policy::Denied {
+                    reason: DenyReason::Expired,
+                    message: "the record is past its retention date and is no longer disclosed"
+                        .into(),
+                }));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut entry = Self::entry(
             caller,
             AuditAction::RecordDisclosed,
@@ -299,6 +320,15 @@ impl Records {
             Err(failed.into())
         })
         .await
+    }
+
+    /// Whether `record` is still stored and within its retention, after a failure
+    /// to read its content: if not, a purge came in between.
+    async fn still_held(&self, record: &Record) -> bool {
+        if self.clock.now() >= record.retain_until {
+            return false;
+        }
+        !matches!(self.store.record(&record.id).await, Ok(None))
     }
 
     /// Audits a request for an id that names no record.

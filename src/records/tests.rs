@@ -668,3 +668,39 @@ async fn a_refusal_recorded_by_a_clock_stepped_back_still_wins() {
         given.statement.recorded_at
     );
 }
+
+/// A record purged between a disclosure's metadata read and its content read is
+/// answered as expired (NOT_FOUND), and the refusal is audited.
+#[tokio::test]
+async fn a_record_purged_while_being_read_is_refused_as_expired_and_audited() {
+    let hooked = Arc::new(std::sync::OnceLock::<Arc<Hooked>>::new());
+    let f = fixture_over(Arc::new(NoNotifier), {
+        let hooked = hooked.clone();
+        move |store| {
+            let repo = Arc::new(Hooked::new(store, Arc::default()));
+            let _ = hooked.set(repo.clone());
+            repo
+        }
+    });
+    let (nhs, _, record) = hospital_record(&f).await;
+    hooked
+        .get()
+        .expect("set")
+        .purge_before_content
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = f
+        .records
+        .disclose(&nhs, read(&record, Purpose::HealthCare, None), "d1")
+        .await
+        .expect_err("purged");
+    assert!(
+        matches!(&err, RecordError::Refused(d) if d.reason == crate::domain::policy::DenyReason::Expired),
+        "{err:?}"
+    );
+    // After RECORD_SHARED: seq 1.
+    let entry = entry_at(&f.auditor, 1).await;
+    assert_eq!(entry.action, AuditAction::DisclosureDenied as i32);
+    assert_eq!(entry.outcome, AuditOutcome::Denied as i32);
+    assert_eq!(entry.object_id, record.id.as_str());
+    assert!(entry.reason.starts_with("EXPIRED"), "{}", entry.reason);
+}
