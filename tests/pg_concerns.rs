@@ -16,13 +16,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pg_common::{dump_public_tables, server_url, TestDb};
+use sgw::audit::writer::AuditSettings;
+use sgw::audit::{AuditHandle, Auditor};
 use sgw::concerns::store::{Edit, IdempotencyKey, Raised};
 use sgw::concerns::{
-    Concern, ConcernId, Decision, DecisionRecord, Delivery, Escalation, InboxEvent,
-    OverrideNoticeEvent,
+    Concern, ConcernError, ConcernId, ConcernRepo, Concerns, Decision, DecisionRecord, Delivery,
+    EditFn, Escalation, InboxEvent, OverrideNoticeEvent, RaiseRequest, StoreError,
 };
-use sgw::domain::{AgencyId, ConcernCategory, NhsNumber, Urgency};
+use sgw::config::Config;
+use sgw::domain::{
+    AgencyId, ConcernCategory, ManualClock, NhsNumber, PrincipalId, Role, Sector, Urgency,
+};
+use sgw::identity::Caller;
 use sgw::pg::{PgConcernStore, PgConfig, PgInboxSettings};
+use sgw::proto::v1::{AuditAction, AuditOutcome};
 use sgw::store::Keys;
 use time::macros::datetime;
 use time::OffsetDateTime;
@@ -1030,5 +1037,194 @@ async fn two_replicas_sweeping_one_overdue_concern_escalate_it_once() {
         .collect();
     assert_eq!(escalated.len(), ROUNDS);
     drop((a, b));
+    db.drop_database().await;
+}
+
+/// Replica A's store: before its next `update`, runs `before_update` to its end
+/// (another replica's whole call), so that call's change lands between A's check
+/// and A's write.
+struct Interleaved {
+    inner: PgConcernStore,
+    before_update: std::sync::Mutex<Option<BoxedCall>>,
+}
+
+type BoxedCall = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+#[async_trait::async_trait]
+impl ConcernRepo for Interleaved {
+    async fn get(&self, id: &ConcernId) -> Result<Option<Concern>, StoreError> {
+        ConcernRepo::get(&self.inner, id).await
+    }
+    async fn raised_by_key(&self, key: &IdempotencyKey) -> Result<Option<ConcernId>, StoreError> {
+        ConcernRepo::raised_by_key(&self.inner, key).await
+    }
+    async fn raise(
+        &self,
+        concern: &Concern,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Raised, StoreError> {
+        ConcernRepo::raise(&self.inner, concern, key).await
+    }
+    async fn update(&self, id: &ConcernId, edit: EditFn) -> Result<Option<Concern>, StoreError> {
+        let other = self.before_update.lock().unwrap().take();
+        if let Some(other) = other {
+            other.await;
+        }
+        ConcernRepo::update(&self.inner, id, edit).await
+    }
+    async fn settle(&self, id: &ConcernId, until: OffsetDateTime) -> Result<(), StoreError> {
+        ConcernRepo::settle(&self.inner, id, until).await
+    }
+    async fn due_by(&self, now: OffsetDateTime) -> Result<Vec<ConcernId>, StoreError> {
+        ConcernRepo::due_by(&self.inner, now).await
+    }
+    async fn events(
+        &self,
+        agency: &AgencyId,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, InboxEvent)>, StoreError> {
+        ConcernRepo::events(&self.inner, agency, after, upto, limit).await
+    }
+    async fn append_event(&self, agency: &AgencyId, event: InboxEvent) -> Result<u64, StoreError> {
+        ConcernRepo::append_event(&self.inner, agency, event).await
+    }
+    fn durable_cursor(&self, agency: &AgencyId) -> Option<watch::Receiver<u64>> {
+        ConcernRepo::durable_cursor(&self.inner, agency)
+    }
+    async fn close(&self) -> Result<(), StoreError> {
+        ConcernRepo::close(&self.inner).await
+    }
+}
+
+fn agency_caller(id: &str, sector: Sector) -> Caller {
+    Caller {
+        id: PrincipalId::parse(id).unwrap(),
+        role: Role::Agency,
+        sector: Some(sector),
+        cert_sha256: [7; 32],
+        serial_hex: "01".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_deciding_differently_store_one_decision_and_refuse_the_other() {
+    let Some(url) = server_url("concerns_decide_race") else {
+        return;
+    };
+    let db = TestDb::create(&url, "concerns_decide_race").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = Arc::new(
+        Config::from_toml_str(sgw::cli::serve::DEV_CONFIG_TOML, dir.path(), "t.toml").unwrap(),
+    );
+    std::fs::create_dir_all(&config.data_dir).unwrap();
+    let keys = keys_in(&config.data_dir);
+    let (store_a, store_b) = two_replicas(&db, &keys).await;
+    let clock = Arc::new(ManualClock::new(datetime!(2026-11-24 10:00 UTC)));
+    // One audit log for both replicas, so the test reads every entry in one place.
+    let auditor = Auditor::open(
+        AuditSettings {
+            dir: config.data_dir.join("audit"),
+            log_id: "sgw.test/audit".into(),
+            max_batch: 64,
+            cache_bytes: 8 << 20,
+            wal_bytes: sgw::audit::writer::DEFAULT_WAL_BYTES,
+        },
+        keys.clone(),
+        clock.clone(),
+    )
+    .unwrap();
+    let handle: AuditHandle = Arc::new(auditor.clone());
+    let a_store = Arc::new(Interleaved {
+        inner: store_a,
+        before_update: std::sync::Mutex::new(None),
+    });
+    let a = Arc::new(Concerns::new(
+        config.clone(),
+        keys.clone(),
+        handle.clone(),
+        clock.clone(),
+        a_store.clone(),
+    ));
+    let b = Arc::new(Concerns::new(
+        config.clone(),
+        keys.clone(),
+        handle,
+        clock.clone(),
+        Arc::new(store_b),
+    ));
+
+    let police = agency_caller("police-met", Sector::Police);
+    let front_door = agency_caller("csc-southwark", Sector::ChildrensSocialCare);
+    let c = a
+        .raise(
+            &police,
+            RaiseRequest {
+                subject: child(),
+                category: ConcernCategory::Neglect,
+                urgency: Urgency::Urgent,
+                narrative: "Left alone overnight.".into(),
+                recipients: vec![],
+                request_id: String::new(),
+            },
+            "r1",
+        )
+        .await
+        .unwrap();
+    // Delivered first, so that A's next store write is its decision.
+    a.get(&front_door, c.id.as_str(), "r2").await.unwrap();
+
+    // B records POLICE_ACTION after A has checked that there is no decision and
+    // audited its own, before A stores it.
+    let (b_call, fd, id) = (b.clone(), front_door.clone(), c.id.clone());
+    *a_store.before_update.lock().unwrap() = Some(Box::pin(async move {
+        b_call
+            .decide(
+                &fd,
+                id.as_str(),
+                Decision::PoliceAction,
+                "B. Officer",
+                "",
+                "b-1",
+            )
+            .await
+            .expect("replica B decides");
+    }));
+    let got = a
+        .decide(
+            &front_door,
+            c.id.as_str(),
+            Decision::EarlyHelp,
+            "A. Worker",
+            "",
+            "a-1",
+        )
+        .await;
+    let Err(ConcernError::Precondition(message)) = got else {
+        panic!("replica A's conflicting decision was answered {got:?}");
+    };
+    assert!(message.contains("POLICE_ACTION"), "{message}");
+    let stored = b.store().get(&c.id).await.unwrap().unwrap();
+    assert_eq!(stored.decision.unwrap().decision, Decision::PoliceAction);
+
+    // In the log: A's ALLOWED entry (written before B's), B's, then A's DENIED one.
+    let log = auditor.log();
+    let decided: Vec<(String, i32, String)> = (0..log.size())
+        .map(|seq| log.entry(seq).unwrap())
+        .filter(|e| e.action == AuditAction::ConcernDecided as i32)
+        .map(|e| (e.request_id, e.outcome, e.reason))
+        .collect();
+    let outcomes: Vec<(&str, i32)> = decided.iter().map(|(r, o, _)| (r.as_str(), *o)).collect();
+    let (allowed, denied) = (AuditOutcome::Allowed as i32, AuditOutcome::Denied as i32);
+    assert_eq!(
+        outcomes,
+        [("a-1", allowed), ("b-1", allowed), ("a-1", denied)],
+        "{decided:?}"
+    );
+    assert!(decided[2].2.starts_with("NOT_STORED"), "{decided:?}");
+
+    auditor.close().await;
+    drop((a, b, a_store));
     db.drop_database().await;
 }

@@ -1,6 +1,7 @@
 //! The unary calls: raise, get, list, acknowledge, decide; and delivery, the
 //! audited first disclosure of a narrative to a recipient.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::model::{
@@ -257,7 +258,10 @@ impl Concerns {
     /// AcknowledgeConcern: records the recipient's acknowledgement (audited
     /// CONCERN_ACKNOWLEDGED); acknowledging again changes nothing. A refusal (not a
     /// party: NOT_FOUND; the sender: PERMISSION_DENIED) is audited
-    /// CONCERN_ACKNOWLEDGED with outcome DENIED before it is returned.
+    /// CONCERN_ACKNOWLEDGED with outcome DENIED before it is returned. If another
+    /// replica stores an acknowledgement between this call's check and its write,
+    /// the answer is the stored one and a DENIED entry (NOT_STORED) follows the
+    /// ALLOWED one, whose note was not kept.
     pub async fn acknowledge(
         self: &Arc<Self>,
         caller: &Caller,
@@ -308,24 +312,49 @@ impl Concerns {
         entry.reason = format!("acknowledged by {agency}");
         entry.justification = note.to_owned();
         let at = from_micros(self.auditor.append(entry).await?.time_micros());
+        let stored = Arc::new(AtomicBool::new(false));
+        let stored_in_edit = stored.clone();
         let note = note.to_owned();
-        self.store
+        let after = self
+            .store
             .update(
                 &id,
-                Box::new(move |c| Edit {
-                    record: c.acknowledge(&agency, at, &note),
-                    ..Edit::default()
+                Box::new(move |c| {
+                    let first = c.acknowledge(&agency, at, &note);
+                    stored_in_edit.store(first, Ordering::SeqCst);
+                    Edit {
+                        record: first,
+                        ..Edit::default()
+                    }
                 }),
             )
             .await?
-            .ok_or_else(|| ConcernError::Internal("acknowledged concern vanished".into()))
+            .ok_or_else(|| ConcernError::Internal("acknowledged concern vanished".into()))?;
+        if !stored.load(Ordering::SeqCst) {
+            // Another replica stored an acknowledgement first (the lock is per
+            // process). Acknowledging again changes nothing, but the entry above
+            // holds a note that was not kept: say so in the log.
+            self.audit_refusal(
+                caller,
+                Attempt::Acknowledge,
+                &id,
+                Some(&after),
+                "NOT_STORED: already acknowledged; this acknowledgement and its note were not kept (answered with the first)",
+                request_id,
+            )
+            .await?;
+        }
+        Ok(after)
     }
 
     /// RecordDecision: the front door's decision and lead practitioner (audited
     /// CONCERN_DECIDED). Recording the same decision again changes nothing; a
     /// different one is FAILED_PRECONDITION. A refusal (not a party: NOT_FOUND; a
     /// party other than the front door: PERMISSION_DENIED) is audited
-    /// CONCERN_DECIDED with outcome DENIED before it is returned.
+    /// CONCERN_DECIDED with outcome DENIED before it is returned. If another
+    /// replica stores a different decision between this call's check and its
+    /// write, the answer is FAILED_PRECONDITION too, and a DENIED entry
+    /// (NOT_STORED) follows the ALLOWED one.
     pub async fn decide(
         self: &Arc<Self>,
         caller: &Caller,
@@ -376,11 +405,7 @@ impl Concerns {
             {
                 return Ok(concern);
             }
-            return Err(ConcernError::Precondition(format!(
-                "concern {id} already has a decision ({}, recorded {})",
-                made.decision.as_str(),
-                rfc3339(made.decided_at)
-            )));
+            return Err(already_decided(&id, made));
         }
         let mut entry = NewEntry::new(
             Actor::from(caller),
@@ -404,7 +429,10 @@ impl Concerns {
             decided_at: at,
             decided_by: agency,
         };
-        self.store
+        let stored = Arc::new(AtomicBool::new(false));
+        let stored_in_edit = stored.clone();
+        let after = self
+            .store
             .update(
                 &id,
                 Box::new(move |c| {
@@ -412,6 +440,7 @@ impl Concerns {
                     if first {
                         c.decision = Some(record);
                     }
+                    stored_in_edit.store(first, Ordering::SeqCst);
                     Edit {
                         record: first,
                         ..Edit::default()
@@ -419,7 +448,38 @@ impl Concerns {
                 }),
             )
             .await?
-            .ok_or_else(|| ConcernError::Internal("decided concern vanished".into()))
+            .ok_or_else(|| ConcernError::Internal("decided concern vanished".into()))?;
+        if stored.load(Ordering::SeqCst) {
+            return Ok(after);
+        }
+        // Another replica stored a decision after the check above (the lock is per
+        // process). The same decision again changes nothing; a different one is
+        // refused as above, and the entry appended for it is answered in the log.
+        match &after.decision {
+            Some(made)
+                if made.decision == decision
+                    && made.lead_practitioner == lead_practitioner
+                    && made.note == note =>
+            {
+                Ok(after)
+            }
+            Some(made) => {
+                let refused = already_decided(&id, made);
+                self.audit_refusal(
+                    caller,
+                    Attempt::Decide,
+                    &id,
+                    Some(&after),
+                    "NOT_STORED: a different decision was recorded first (answered FAILED_PRECONDITION)",
+                    request_id,
+                )
+                .await?;
+                Err(refused)
+            }
+            None => Err(ConcernError::Internal(
+                "a decision was neither stored nor found".into(),
+            )),
+        }
     }
 
     /// The concern, if `agency` is a party to it. Otherwise the refusal is audited
@@ -584,6 +644,15 @@ impl Attempt {
 /// a character), and generously for every other field.
 fn encoded_size_bound(concern: &Concern) -> usize {
     concern.narrative.len() + 1024 + 128 * concern.recipients.len()
+}
+
+/// FAILED_PRECONDITION for a decision on concern `id`, which already has `made`.
+fn already_decided(id: &ConcernId, made: &DecisionRecord) -> ConcernError {
+    ConcernError::Precondition(format!(
+        "concern {id} already has a decision ({}, recorded {})",
+        made.decision.as_str(),
+        rfc3339(made.decided_at)
+    ))
 }
 
 fn undelivered(concern: &Concern, agency: &AgencyId) -> bool {

@@ -623,3 +623,113 @@ async fn an_unwritable_audit_log_stops_the_sweep_and_sends_no_escalation() {
         2
     );
 }
+
+fn front_door() -> Caller {
+    agency("csc-southwark", Sector::ChildrensSocialCare)
+}
+
+/// A concern raised by the police and already delivered to the front door (so the
+/// front door's next call writes nothing before its own change).
+async fn concern_seen_by_the_front_door(f: &Fixture) -> Concern {
+    let c = f
+        .concerns
+        .raise(
+            &police(),
+            raise_request(ConcernCategory::Neglect, Urgency::Urgent),
+            "r1",
+        )
+        .await
+        .unwrap();
+    f.concerns
+        .get(&front_door(), c.id.as_str(), "r2")
+        .await
+        .unwrap()
+}
+
+/// The entries of `action` about `concern` as (outcome, reason).
+fn entries_about(
+    auditor: &Auditor,
+    action: AuditAction,
+    concern: &ConcernId,
+) -> Vec<(i32, String)> {
+    actions(auditor, action)
+        .into_iter()
+        .filter(|e| e.object_id == concern.as_str())
+        .map(|e| (e.outcome, e.reason))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_different_decision_stored_first_by_another_replica_is_failed_precondition() {
+    let (f, interposed) = interposed_fixture().await;
+    let c = concern_seen_by_the_front_door(&f).await;
+    let decided_at = f.clock.now();
+    interposed.before_next_update(move |c| {
+        c.decision = Some(DecisionRecord {
+            decision: Decision::PoliceAction,
+            lead_practitioner: "B. Officer".into(),
+            note: String::new(),
+            decided_at,
+            decided_by: id_of("csc-southwark"),
+        });
+    });
+    let got = f
+        .concerns
+        .decide(
+            &front_door(),
+            c.id.as_str(),
+            Decision::EarlyHelp,
+            "A. Worker",
+            "",
+            "r3",
+        )
+        .await;
+    let Err(ConcernError::Precondition(message)) = got else {
+        panic!("a conflicting decision was answered {got:?}");
+    };
+    assert!(message.contains("POLICE_ACTION"), "{message}");
+    let stored = f.concerns.store().get(&c.id).await.unwrap().unwrap();
+    assert_eq!(stored.decision.unwrap().decision, Decision::PoliceAction);
+    let entries = entries_about(&f.auditor, AuditAction::ConcernDecided, &c.id);
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert_eq!(entries[0].0, AuditOutcome::Allowed as i32);
+    assert!(entries[0].1.contains("EARLY_HELP"), "{entries:?}");
+    assert_eq!(entries[1].0, AuditOutcome::Denied as i32);
+    assert!(entries[1].1.starts_with("NOT_STORED"), "{entries:?}");
+
+    // The same decision as stored is still answered with the concern.
+    let again = f
+        .concerns
+        .decide(
+            &front_door(),
+            c.id.as_str(),
+            Decision::PoliceAction,
+            "B. Officer",
+            "",
+            "r4",
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.status(), ConcernStatus::Decided);
+}
+
+#[tokio::test]
+async fn an_acknowledgement_stored_first_by_another_replica_keeps_the_first_note() {
+    let (f, interposed) = interposed_fixture().await;
+    let c = concern_seen_by_the_front_door(&f).await;
+    let acked_at = f.clock.now();
+    interposed.before_next_update(move |c| {
+        c.acknowledge(&id_of("csc-southwark"), acked_at, "first");
+    });
+    let got = f
+        .concerns
+        .acknowledge(&front_door(), c.id.as_str(), "second", "r3")
+        .await
+        .unwrap();
+    assert_eq!(got.delivery(&id_of("csc-southwark")).unwrap().note, "first");
+    let entries = entries_about(&f.auditor, AuditAction::ConcernAcknowledged, &c.id);
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert_eq!(entries[0].0, AuditOutcome::Allowed as i32);
+    assert_eq!(entries[1].0, AuditOutcome::Denied as i32);
+    assert!(entries[1].1.starts_with("NOT_STORED"), "{entries:?}");
+}
