@@ -889,3 +889,38 @@ async fn verify_answers_2_when_it_cannot_check_never_1() {
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("cannot be used with"), "{out}");
 }
+
+// Multi-threaded: the CLI runs as a blocking child process while this process's
+// runtime keeps serving it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_query_into_a_closed_pipe_ends_quietly() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut client = auditor(&gw, &env).await;
+    for _ in 0..50 {
+        checkpoint(&mut client).await;
+    }
+    let pki = env.pki_dir();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sgw"))
+        .args(["audit", "query", "--addr", &gw.addr.to_string(), "--ca"])
+        .arg(pki.join("ca.pem"))
+        .arg("--cert")
+        .arg(pki.join("auditor-dpo.pem"))
+        .arg("--key")
+        .arg(pki.join("auditor-dpo.key"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run sgw audit query");
+    // `| head -0`: the reader goes before the first line.
+    drop(child.stdout.take());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+    gw.stop().await;
+}
