@@ -845,13 +845,50 @@ fn verify_with(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
     (out.status.code(), text)
 }
 
-#[tokio::test]
+// Multi-threaded: the CLI runs as a blocking child process while this process's
+// runtime keeps serving it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_answers_2_when_it_cannot_check_never_1() {
     let env = Env::new();
     let data = env.path().join("data/dev");
     let gw = env.start().await;
     checkpoint(&mut auditor(&gw, &env).await).await;
     let addr = gw.addr.to_string();
+    // While the gateway holds the database: cannot check, and nothing about writing.
+    let (code, out) = verify_with(&["--data-dir".as_ref(), data.as_os_str()]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("is the gateway stopped?") && !out.contains("cannot be written"),
+        "{out}"
+    );
+    // A query the gateway refuses prints its status, and no table.
+    let pki = env.pki_dir();
+    let mut query = Command::new(env!("CARGO_BIN_EXE_sgw"));
+    query
+        .args([
+            "audit",
+            "query",
+            "--nhs-number",
+            "123",
+            "--addr",
+            &addr,
+            "--ca",
+        ])
+        .arg(pki.join("ca.pem"))
+        .arg("--cert")
+        .arg(pki.join("auditor-dpo.pem"))
+        .arg("--key")
+        .arg(pki.join("auditor-dpo.key"));
+    let refused = tokio::task::spawn_blocking(move || query.output())
+        .await
+        .unwrap()
+        .expect("run sgw audit query");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("query refused (InvalidArgument): subject.nhs_number"),
+        "{err}"
+    );
+    assert!(refused.stdout.is_empty(), "no table for a refusal");
     gw.stop().await;
 
     // A kept checkpoint that cannot be read: nothing was checked.
@@ -866,7 +903,6 @@ async fn verify_answers_2_when_it_cannot_check_never_1() {
     assert!(out.contains("could not be checked"), "{out}");
 
     // A gateway that cannot be reached (it has stopped).
-    let pki = env.pki_dir();
     let (code, out) = verify_with(&[
         "--addr".as_ref(),
         addr.as_ref(),

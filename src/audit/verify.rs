@@ -81,8 +81,14 @@ pub fn verify_data_dir(
     // Commits that only the write-ahead file holds (after a crash) are replayed
     // first, as the gateway would at start.
     let opened = super::writer::open_database(&data_dir.join("audit"), 64 << 20).map_err(|e| {
+        // Said without the writer's "cannot be written": nothing is written here,
+        // and a running gateway's lock is the usual cause.
+        let why = match e {
+            AuditError::Unavailable(why) => why,
+            other => other.to_string(),
+        };
         cannot_check(format!(
-            "cannot open the audit database (is the gateway stopped?): {e}"
+            "cannot open the audit database (is the gateway stopped?): {why}"
         ))
     })?;
     let (tree, tile_files, entry_file) = (&opened.tree, &opened.tiles, &opened.entries);

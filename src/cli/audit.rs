@@ -467,10 +467,15 @@ async fn verify_online(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
         }
     }
     println!(
-        "audit log verified online: {} entries, root {}, signed by {}",
+        "audit log verified online: {} entries, root {}, signed by {}{}",
         note.tree_size,
         crate::tls::hex(&note.root_hash),
-        verifier
+        verifier,
+        if args.checkpoint.is_some() {
+            ", consistent with the kept checkpoint"
+        } else {
+            ""
+        },
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -479,7 +484,9 @@ fn parse_time(name: &str, v: &Option<String>) -> anyhow::Result<Option<prost_typ
     v.as_ref()
         .map(|s| {
             let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                .with_context(|| format!("--{name} {s:?} is not an RFC 3339 time"))?;
+                .map_err(|e| {
+                    anyhow::anyhow!("--{name} {s:?} is not an RFC 3339 time ({e}); for example 2026-11-24T09:00:00Z")
+                })?;
             Ok(prost_types::Timestamp {
                 seconds: t.unix_timestamp(),
                 nanos: t.nanosecond() as i32,
@@ -514,18 +521,21 @@ async fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
     };
     let channel = args.client.connect("auditor-dpo").await?;
     let mut client = AuditServiceClient::new(channel);
-    if !args.json {
-        println!(
-            "{:>8}  {:<27}  {:<22}  {:<20}  {:<8}  {:<18}  {:<24}  reason",
-            "seq", "time", "actor", "action", "outcome", "target", "object"
-        );
-    }
     let mut shown = 0;
+    let mut header = !args.json;
     loop {
         let page = client
             .query_disclosures(request.clone())
-            .await?
+            .await
+            .map_err(|s| anyhow::anyhow!("query refused ({:?}): {}", s.code(), s.message()))?
             .into_inner();
+        // After the first answer, so that a refusal prints no table.
+        if std::mem::take(&mut header) {
+            println!(
+                "{:>8}  {:<27}  {:<22}  {:<20}  {:<8}  {:<18}  {:<24}  reason",
+                "seq", "time", "actor", "action", "outcome", "target", "object"
+            );
+        }
         for e in &page.entries {
             if shown >= args.limit {
                 return Ok(ExitCode::SUCCESS);
