@@ -14,20 +14,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = sgw::cli::Cli::parse();
-    use sgw::cli::Command;
-    if matches!(
-        cli.command,
-        Command::Audit(_) | Command::Ops(_) | Command::Certs(_)
-    ) {
-        // Rust ignores SIGPIPE, so `sgw audit query | head` would panic on the
-        // closed pipe. These commands end quietly instead, as other tools do. Not
-        // for `serve` and `bench`: their sockets must see EPIPE, not a signal.
-        // SAFETY: at the start of main, before any thread exists; SIG_DFL is a
-        // valid disposition for SIGPIPE.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
-    }
     match sgw::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -152,7 +152,7 @@ fn verify_offline(
 fn report(result: Result<Summary, Failure>, kept: bool) -> ExitCode {
     match result {
         Ok(s) => {
-            println!(
+            out!(
                 "audit log verified: {} entries, root {}, {} stored checkpoints verified{}{}",
                 s.entries,
                 crate::tls::hex(&s.root),
@@ -466,7 +466,7 @@ async fn verify_online(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     }
-    println!(
+    out!(
         "audit log verified online: {} entries, root {}, signed by {}{}",
         note.tree_size,
         crate::tls::hex(&note.root_hash),
@@ -531,9 +531,15 @@ async fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
             .into_inner();
         // After the first answer, so that a refusal prints no table.
         if std::mem::take(&mut header) {
-            println!(
+            out!(
                 "{:>8}  {:<27}  {:<22}  {:<20}  {:<8}  {:<18}  {:<24}  reason",
-                "seq", "time", "actor", "action", "outcome", "target", "object"
+                "seq",
+                "time",
+                "actor",
+                "action",
+                "outcome",
+                "target",
+                "object"
             );
         }
         for e in &page.entries {
@@ -604,11 +610,18 @@ fn print_entry(e: &AuditEntry, json: bool) {
             "consent_id": e.consent_id, "justification": e.justification, "outcome": outcome,
             "reason": e.reason, "request_id": e.request_id, "actor_cert_sha256": e.actor_cert_sha256,
         });
-        println!("{v}");
+        out!("{v}");
     } else {
-        println!(
+        out!(
             "{:>8}  {:<27}  {:<22}  {:<20}  {:<8}  {:<18}  {:<24}  {}",
-            e.seq, time, e.actor_id, action, outcome, e.target_agency_id, e.object_id, e.reason
+            e.seq,
+            time,
+            e.actor_id,
+            action,
+            outcome,
+            e.target_agency_id,
+            e.object_id,
+            e.reason
         );
     }
 }

@@ -92,10 +92,10 @@ pub fn run(cmd: CertsCommand) -> anyhow::Result<ExitCode> {
         } => {
             let pki = pki::init_dev_pki(&dir, &trust_domain, super::serve::DEV_IDENTITIES, force)?;
             for path in &pki.written {
-                println!("wrote {}", path.display());
+                out!("wrote {}", path.display());
             }
             if pki.written.is_empty() {
-                println!(
+                out!(
                     "{}: every file already exists (use --force to replace)",
                     dir.display()
                 );
@@ -110,9 +110,9 @@ pub fn run(cmd: CertsCommand) -> anyhow::Result<ExitCode> {
             force,
         } => {
             let leaf = pki::issue_to_dir(&ca_dir, trust_domain.as_deref(), role, &id, days, force)?;
-            println!("certificate {}", leaf.cert.display());
-            println!("key         {}", leaf.key.display());
-            println!("serial      {}", leaf.serial_hex);
+            out!("certificate {}", leaf.cert.display());
+            out!("key         {}", leaf.key.display());
+            out!("serial      {}", leaf.serial_hex);
         }
         CertsCommand::RenewServer {
             ca_dir,
@@ -121,13 +121,13 @@ pub fn run(cmd: CertsCommand) -> anyhow::Result<ExitCode> {
             ips,
         } => {
             let leaf = pki::renew_server(&ca_dir, days, &dns, &ips)?;
-            println!("certificate {}", leaf.cert.display());
-            println!("key         {}", leaf.key.display());
-            println!("serial      {}", leaf.serial_hex);
+            out!("certificate {}", leaf.cert.display());
+            out!("key         {}", leaf.key.display());
+            out!("serial      {}", leaf.serial_hex);
         }
         CertsCommand::Revoke { ca_dir, serial } => {
             let crl = pki::revoke_in_dir(&ca_dir, &serial)?;
-            println!("revoked {serial}; CRL written to {}", crl.display());
+            out!("revoked {serial}; CRL written to {}", crl.display());
         }
     }
     Ok(ExitCode::SUCCESS)

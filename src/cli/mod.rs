@@ -1,5 +1,22 @@
 //! The command line: one file per subcommand. `anyhow` is used here and only here.
 
+/// `println!` for the commands' output: a reader that has gone (`sgw audit query |
+/// head`) ends the command quietly instead of panicking, as other tools do. (Not by
+/// restoring SIGPIPE's default action: the client commands' TLS sockets must see
+/// EPIPE as an error, not end the process.)
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("sgw: cannot write to standard output: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 pub mod audit;
 pub mod bench;
 pub mod certs;

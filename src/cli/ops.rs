@@ -61,7 +61,7 @@ pub fn run(cmd: OpsCommand) -> anyhow::Result<ExitCode> {
                 let mut ops = OperationsServiceClient::new(client.connect("operator-ops").await?);
                 match ops.reload_tls(ReloadTlsRequest {}).await {
                     Ok(resp) => {
-                        println!("reloaded");
+                        out!("reloaded");
                         print_status(resp.into_inner().status.as_ref(), false);
                     }
                     Err(status) => {
@@ -81,7 +81,7 @@ pub fn run(cmd: OpsCommand) -> anyhow::Result<ExitCode> {
                     reason,
                 };
                 match ops.revoke_certificate(req).await {
-                    Ok(_) => println!("revoked {serial}"),
+                    Ok(_) => out!("revoked {serial}"),
                     Err(status) => {
                         eprintln!(
                             "revocation refused ({:?}): {}",
@@ -108,7 +108,7 @@ fn rfc3339(ts: Option<&prost_types::Timestamp>) -> String {
 
 fn print_status(status: Option<&TlsStatus>, json: bool) {
     let Some(s) = status else {
-        println!("(no status)");
+        out!("(no status)");
         return;
     };
     if json {
@@ -124,25 +124,25 @@ fn print_status(status: Option<&TlsStatus>, json: bool) {
             "revoked_serials": s.revoked_serials,
             "reloaded_at": rfc3339(s.reloaded_at.as_ref()),
         });
-        println!("{v}");
+        out!("{v}");
         return;
     }
-    println!("server certificate  serial {}", s.server_cert_serial);
-    println!("                    sha256 {}", s.server_cert_sha256);
-    println!(
+    out!("server certificate  serial {}", s.server_cert_serial);
+    out!("                    sha256 {}", s.server_cert_sha256);
+    out!(
         "                    expires {} ({} days)",
         rfc3339(s.server_not_after.as_ref()),
         s.server_days_until_expiry
     );
     for ca in &s.client_cas {
-        println!("client CA           {} ({})", ca.subject, ca.sha256);
-        println!(
+        out!("client CA           {} ({})", ca.subject, ca.sha256);
+        out!(
             "                    expires {} ({} days)",
             rfc3339(ca.not_after.as_ref()),
             ca.days_until_expiry
         );
     }
-    println!(
+    out!(
         "revoked serials     {}",
         if s.revoked_serials.is_empty() {
             "none".to_owned()
@@ -150,5 +150,5 @@ fn print_status(status: Option<&TlsStatus>, json: bool) {
             s.revoked_serials.join(", ")
         }
     );
-    println!("loaded at           {}", rfc3339(s.reloaded_at.as_ref()));
+    out!("loaded at           {}", rfc3339(s.reloaded_at.as_ref()));
 }
