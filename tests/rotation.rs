@@ -745,7 +745,8 @@ async fn a_revoked_intermediate_refuses_every_certificate_it_issued() {
         eku: vec![],
         not_before: now - time::Duration::minutes(1),
         not_after: now + time::Duration::days(30),
-        serial: None,
+        // The CA numbers its intermediates and leaves from one counter (below).
+        serial: Some(4096),
         is_ca: true,
     });
     let issuing =
@@ -760,21 +761,34 @@ async fn a_revoked_intermediate_refuses_every_certificate_it_issued() {
         .expect("chain accepted");
     common::health(open.clone()).await.expect("serves");
 
-    // The root's CRL lists the intermediate: new handshakes and the open
-    // connection are refused.
-    let listed = sgw::pki::Revocation {
-        serial_hex: intermediate.serial_hex.clone(),
+    let listed = |serial: &str| sgw::pki::Revocation {
+        serial_hex: serial.to_owned(),
         revoked_at: now,
     };
-    let crl = env.ca().crl(&[listed], 1000, 30).unwrap();
+    // The intermediate's own CRL revokes another leaf that happens to share the
+    // intermediate's serial: only that leaf is meant, not the intermediate.
+    let crls = format!(
+        "{}{}",
+        env.ca().crl(&[], 999, 30).unwrap(),
+        issuing
+            .crl(&[listed(&intermediate.serial_hex)], 1, 30)
+            .unwrap()
+    );
+    std::fs::write(env.pki_dir().join("crl.pem"), crls).unwrap();
+    ops.reload_tls(ReloadTlsRequest {}).await.expect("reload");
+    assert!(!new_connection_refused(&gw, &chain, &leaf.key_pem).await);
+    common::health(open.clone())
+        .await
+        .expect("the open connection is served too");
+
+    // The root's CRL lists the intermediate: new handshakes are refused.
+    let crl = env
+        .ca()
+        .crl(&[listed(&intermediate.serial_hex)], 1000, 30)
+        .unwrap();
     std::fs::write(env.pki_dir().join("crl.pem"), crl).unwrap();
     ops.reload_tls(ReloadTlsRequest {}).await.expect("reload");
     assert!(new_connection_refused(&gw, &chain, &leaf.key_pem).await);
-    let err = common::health(open)
-        .await
-        .expect_err("open connection refused");
-    assert_eq!(err.code(), tonic::Code::Unauthenticated);
-    assert!(err.message().contains("intermediate"), "{err:?}");
 
     // Off the CRL it is accepted again, until an operator revokes it.
     std::fs::write(
@@ -791,6 +805,12 @@ async fn a_revoked_intermediate_refuses_every_certificate_it_issued() {
     .await
     .expect("revoke");
     assert!(new_connection_refused(&gw, &chain, &leaf.key_pem).await);
+    // An operator's revocation also ends what is open.
+    let err = common::health(open)
+        .await
+        .expect_err("open connection refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("intermediate"), "{err:?}");
     gw.stop().await;
 }
 

@@ -230,14 +230,20 @@ impl Revocations {
         self.operator.load().contains(serial_hex)
     }
 
-    /// The first of a peer's serials (its leaf's, then its intermediates') that is
-    /// revoked.
+    /// The first of a peer's serials that is revoked: its leaf's (by an operator or
+    /// a CRL), then its intermediates' (by an operator). An intermediate's serial is
+    /// not looked up among the CRLs' serials: they are pooled across issuers, and a
+    /// CA numbering its intermediates and leaves from one counter would see a
+    /// revoked leaf's serial refuse an intermediate. webpki checks intermediates
+    /// against their own issuer's CRL at each handshake.
     pub fn revoked_in<'a>(&self, peer: &'a PeerCert) -> Option<&'a str> {
+        if self.is_revoked(&peer.serial_hex) {
+            return Some(&peer.serial_hex);
+        }
         let operator = self.operator.load();
-        let crl = self.crl.load();
-        std::iter::once(&peer.serial_hex)
-            .chain(&peer.chain_serials)
-            .find(|s| operator.contains(s.as_str()) || crl.contains(s.as_str()))
+        peer.chain_serials
+            .iter()
+            .find(|s| operator.contains(s.as_str()))
             .map(String::as_str)
     }
 

@@ -64,11 +64,15 @@ impl ClientCertVerifier for ClientVerifier {
         if self.revocations.is_revoked(&serial_hex(cert.raw_serial())) {
             return Err(Error::InvalidCertificate(CertificateError::Revoked));
         }
-        // An operator may revoke an intermediate too (a CRL's are webpki's).
+        // An operator may revoke an intermediate too (a CRL's are webpki's, checked
+        // against the right issuer).
         for der in intermediates {
             let (_, ca) = x509_parser::parse_x509_certificate(der)
                 .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
-            if self.revocations.is_revoked(&serial_hex(ca.raw_serial())) {
+            if self
+                .revocations
+                .is_revoked_by_operator(&serial_hex(ca.raw_serial()))
+            {
                 return Err(Error::InvalidCertificate(CertificateError::Revoked));
             }
         }
