@@ -264,28 +264,36 @@ impl Records {
         entry.consent_id = allowed.consent_id.clone().unwrap_or_default();
         entry.justification = allowed.justification.clone().unwrap_or_default();
         entry.reason = disclosed_reason(&allowed);
-        // The hold is let go only once the entry is durable, even if this call is
-        // dropped meanwhile: a consent change about the child that starts after it
-        // must take a later seq, on any replica.
-        let auditor = self.auditor.clone();
-        let durable = to_the_end(async move {
-            let durable = auditor.append(entry).await?;
-            drop(disclosing);
-            Ok(durable)
-        })
-        .await?;
-
-        if allowed.basis == Basis::SafeguardingOverride {
+        // An override's owner is told before the content goes out (invariant 5).
+        let overriding = (allowed.basis == Basis::SafeguardingOverride).then(|| {
             let notice = OverrideNotice {
                 record_id: record.id.clone(),
                 subject_ref: record.subject_ref.clone(),
                 owner: record.owner.clone(),
                 recipient: agency.clone(),
                 justification: allowed.justification.clone().unwrap_or_default(),
-                audit_seq: durable.seq(),
+                audit_seq: 0,
             };
-            self.notify_or_withdraw(notice, self.denied_entry(caller, &record, &req, request_id))
-                .await?;
+            let denied = self.denied_entry(caller, &record, &req, request_id);
+            (notice, denied, self.notifier.clone())
+        });
+        // One section that runs to its end even if this call is dropped meanwhile:
+        // the hold is let go only once the entry is durable (a consent change about
+        // the child that starts after it must take a later seq, on any replica),
+        // and a disclosure under an override is never left without its notice, or
+        // without the entry that withdraws it.
+        let auditor = self.auditor.clone();
+        let durable = to_the_end(async move {
+            let durable = auditor.append(entry).await?;
+            drop(disclosing);
+            if let Some((mut notice, denied, notifier)) = overriding {
+                notice.audit_seq = durable.seq();
+                notify_or_withdraw(&*notifier, &auditor, notice, denied).await?;
+            }
+            Ok(durable)
+        })
+        .await?;
+        if allowed.basis == Basis::SafeguardingOverride {
             tracing::warn!(record = %record.id, owner = %record.owner, recipient = %agency, seq = durable.seq(), "record disclosed under a safeguarding override");
         }
         Ok(Disclosure {
@@ -295,31 +303,6 @@ impl Records {
             audit_seq: durable.seq(),
             override_ignored: allowed.override_ignored,
         })
-    }
-
-    /// Tells the owner of an override. If the notice cannot be delivered the
-    /// content is withheld, and `denied` (a DISCLOSURE_DENIED entry for the same
-    /// request) is appended naming the RECORD_DISCLOSED entry, so the log does not
-    /// claim a disclosure that did not happen; if that append fails too, the call
-    /// fails all the same. Runs to its end even if the call is dropped.
-    async fn notify_or_withdraw(
-        &self,
-        notice: OverrideNotice,
-        mut denied: crate::audit::NewEntry,
-    ) -> Result<(), RecordError> {
-        let (notifier, auditor) = (self.notifier.clone(), self.auditor.clone());
-        to_the_end(async move {
-            let disclosed_seq = notice.audit_seq;
-            let Err(failed) = notifier.notify(notice).await else {
-                return Ok(());
-            };
-            denied.reason = format!("OVERRIDE_NOTICE_FAILED: withheld; see seq {disclosed_seq}");
-            if let Err(e) = auditor.append(denied).await {
-                tracing::error!(error = %e, seq = disclosed_seq, "auditing an override withheld for want of its notice");
-            }
-            Err(failed.into())
-        })
-        .await
     }
 
     /// Whether `record` is still stored and within its retention, after a failure
@@ -428,6 +411,28 @@ fn found_reason(found: &[Found]) -> String {
 
 /// The reason of a RECORD_DISCLOSED entry: for an override, the agreement's lawful
 /// basis (the entry's `lawful_basis` is the override's) and the statement set aside.
+/// Tells the owner of an override. If the notice cannot be delivered the content is
+/// withheld, and `denied` (a DISCLOSURE_DENIED entry for the same request) is
+/// appended naming the RECORD_DISCLOSED entry, so the log does not claim a
+/// disclosure that did not happen; if that append fails too, the call fails all the
+/// same.
+async fn notify_or_withdraw(
+    notifier: &dyn super::notice::OverrideNotifier,
+    auditor: &crate::audit::AuditHandle,
+    notice: OverrideNotice,
+    mut denied: crate::audit::NewEntry,
+) -> Result<(), RecordError> {
+    let disclosed_seq = notice.audit_seq;
+    let Err(failed) = notifier.notify(notice).await else {
+        return Ok(());
+    };
+    denied.reason = format!("OVERRIDE_NOTICE_FAILED: withheld; see seq {disclosed_seq}");
+    if let Err(e) = auditor.append(denied).await {
+        tracing::error!(error = %e, seq = disclosed_seq, "auditing an override withheld for want of its notice");
+    }
+    Err(failed.into())
+}
+
 fn disclosed_reason(allowed: &policy::Allowed) -> String {
     let mut reason = allowed.basis.as_str().to_owned();
     if allowed.basis == Basis::SafeguardingOverride {
