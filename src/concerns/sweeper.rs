@@ -153,7 +153,8 @@ impl Concerns {
         let marked = Arc::new(Mutex::new(Vec::new()));
         let marked_in_edit = marked.clone();
         let late_recipients = late.recipients.clone();
-        self.store
+        let stored = self
+            .store
             .update(
                 id,
                 Box::new(move |c| {
@@ -197,8 +198,13 @@ impl Concerns {
                     }
                 }),
             )
-            .await?;
-        let marked = std::mem::take(&mut *marked.lock().unwrap_or_else(|p| p.into_inner()));
+            .await;
+        // A failed store write escalated no one: every entry above is answered
+        // below before the error is, so the log never claims it.
+        let marked = match &stored {
+            Ok(_) => std::mem::take(&mut *marked.lock().unwrap_or_else(|p| p.into_inner())),
+            Err(_) => Vec::new(),
+        };
         for recipient in late.recipients.iter().filter(|r| !marked.contains(r)) {
             let mut entry = NewEntry::new(
                 Actor::system(),
@@ -212,6 +218,7 @@ impl Concerns {
             entry.reason = NOT_ESCALATED.to_owned();
             self.auditor.append(entry).await?;
         }
+        stored?;
         Ok(!marked.is_empty())
     }
 }

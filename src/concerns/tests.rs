@@ -336,6 +336,7 @@ struct Interposed {
     inner: Arc<dyn ConcernRepo>,
     before_update: std::sync::Mutex<Option<ForeignChange>>,
     unreadable: std::sync::Mutex<Vec<ConcernId>>,
+    unwritable: std::sync::Mutex<Vec<ConcernId>>,
 }
 
 impl Interposed {
@@ -344,6 +345,7 @@ impl Interposed {
             inner,
             before_update: std::sync::Mutex::new(None),
             unreadable: std::sync::Mutex::new(Vec::new()),
+            unwritable: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -378,6 +380,11 @@ impl ConcernRepo for Interposed {
         self.inner.raise(concern, key).await
     }
     async fn update(&self, id: &ConcernId, edit: EditFn) -> Result<Option<Concern>, StoreError> {
+        if self.unwritable.lock().unwrap().contains(id) {
+            return Err(StoreError::Corrupt(
+                "concern cannot be written (test)".into(),
+            ));
+        }
         let foreign = self.before_update.lock().unwrap().take();
         if let Some(change) = foreign {
             self.inner
@@ -456,6 +463,37 @@ fn escalation_entries(auditor: &Auditor) -> Vec<(String, i32)> {
         .into_iter()
         .map(|e| (e.target_agency_id, e.outcome))
         .collect()
+}
+
+#[tokio::test]
+async fn an_escalation_whose_store_write_fails_is_withdrawn_in_the_log() {
+    let (f, interposed) = interposed_fixture().await;
+    let c = f
+        .concerns
+        .raise(
+            &police(),
+            raise_request(ConcernCategory::Neglect, Urgency::ImmediateRisk),
+            "r1",
+        )
+        .await
+        .unwrap();
+    f.clock.advance(time::Duration::minutes(61));
+    interposed.unwritable.lock().unwrap().push(c.id.clone());
+    assert_eq!(f.concerns.sweep().await.unwrap(), 0);
+    assert!(escalations_to(&f, "police-met").await.is_empty());
+    // Each ALLOWED entry is answered by a DENIED one: no escalation was stored.
+    let (allowed, denied) = (AuditOutcome::Allowed as i32, AuditOutcome::Denied as i32);
+    let mut entries = escalation_entries(&f.auditor);
+    entries.sort();
+    assert_eq!(
+        entries,
+        vec![
+            ("csc-southwark".to_owned(), allowed),
+            ("csc-southwark".to_owned(), denied),
+            ("school-oakfield".to_owned(), allowed),
+            ("school-oakfield".to_owned(), denied),
+        ]
+    );
 }
 
 #[tokio::test]
