@@ -457,6 +457,22 @@ async fn escalations_to(f: &Fixture, agency: &str) -> Vec<Escalation> {
         .collect()
 }
 
+/// An immediate-risk concern raised by the police, with the clock moved past every
+/// recipient's deadline.
+async fn late_concern(f: &Fixture) -> Concern {
+    let c = f
+        .concerns
+        .raise(
+            &police(),
+            raise_request(ConcernCategory::Neglect, Urgency::ImmediateRisk),
+            "r1",
+        )
+        .await
+        .unwrap();
+    f.clock.advance(time::Duration::minutes(61));
+    c
+}
+
 /// The CONCERN_ESCALATED entries as (target, outcome).
 fn escalation_entries(auditor: &Auditor) -> Vec<(String, i32)> {
     actions(auditor, AuditAction::ConcernEscalated)
@@ -468,16 +484,7 @@ fn escalation_entries(auditor: &Auditor) -> Vec<(String, i32)> {
 #[tokio::test]
 async fn an_escalation_whose_store_write_fails_is_withdrawn_in_the_log() {
     let (f, interposed) = interposed_fixture().await;
-    let c = f
-        .concerns
-        .raise(
-            &police(),
-            raise_request(ConcernCategory::Neglect, Urgency::ImmediateRisk),
-            "r1",
-        )
-        .await
-        .unwrap();
-    f.clock.advance(time::Duration::minutes(61));
+    let c = late_concern(&f).await;
     interposed.unwritable.lock().unwrap().push(c.id.clone());
     assert_eq!(f.concerns.sweep().await.unwrap(), 0);
     assert!(escalations_to(&f, "police-met").await.is_empty());
@@ -499,16 +506,7 @@ async fn an_escalation_whose_store_write_fails_is_withdrawn_in_the_log() {
 #[tokio::test]
 async fn a_concern_decided_while_the_sweeper_audits_is_not_escalated() {
     let (f, interposed) = interposed_fixture().await;
-    let c = f
-        .concerns
-        .raise(
-            &police(),
-            raise_request(ConcernCategory::Neglect, Urgency::ImmediateRisk),
-            "r1",
-        )
-        .await
-        .unwrap();
-    f.clock.advance(time::Duration::minutes(61));
+    let c = late_concern(&f).await;
     // Another replica records the decision after the sweeper read the concern.
     let decided_at = f.clock.now();
     interposed.before_next_update(move |c| {
@@ -555,16 +553,7 @@ async fn a_concern_decided_while_the_sweeper_audits_is_not_escalated() {
 #[tokio::test]
 async fn a_recipient_that_acknowledges_while_the_sweeper_audits_is_not_named_late() {
     let (f, interposed) = interposed_fixture().await;
-    let c = f
-        .concerns
-        .raise(
-            &police(),
-            raise_request(ConcernCategory::Neglect, Urgency::ImmediateRisk),
-            "r1",
-        )
-        .await
-        .unwrap();
-    f.clock.advance(time::Duration::minutes(61));
+    let c = late_concern(&f).await;
     let acked_at = f.clock.now();
     interposed.before_next_update(move |c| {
         c.acknowledge(&id_of("school-oakfield"), acked_at, "seen");
