@@ -104,6 +104,7 @@ fn concern(keys: &Keys, raised_by: &str, to: &[&str], due: OffsetDateTime) -> Co
             .collect(),
         raised_at: datetime!(2026-11-23 10:00:00.123456 UTC),
         decision: None,
+        front_door: Some(agency("csc-southwark")),
     }
 }
 

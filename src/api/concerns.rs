@@ -356,6 +356,7 @@ fn concern_message(c: &domain::Concern) -> Concern {
             .map(|d| d.lead_practitioner.clone())
             .unwrap_or_default(),
         raised_at: Some(timestamp(c.raised_at)),
+        front_door: c.front_door.as_ref().map(ToString::to_string).unwrap_or_default(),
     }
 }
 

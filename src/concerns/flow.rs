@@ -117,6 +117,7 @@ impl Concerns {
             recipients: deliveries,
             raised_at,
             decision: None,
+            front_door: Some(self.config.front_door.clone()),
         };
 
         let mut entry = NewEntry::new(
@@ -378,7 +379,7 @@ impl Concerns {
         let concern = self
             .visible(caller, &agency, &id, Attempt::Decide, request_id)
             .await?;
-        let front_door = &self.config.front_door;
+        let front_door = concern.front_door(&self.config.front_door);
         if &agency != front_door {
             self.audit_refusal(
                 caller,

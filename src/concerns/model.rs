@@ -174,11 +174,21 @@ pub struct Concern {
     pub raised_at: OffsetDateTime,
     /// The front door's decision, once made.
     pub decision: Option<DecisionRecord>,
+    /// The front door it was routed to: the one named in config when it was
+    /// raised. `None` for a concern stored before concerns recorded theirs.
+    pub front_door: Option<AgencyId>,
 }
 
 // === impl Concern ===
 
 impl Concern {
+    /// The front door that decides on this concern and is told when it is late: the
+    /// one it was routed to, so that changing `front_door` in config routes new
+    /// concerns only. A concern stored without one falls back to `configured`.
+    pub fn front_door<'a>(&'a self, configured: &'a AgencyId) -> &'a AgencyId {
+        self.front_door.as_ref().unwrap_or(configured)
+    }
+
     /// The status, from the deliveries and the decision:
     /// decided → DECIDED; else every recipient acknowledged → ACKNOWLEDGED; else an
     /// escalation was sent → OVERDUE; else delivered to every recipient → DELIVERED;
@@ -484,6 +494,7 @@ mod tests {
             recipients,
             raised_at: datetime!(2026-11-23 10:00 UTC),
             decision: None,
+            front_door: Some(agency("csc-southwark")),
         }
     }
 

@@ -473,6 +473,9 @@ pub(crate) struct StoredConcern {
     recipients: Vec<StoredDelivery>,
     raised_at: i64,
     decision: Option<StoredDecision>,
+    /// Absent in concerns stored before concerns recorded their front door.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    front_door: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -549,6 +552,7 @@ impl From<&Concern> for StoredConcern {
                 decided_at: micros(d.decided_at),
                 decided_by: d.decided_by.as_str().to_owned(),
             }),
+            front_door: c.front_door.as_ref().map(|a| a.as_str().to_owned()),
         }
     }
 }
@@ -576,6 +580,10 @@ impl StoredConcern {
             }),
             None => None,
         };
+        let front_door = match self.front_door {
+            Some(a) => Some(AgencyId::parse(&a).ok()?),
+            None => None,
+        };
         Some(Concern {
             id: ConcernId::parse(&self.id).ok()?,
             subject: NhsNumber::parse(&self.nhs_number).ok()?,
@@ -587,6 +595,7 @@ impl StoredConcern {
             recipients,
             raised_at: from_micros(self.raised_at),
             decision,
+            front_door,
         })
     }
 }
@@ -736,7 +745,26 @@ mod tests {
                 .to_vec(),
             raised_at: datetime!(2026-11-23 10:00:00.123456 UTC),
             decision: None,
+            front_door: Some(agency("csc-southwark")),
         }
+    }
+
+    #[test]
+    fn a_concern_sealed_without_its_front_door_opens_with_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Keys::load_or_create(dir.path(), None).unwrap();
+        let mut older = concern(3, datetime!(2026-11-23 14:00 UTC));
+        older.front_door = None;
+        let sealed = seal_concern(&keys, &older).unwrap();
+        let json = keys
+            .data_seal
+            .open(older.id.as_str().as_bytes(), &sealed)
+            .unwrap();
+        assert!(
+            !String::from_utf8(json).unwrap().contains("front_door"),
+            "stored as an older gateway stored it"
+        );
+        assert_eq!(open_concern(&keys, &older.id, &sealed).unwrap(), older);
     }
 
     #[test]

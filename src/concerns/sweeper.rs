@@ -149,7 +149,7 @@ impl Concerns {
             entry.reason = reason.clone();
             self.auditor.append(entry).await?;
         }
-        let front_door = self.config.front_door.clone();
+        let configured = self.config.front_door.clone();
         let marked = Arc::new(Mutex::new(Vec::new()));
         let marked_in_edit = marked.clone();
         let late_recipients = late.recipients.clone();
@@ -186,6 +186,9 @@ impl Concerns {
                         reason: done.reason(c.urgency),
                         due_at,
                     });
+                    // The front door the concern was routed to: a front door
+                    // named since cannot open it.
+                    let front_door = c.front_door(&configured).clone();
                     let mut to = vec![c.raised_by.clone()];
                     if front_door != c.raised_by {
                         to.push(front_door);

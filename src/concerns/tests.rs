@@ -32,14 +32,7 @@ async fn fixture_over(
     wrap: impl FnOnce(Arc<dyn ConcernRepo>) -> Arc<dyn ConcernRepo>,
 ) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let text = crate::cli::serve::DEV_CONFIG_TOML.replace(
-        "data_dir = \"data/dev\"",
-        &format!(
-            "data_dir = {:?}",
-            dir.path().join("data").display().to_string()
-        ),
-    );
-    let config = Arc::new(Config::from_toml_str(&text, dir.path(), "test.toml").unwrap());
+    let config = Arc::new(dev_config(dir.path(), "csc-southwark"));
     std::fs::create_dir_all(&config.data_dir).unwrap();
     let keys = Arc::new(Keys::load_or_create(&config.data_dir, None).unwrap());
     // Tuesday 24 November 2026, 10:00 in London (GMT).
@@ -72,6 +65,22 @@ async fn fixture_over(
         auditor,
         concerns: Arc::new(concerns),
     }
+}
+
+/// The development config with its data under `dir`, one more children's social
+/// care agency (`csc-lambeth`), and `front_door` as the front door.
+fn dev_config(dir: &std::path::Path, front_door: &str) -> Config {
+    let text = crate::cli::serve::DEV_CONFIG_TOML
+        .replace(
+            "data_dir = \"data/dev\"",
+            &format!("data_dir = {:?}", dir.join("data").display().to_string()),
+        )
+        .replace(
+            "front_door = \"csc-southwark\"",
+            &format!("front_door = {front_door:?}"),
+        )
+        + "\n[[agency]]\nid = \"csc-lambeth\"\nsector = \"CHILDRENS_SOCIAL_CARE\"\nname = \"Lambeth MASH\"\n";
+    Config::from_toml_str(&text, dir, "test.toml").unwrap()
 }
 
 fn agency(id: &str, sector: Sector) -> Caller {
@@ -759,4 +768,92 @@ async fn an_acknowledgement_stored_first_by_another_replica_keeps_the_first_note
     assert_eq!(entries[0].0, AuditOutcome::Allowed as i32);
     assert_eq!(entries[1].0, AuditOutcome::Denied as i32);
     assert!(entries[1].1.starts_with("NOT_STORED"), "{entries:?}");
+}
+
+#[tokio::test]
+async fn a_concern_stays_with_the_front_door_it_was_routed_to_when_config_names_another() {
+    let f = fixture(DEFAULT_STALL_AFTER).await;
+    let c = f
+        .concerns
+        .raise(
+            &police(),
+            raise_request(ConcernCategory::Neglect, Urgency::ImmediateRisk),
+            "r1",
+        )
+        .await
+        .unwrap();
+    assert_eq!(c.front_door, Some(id_of("csc-southwark")));
+    // The gateway restarts with another front door, over the same store and log.
+    let restarted = Arc::new(Concerns::new(
+        Arc::new(dev_config(f._dir.path(), "csc-lambeth")),
+        f.concerns.keys.clone(),
+        f.concerns.auditor.clone(),
+        f.clock.clone(),
+        f.concerns.store().clone(),
+    ));
+    let lambeth = agency("csc-lambeth", Sector::ChildrensSocialCare);
+
+    // Late: the escalation goes to the front door that holds the concern, which
+    // the one named since could not even open.
+    f.clock.advance(time::Duration::minutes(61));
+    assert_eq!(restarted.sweep().await.unwrap(), 1);
+    assert_eq!(escalations_to(&f, "csc-southwark").await.len(), 1);
+    assert!(escalations_to(&f, "csc-lambeth").await.is_empty());
+    assert!(matches!(
+        restarted.get(&lambeth, c.id.as_str(), "r2").await,
+        Err(ConcernError::NotFound(_))
+    ));
+    // It decides, as it would have before the change.
+    let decided = restarted
+        .decide(
+            &front_door(),
+            c.id.as_str(),
+            Decision::ChildProtectionEnquiry,
+            "A. Worker",
+            "",
+            "r3",
+        )
+        .await
+        .unwrap();
+    assert_eq!(decided.status(), ConcernStatus::Decided);
+    assert_eq!(
+        decided.decision.unwrap().decided_by,
+        id_of("csc-southwark")
+    );
+
+    // A concern raised now is the new front door's alone.
+    let newer = restarted
+        .raise(
+            &police(),
+            raise_request(ConcernCategory::Neglect, Urgency::Urgent),
+            "r4",
+        )
+        .await
+        .unwrap();
+    assert_eq!(newer.front_door, Some(id_of("csc-lambeth")));
+    assert!(newer.delivery(&id_of("csc-southwark")).is_none());
+    assert!(matches!(
+        restarted
+            .decide(
+                &front_door(),
+                newer.id.as_str(),
+                Decision::EarlyHelp,
+                "A. Worker",
+                "",
+                "r5",
+            )
+            .await,
+        Err(ConcernError::NotFound(_))
+    ));
+    restarted
+        .decide(
+            &lambeth,
+            newer.id.as_str(),
+            Decision::EarlyHelp,
+            "B. Worker",
+            "",
+            "r6",
+        )
+        .await
+        .unwrap();
 }
