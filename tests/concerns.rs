@@ -180,6 +180,10 @@ async fn police_concern_reaches_school_and_front_door_streams_after_an_audited_d
     let raised = raise_ok(&mut police, raise(&["school-oakfield"], "incident-42")).await;
     assert!(raised.concern_id.starts_with("c-"), "{}", raised.concern_id);
     assert_eq!(raised.raised_by, "police-met");
+    assert_eq!(
+        raised.front_door, "csc-southwark",
+        "the front door it is routed to"
+    );
     assert_eq!(raised.status, ConcernStatus::Raised as i32);
     assert_eq!(raised.subject.as_ref().unwrap().nhs_number, NHS_DIGITS);
     let recipients: Vec<&str> = raised
