@@ -21,7 +21,8 @@ use sgw::audit::{AuditHandle, Auditor};
 use sgw::concerns::store::{Edit, IdempotencyKey, Raised};
 use sgw::concerns::{
     Concern, ConcernError, ConcernId, ConcernRepo, Concerns, Decision, DecisionRecord, Delivery,
-    EditFn, Escalation, InboxEvent, OverrideNoticeEvent, RaiseRequest, StoreError,
+    EditFn, Escalation, InboxEvent, InboxItem, InboxStream, OverrideNoticeEvent, RaiseRequest,
+    StoreError,
 };
 use sgw::config::Config;
 use sgw::domain::{
@@ -34,6 +35,7 @@ use sgw::store::Keys;
 use time::macros::datetime;
 use time::OffsetDateTime;
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 
 const AGENCIES: [&str; 3] = ["school-oakfield", "csc-southwark", "police-met"];
 
@@ -1094,8 +1096,62 @@ impl ConcernRepo for Interleaved {
     fn durable_cursor(&self, agency: &AgencyId) -> Option<watch::Receiver<u64>> {
         ConcernRepo::durable_cursor(&self.inner, agency)
     }
+    async fn catch_up(&self, agency: &AgencyId) -> Result<(), StoreError> {
+        ConcernRepo::catch_up(&self.inner, agency).await
+    }
     async fn close(&self) -> Result<(), StoreError> {
         ConcernRepo::close(&self.inner).await
+    }
+}
+
+/// What the gateway processes of a test share besides the database: the dev
+/// configuration, its keys (in `dir`), a clock and one audit log, so that the test
+/// reads every replica's entries in one place.
+struct Gateways {
+    config: Arc<Config>,
+    keys: Arc<Keys>,
+    clock: Arc<ManualClock>,
+    auditor: Auditor,
+}
+
+impl Gateways {
+    fn in_dir(dir: &Path) -> Gateways {
+        let config = Arc::new(
+            Config::from_toml_str(sgw::cli::serve::DEV_CONFIG_TOML, dir, "t.toml").unwrap(),
+        );
+        std::fs::create_dir_all(&config.data_dir).unwrap();
+        let keys = keys_in(&config.data_dir);
+        let clock = Arc::new(ManualClock::new(datetime!(2026-11-24 10:00 UTC)));
+        let auditor = Auditor::open(
+            AuditSettings {
+                dir: config.data_dir.join("audit"),
+                log_id: "sgw.test/audit".into(),
+                max_batch: 64,
+                cache_bytes: 8 << 20,
+                wal_bytes: sgw::audit::writer::DEFAULT_WAL_BYTES,
+            },
+            keys.clone(),
+            clock.clone(),
+        )
+        .unwrap();
+        Gateways {
+            config,
+            keys,
+            clock,
+            auditor,
+        }
+    }
+
+    /// The concerns capability of one replica, over its store.
+    fn concerns(&self, store: Arc<dyn ConcernRepo>) -> Arc<Concerns> {
+        let handle: AuditHandle = Arc::new(self.auditor.clone());
+        Arc::new(Concerns::new(
+            self.config.clone(),
+            self.keys.clone(),
+            handle,
+            self.clock.clone(),
+            store,
+        ))
     }
 }
 
@@ -1116,45 +1172,14 @@ async fn two_replicas_deciding_differently_store_one_decision_and_refuse_the_oth
     };
     let db = TestDb::create(&url, "concerns_decide_race").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = Arc::new(
-        Config::from_toml_str(sgw::cli::serve::DEV_CONFIG_TOML, dir.path(), "t.toml").unwrap(),
-    );
-    std::fs::create_dir_all(&config.data_dir).unwrap();
-    let keys = keys_in(&config.data_dir);
-    let (store_a, store_b) = two_replicas(&db, &keys).await;
-    let clock = Arc::new(ManualClock::new(datetime!(2026-11-24 10:00 UTC)));
-    // One audit log for both replicas, so the test reads every entry in one place.
-    let auditor = Auditor::open(
-        AuditSettings {
-            dir: config.data_dir.join("audit"),
-            log_id: "sgw.test/audit".into(),
-            max_batch: 64,
-            cache_bytes: 8 << 20,
-            wal_bytes: sgw::audit::writer::DEFAULT_WAL_BYTES,
-        },
-        keys.clone(),
-        clock.clone(),
-    )
-    .unwrap();
-    let handle: AuditHandle = Arc::new(auditor.clone());
+    let gateways = Gateways::in_dir(dir.path());
+    let (store_a, store_b) = two_replicas(&db, &gateways.keys).await;
     let a_store = Arc::new(Interleaved {
         inner: store_a,
         before_update: std::sync::Mutex::new(None),
     });
-    let a = Arc::new(Concerns::new(
-        config.clone(),
-        keys.clone(),
-        handle.clone(),
-        clock.clone(),
-        a_store.clone(),
-    ));
-    let b = Arc::new(Concerns::new(
-        config.clone(),
-        keys.clone(),
-        handle,
-        clock.clone(),
-        Arc::new(store_b),
-    ));
+    let a = gateways.concerns(a_store.clone());
+    let b = gateways.concerns(Arc::new(store_b));
 
     let police = agency_caller("police-met", Sector::Police);
     let front_door = agency_caller("csc-southwark", Sector::ChildrensSocialCare);
@@ -1210,7 +1235,7 @@ async fn two_replicas_deciding_differently_store_one_decision_and_refuse_the_oth
     assert_eq!(stored.decision.unwrap().decision, Decision::PoliceAction);
 
     // In the log: A's ALLOWED entry (written before B's), B's, then A's DENIED one.
-    let log = auditor.log();
+    let log = gateways.auditor.log();
     let decided: Vec<(String, i32, String)> = (0..log.size())
         .map(|seq| log.entry(seq).unwrap())
         .filter(|e| e.action == AuditAction::ConcernDecided as i32)
@@ -1225,7 +1250,108 @@ async fn two_replicas_deciding_differently_store_one_decision_and_refuse_the_oth
     );
     assert!(decided[2].2.starts_with("NOT_STORED"), "{decided:?}");
 
-    auditor.close().await;
+    gateways.auditor.close().await;
     drop((a, b, a_store));
     db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_has_not_heard_of_a_cursor_reads_the_head_before_refusing_it() {
+    let Some(url) = server_url("concerns_resume_elsewhere") else {
+        return;
+    };
+    let db = TestDb::create(&url, "concerns_resume_elsewhere").await;
+    let dir = tempfile::tempdir().unwrap();
+    let gateways = Gateways::in_dir(dir.path());
+    // B never listens and polls once an hour: only a read of the head on demand
+    // tells it of A's commits during the test.
+    let deaf = PgInboxSettings {
+        listen: false,
+        poll_interval: Duration::from_secs(3600),
+    };
+    let (config_a, config_b) = (db.config(4), db.config(4));
+    let (store_a, store_b) = tokio::join!(
+        replica(&config_a, gateways.keys.clone(), PgInboxSettings::default()),
+        replica(&config_b, gateways.keys.clone(), deaf)
+    );
+    // B's poller reads every head once as it starts (its first tick is at once);
+    // let it, so that nothing but the subscriptions reads them afterwards.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let a = gateways.concerns(Arc::new(store_a));
+    let b = gateways.concerns(Arc::new(store_b.clone()));
+    let police = agency_caller("police-met", Sector::Police);
+    let school = agency_caller("school-oakfield", Sector::Education);
+    let raise = |narrative: &str| RaiseRequest {
+        subject: child(),
+        category: ConcernCategory::DomesticAbuse,
+        urgency: Urgency::Urgent,
+        narrative: narrative.into(),
+        recipients: vec!["school-oakfield".into()],
+        request_id: String::new(),
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+
+    // Raised through A; the school reads it on A, at cursor 1...
+    let first = a.raise(&police, raise("First."), "r1").await.unwrap();
+    let mut on_a = a.subscribe(&school, 0, "s-a", stop.clone()).await.unwrap();
+    let (cursor, _) = next(&mut on_a).await;
+    assert_eq!(cursor, 1);
+    drop(on_a);
+    let second = a.raise(&police, raise("Second."), "r2").await.unwrap();
+    let school_id = agency("school-oakfield");
+    assert_eq!(*b.store().durable_cursor(&school_id).unwrap().borrow(), 0);
+
+    // ...and resumes on B, which has heard of neither concern: accepted, and the
+    // second is replayed.
+    let mut on_b = b
+        .subscribe(&school, cursor, "s-b", stop.clone())
+        .await
+        .unwrap_or_else(|e| panic!("resuming on B after cursor {cursor} was refused: {e:?}"));
+    let (cursor, item) = next(&mut on_b).await;
+    assert_eq!(cursor, 2);
+    let InboxItem::Concern(replayed) = item else {
+        panic!("not the second concern: {item:?}");
+    };
+    assert_eq!(replayed.id, second.id);
+    assert_ne!(replayed.id, first.id);
+    drop(on_b);
+
+    // A cursor that no replica has committed is still refused, after the same read.
+    let Err(ConcernError::OutOfRange(m)) = b.subscribe(&school, 3, "s-b2", stop.clone()).await
+    else {
+        panic!("a cursor beyond the inbox was accepted");
+    };
+    assert!(
+        m.contains("after_cursor 3 is beyond the newest event of this inbox (2)"),
+        "{m}"
+    );
+
+    // With the database out of reach, B cannot tell: UNAVAILABLE, saying why in
+    // words that name no other agency's data, not a refusal of the cursor.
+    store_b.pool().close();
+    let Err(ConcernError::Unavailable { message, .. }) =
+        b.subscribe(&school, 3, "s-b3", stop.clone()).await
+    else {
+        panic!("a cursor beyond an unreadable head was not answered UNAVAILABLE");
+    };
+    assert_eq!(
+        message,
+        "the head of this inbox could not be read to check after_cursor 3"
+    );
+    // A cursor B knows of needs no read.
+    assert!(b.subscribe(&school, 2, "s-b4", stop.clone()).await.is_ok());
+
+    stop.cancel();
+    gateways.auditor.close().await;
+    drop((a, b, store_b));
+    db.drop_database().await;
+}
+
+/// The next event of a subscription, within 5 s.
+async fn next(stream: &mut InboxStream) -> (u64, InboxItem) {
+    tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("an event within 5 s")
+        .expect("the stream is open")
+        .expect("an event, not an error")
 }

@@ -40,6 +40,10 @@ impl From<ConcernError> for ApiError {
             ConcernError::Precondition(m) => ApiError::Precondition(m),
             ConcernError::Exhausted(m) => ApiError::Exhausted(m),
             ConcernError::OutOfRange(m) => ApiError::OutOfRange(m),
+            ConcernError::Unavailable { message, detail } => ApiError::Unavailable {
+                message,
+                detail: detail.to_string(),
+            },
             ConcernError::Audit(e) => ApiError::Audit(e),
             e @ ConcernError::Store(_) => ApiError::Internal(e.to_string()),
             ConcernError::Internal(m) => ApiError::Internal(m),
@@ -356,7 +360,11 @@ fn concern_message(c: &domain::Concern) -> Concern {
             .map(|d| d.lead_practitioner.clone())
             .unwrap_or_default(),
         raised_at: Some(timestamp(c.raised_at)),
-        front_door: c.front_door.as_ref().map(ToString::to_string).unwrap_or_default(),
+        front_door: c
+            .front_door
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
     }
 }
 

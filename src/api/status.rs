@@ -28,6 +28,15 @@ pub enum ApiError {
     /// Outside the valid range: OUT_OF_RANGE.
     #[error("{0}")]
     OutOfRange(String),
+    /// Storage the answer depends on could not be read; the caller may retry:
+    /// UNAVAILABLE. `message` goes to the caller, `detail` to the log only.
+    #[error("{message}")]
+    Unavailable {
+        /// What could not be done, safe to return.
+        message: String,
+        /// Why, for the log.
+        detail: String,
+    },
     /// The audit log failed.
     #[error(transparent)]
     Audit(#[from] AuditError),
@@ -46,6 +55,10 @@ impl ApiError {
             ApiError::Precondition(m) => Status::failed_precondition(m),
             ApiError::Exhausted(m) => Status::resource_exhausted(m),
             ApiError::OutOfRange(m) => Status::out_of_range(m),
+            ApiError::Unavailable { message, detail } => {
+                tracing::error!(request_id, detail, "refused: storage unavailable");
+                Status::unavailable(format!("{message}; retry later (request id {request_id})"))
+            }
             ApiError::Audit(e) => audit_status(e, request_id),
             ApiError::Internal(m) => internal(&m, request_id),
         }

@@ -15,7 +15,9 @@
 //! open response stream at drain time, as it puts UNAUTHENTICATED on the streams
 //! of a revoked certificate. Cursors are per agency, start at 1 and never repeat,
 //! so a client that resumes with the last cursor it received sees no gap and no
-//! repeat.
+//! repeat. A cursor beyond the newest this replica knows of is checked against the
+//! store before it is refused with OUT_OF_RANGE: the client may have read it from
+//! another replica that shares the store (PostgreSQL).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -68,11 +70,25 @@ impl Concerns {
             .store
             .durable_cursor(&agency)
             .ok_or_else(|| ConcernError::Internal(format!("no inbox for {agency}")))?;
-        let newest = *durable.borrow();
-        if after_cursor > newest {
-            return Err(ConcernError::OutOfRange(format!(
-                "after_cursor {after_cursor} is beyond the newest event of this inbox ({newest})"
-            )));
+        if after_cursor > *durable.borrow() {
+            // This replica may not have heard yet of events committed through
+            // another (the listener's delay, or polling only): read the head from
+            // the store before refusing a cursor the client may have read there.
+            self.store
+                .catch_up(&agency)
+                .await
+                .map_err(|detail| ConcernError::Unavailable {
+                    message: format!(
+                        "the head of this inbox could not be read to check after_cursor {after_cursor}"
+                    ),
+                    detail,
+                })?;
+            let newest = *durable.borrow();
+            if after_cursor > newest {
+                return Err(ConcernError::OutOfRange(format!(
+                    "after_cursor {after_cursor} is beyond the newest event of this inbox ({newest})"
+                )));
+            }
         }
         let slot = self.subscribers.claim(&agency)?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);

@@ -105,6 +105,16 @@ pub enum ConcernError {
     /// A cursor beyond the inbox: OUT_OF_RANGE.
     #[error("{0}")]
     OutOfRange(String),
+    /// The store could not be read to answer, so nothing was refused or changed and
+    /// the call may be retried: UNAVAILABLE. `message` is for the caller, `detail`
+    /// for the log.
+    #[error("{message}")]
+    Unavailable {
+        /// What could not be done, safe to return.
+        message: String,
+        /// Why.
+        detail: StoreError,
+    },
     /// The audit log could not be written; nothing was disclosed or changed.
     #[error(transparent)]
     Audit(#[from] AuditError),

@@ -60,6 +60,11 @@ pub trait ConcernRepo: Send + Sync + 'static {
     async fn append_event(&self, agency: &AgencyId, event: InboxEvent) -> Result<u64, StoreError>;
     /// A watch on `agency`'s newest durable cursor.
     fn durable_cursor(&self, agency: &AgencyId) -> Option<watch::Receiver<u64>>;
+    /// Reads `agency`'s newest durable cursor from the store itself and raises its
+    /// [`ConcernRepo::durable_cursor`] to it: for a reader about to refuse a cursor
+    /// this process has not seen, which another replica may have committed (its
+    /// announcement reaches this replica's watch later).
+    async fn catch_up(&self, agency: &AgencyId) -> Result<(), StoreError>;
     /// Makes everything durable and lets go of the store.
     async fn close(&self) -> Result<(), StoreError>;
 }
@@ -147,6 +152,12 @@ impl ConcernRepo for ConcernStore {
 
     fn durable_cursor(&self, agency: &AgencyId) -> Option<watch::Receiver<u64>> {
         ConcernStore::durable_cursor(self, agency)
+    }
+
+    // Only this process writes the sled store, and every write raises the watch
+    // when it is durable: the watch is never behind.
+    async fn catch_up(&self, _agency: &AgencyId) -> Result<(), StoreError> {
+        Ok(())
     }
 
     async fn close(&self) -> Result<(), StoreError> {

@@ -432,6 +432,9 @@ impl ConcernRepo for Interposed {
     fn durable_cursor(&self, agency: &AgencyId) -> Option<tokio::sync::watch::Receiver<u64>> {
         self.inner.durable_cursor(agency)
     }
+    async fn catch_up(&self, agency: &AgencyId) -> Result<(), StoreError> {
+        self.inner.catch_up(agency).await
+    }
     async fn close(&self) -> Result<(), StoreError> {
         self.inner.close().await
     }
@@ -816,10 +819,7 @@ async fn a_concern_stays_with_the_front_door_it_was_routed_to_when_config_names_
         .await
         .unwrap();
     assert_eq!(decided.status(), ConcernStatus::Decided);
-    assert_eq!(
-        decided.decision.unwrap().decided_by,
-        id_of("csc-southwark")
-    );
+    assert_eq!(decided.decision.unwrap().decided_by, id_of("csc-southwark"));
 
     // A concern raised now is the new front door's alone.
     let newer = restarted

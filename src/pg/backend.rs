@@ -631,6 +631,10 @@ impl ConcernRepo for PgConcernStore {
         PgConcernStore::durable_cursor(self, agency)
     }
 
+    async fn catch_up(&self, agency: &AgencyId) -> Result<(), crate::concerns::StoreError> {
+        PgConcernStore::catch_up(self, agency).await
+    }
+
     async fn close(&self) -> Result<(), crate::concerns::StoreError> {
         PgConcernStore::close(self).await
     }

@@ -40,7 +40,8 @@
 //! once, so nothing committed while it was away is missed; while it is down (or
 //! when [`PgInboxSettings::listen`] is off) every head is read every
 //! [`PgInboxSettings::poll_interval`]. A replica's own commits raise its watches at
-//! once.
+//! once, and [`PgConcernStore::catch_up`] raises one agency's on demand (a
+//! subscriber resuming from a cursor it read on another replica).
 //!
 //! # Differences from the sled store
 //! - The sled store serialises writers with a process-wide lock; here `update`
@@ -478,6 +479,16 @@ impl PgConcernStore {
             .durable
             .get(agency.as_str())
             .map(|s| s.subscribe())
+    }
+
+    /// Reads `agency`'s committed head and raises its watch
+    /// ([`PgConcernStore::durable_cursor`]) at once, without waiting for the
+    /// listener or the poller: for a cursor another replica has committed that this
+    /// one may not have heard of yet.
+    pub async fn catch_up(&self, agency: &AgencyId) -> Result<(), StoreError> {
+        refresh(&self.pool, &self.heads, vec![agency.as_str().to_owned()])
+            .await
+            .map_err(StoreError::Io)
     }
 
     /// Nothing to flush: every change is durable when its method returns.
