@@ -208,10 +208,13 @@ pub fn run(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<Exi
     if let Some(listen) = args.listen {
         config.set_listen(listen);
     }
-    logging::init(
-        log_format.unwrap_or(config.logging.format),
-        &config.logging.level,
-    );
+    let log_format = log_format.unwrap_or(config.logging.format);
+    logging::init(log_format, &config.logging.level);
+    let dev_help = if args.dev {
+        dev_help(&config, log_format)
+    } else {
+        None
+    };
     if !server::lifo_slot_disabled() {
         tracing::warn!("built without --cfg tokio_unstable (.cargo/config.toml): responses finished together are written one by one, which costs throughput under load");
     }
@@ -233,8 +236,8 @@ pub fn run(args: ServeArgs, log_format: Option<LogFormat>) -> anyhow::Result<Exi
         let addr = bound.local_addr();
         // A plain line on stderr whatever the log format: scripts and tests wait for it.
         eprintln!("sgw: listening on {addr} (mutual TLS)");
-        if args.dev {
-            print_dev_help(addr);
+        if let Some(help) = dev_help {
+            eprintln!("{}", help.replace("{addr}", &addr.to_string()));
         }
         bound.serve(shutdown).await?;
         anyhow::Ok(())
@@ -256,14 +259,71 @@ pub fn prepare_dev(root: &Path) -> anyhow::Result<PathBuf> {
     Ok(config_path)
 }
 
-fn print_dev_help(addr: std::net::SocketAddr) {
+/// The development banner for the principals `config` registers (the dev config
+/// may have been edited since it was written), with `{addr}` where the address goes.
+/// None with JSON logs: it is help for a person at a terminal, not a log line.
+fn dev_help(config: &Config, format: LogFormat) -> Option<String> {
+    if format == LogFormat::Json {
+        return None;
+    }
     let d = DEV_PKI_DIR;
-    eprintln!(
-        "\nsgw development gateway on {addr} (mutual TLS)\n\
+    let ids = |ps: &[crate::config::Principal]| {
+        ps.iter()
+            .map(|p| p.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let agencies = config
+        .agencies
+        .iter()
+        .map(|a| {
+            if a.id == config.front_door {
+                format!("{} (front door)", a.id)
+            } else {
+                a.id.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let example = config
+        .agencies
+        .first()
+        .map(|a| a.id.to_string())
+        .unwrap_or_else(|| "<id>".into());
+    Some(format!(
+        "\nsgw development gateway on {{addr}} (mutual TLS)\n\
          client certificates: {d}/<role>-<id>.pem and .key, CA {d}/ca.pem\n\
-         agencies: nhs-guys, police-met, school-oakfield, csc-southwark (front door), \
-         probation-london, housing-southwark, charity-nspcc; auditor: dpo; operator: ops\n\
-         try:\n  grpcurl -cacert {d}/ca.pem -cert {d}/agency-school-oakfield.pem \
-         -key {d}/agency-school-oakfield.key {addr} grpc.health.v1.Health/Check\n"
-    );
+         agencies: {agencies}; auditors: {auditors}; operators: {operators}\n\
+         try:\n  grpcurl -cacert {d}/ca.pem -cert {d}/agency-{example}.pem \
+         -key {d}/agency-{example}.key {{addr}} grpc.health.v1.Health/Check\n",
+        auditors = ids(&config.auditors),
+        operators = ids(&config.operators),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dev_banner_lists_the_config_as_it_is_now_and_stays_out_of_json_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let edited = DEV_CONFIG_TOML.replace(
+            "front_door = \"csc-southwark\"",
+            "front_door = \"csc-lambeth\"",
+        ) + "\n[[agency]]\nid = \"csc-lambeth\"\nsector = \"CHILDRENS_SOCIAL_CARE\"\nname = \"Lambeth MASH\"\n";
+        let config = Config::from_toml_str(&edited, dir.path(), "sgw.dev.toml").unwrap();
+        let help = dev_help(&config, LogFormat::Text).unwrap();
+        assert!(
+            help.contains("csc-southwark, probation-london"),
+            "no longer the front door: {help}"
+        );
+        assert!(help.contains("csc-lambeth (front door);"), "{help}");
+        assert!(help.contains("auditors: dpo; operators: ops"), "{help}");
+        assert!(
+            help.contains("-cert certs/dev/agency-nhs-guys.pem"),
+            "{help}"
+        );
+        assert_eq!(dev_help(&config, LogFormat::Json), None);
+    }
 }
