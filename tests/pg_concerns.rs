@@ -1256,7 +1256,7 @@ async fn two_replicas_deciding_differently_store_one_decision_and_refuse_the_oth
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_that_has_not_heard_of_a_cursor_reads_the_head_before_refusing_it() {
+async fn a_lagging_replica_reads_the_head_before_refusing_a_cursor_or_ending_a_list() {
     let Some(url) = server_url("concerns_resume_elsewhere") else {
         return;
     };
@@ -1326,20 +1326,36 @@ async fn a_replica_that_has_not_heard_of_a_cursor_reads_the_head_before_refusing
         "{m}"
     );
 
+    // A listing paged on A goes on, on B, past what B has heard of.
+    let third = a.raise(&police, raise("Third."), "r3").await.unwrap();
+    let page = a.list_inbox(&school, 2, "", None, "l-a").await.unwrap();
+    assert_eq!(page.concerns.len(), 2);
+    let token = page.next_page_token.expect("a full page has a next token");
+    assert_eq!(*b.store().durable_cursor(&school_id).unwrap().borrow(), 2);
+    let page = b.list_inbox(&school, 2, &token, None, "l-b").await.unwrap();
+    let listed: Vec<_> = page.concerns.iter().map(|c| c.id.clone()).collect();
+    assert_eq!(listed, vec![third.id.clone()], "the page after A's on B");
+
     // With the database out of reach, B cannot tell: UNAVAILABLE, saying why in
     // words that name no other agency's data, not a refusal of the cursor.
     store_b.pool().close();
     let Err(ConcernError::Unavailable { message, .. }) =
-        b.subscribe(&school, 3, "s-b3", stop.clone()).await
+        b.subscribe(&school, 4, "s-b3", stop.clone()).await
     else {
         panic!("a cursor beyond an unreadable head was not answered UNAVAILABLE");
     };
     assert_eq!(
         message,
-        "the head of this inbox could not be read to check after_cursor 3"
+        "the head of this inbox could not be read to check after_cursor 4"
     );
+    let Err(ConcernError::Unavailable { message, .. }) =
+        b.list_inbox(&school, 2, "", None, "l-b2").await
+    else {
+        panic!("a listing over an unreadable head was not answered UNAVAILABLE");
+    };
+    assert_eq!(message, "the head of this inbox could not be read");
     // A cursor B knows of needs no read.
-    assert!(b.subscribe(&school, 2, "s-b4", stop.clone()).await.is_ok());
+    assert!(b.subscribe(&school, 3, "s-b4", stop.clone()).await.is_ok());
 
     stop.cancel();
     gateways.auditor.close().await;

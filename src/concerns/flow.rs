@@ -185,11 +185,21 @@ impl Concerns {
     ) -> Result<InboxPage, ConcernError> {
         let (agency, _) = agency_of(caller)?;
         let after = parse_page_token(page_token, status)?;
-        let upto = *self
+        let durable = self
             .store
             .durable_cursor(&agency)
-            .ok_or_else(|| ConcernError::Internal(format!("no inbox for {agency}")))?
-            .borrow();
+            .ok_or_else(|| ConcernError::Internal(format!("no inbox for {agency}")))?;
+        // On a replica, events committed through another may not have reached
+        // this one's watch yet: read the head, so that a listing never ends short
+        // of what the caller may have seen elsewhere (one read; none for sled).
+        self.store
+            .catch_up(&agency)
+            .await
+            .map_err(|detail| ConcernError::Unavailable {
+                message: "the head of this inbox could not be read".into(),
+                detail,
+            })?;
+        let upto = *durable.borrow();
         let now = self.clock.now();
         let page_size = page_size.max(1);
         let max_scan = page_size.saturating_mul(20).max(10_000);
