@@ -61,9 +61,9 @@ pub trait ConcernRepo: Send + Sync + 'static {
     /// A watch on `agency`'s newest durable cursor.
     fn durable_cursor(&self, agency: &AgencyId) -> Option<watch::Receiver<u64>>;
     /// Reads `agency`'s newest durable cursor from the store itself and raises its
-    /// [`ConcernRepo::durable_cursor`] to it: for a reader about to refuse a cursor
-    /// this process has not seen, which another replica may have committed (its
-    /// announcement reaches this replica's watch later).
+    /// [`ConcernRepo::durable_cursor`] to it: for a reader that must not answer with
+    /// less than another replica has committed (its announcement reaches this
+    /// replica's watch later), such as a listing or a refusal of a cursor.
     async fn catch_up(&self, agency: &AgencyId) -> Result<(), StoreError>;
     /// Makes everything durable and lets go of the store.
     async fn close(&self) -> Result<(), StoreError>;
