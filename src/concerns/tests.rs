@@ -112,6 +112,14 @@ fn raise_request(category: ConcernCategory, urgency: Urgency) -> RaiseRequest {
     }
 }
 
+/// A concern raised by the police to the school (and the front door), request id `r1`.
+async fn raised_by_police(f: &Fixture, category: ConcernCategory, urgency: Urgency) -> Concern {
+    f.concerns
+        .raise(&police(), raise_request(category, urgency), "r1")
+        .await
+        .unwrap()
+}
+
 fn actions(auditor: &Auditor, action: AuditAction) -> Vec<crate::proto::v1::AuditEntry> {
     let log = auditor.log();
     (0..log.size())
@@ -123,15 +131,7 @@ fn actions(auditor: &Auditor, action: AuditAction) -> Vec<crate::proto::v1::Audi
 #[tokio::test]
 async fn encompass_tightens_only_the_schools_deadline() {
     let f = fixture(DEFAULT_STALL_AFTER).await;
-    let c = f
-        .concerns
-        .raise(
-            &police(),
-            raise_request(ConcernCategory::DomesticAbuse, Urgency::Routine),
-            "r1",
-        )
-        .await
-        .unwrap();
+    let c = raised_by_police(&f, ConcernCategory::DomesticAbuse, Urgency::Routine).await;
     let school = AgencyId::parse("school-oakfield").unwrap();
     let front_door = AgencyId::parse("csc-southwark").unwrap();
     // Routine: Wednesday 10:00; Operation Encompass: Wednesday 08:30 for the school.
@@ -150,15 +150,7 @@ async fn encompass_tightens_only_the_schools_deadline() {
 #[tokio::test]
 async fn the_sweeper_escalates_each_late_recipient_once_to_sender_and_front_door() {
     let f = fixture(DEFAULT_STALL_AFTER).await;
-    let c = f
-        .concerns
-        .raise(
-            &police(),
-            raise_request(ConcernCategory::Neglect, Urgency::ImmediateRisk),
-            "r1",
-        )
-        .await
-        .unwrap();
+    let c = raised_by_police(&f, ConcernCategory::Neglect, Urgency::ImmediateRisk).await;
     let police_id = AgencyId::parse("police-met").unwrap();
     let front_door = AgencyId::parse("csc-southwark").unwrap();
     let school_id = AgencyId::parse("school-oakfield").unwrap();
@@ -472,15 +464,7 @@ async fn escalations_to(f: &Fixture, agency: &str) -> Vec<Escalation> {
 /// An immediate-risk concern raised by the police, with the clock moved past every
 /// recipient's deadline.
 async fn late_concern(f: &Fixture) -> Concern {
-    let c = f
-        .concerns
-        .raise(
-            &police(),
-            raise_request(ConcernCategory::Neglect, Urgency::ImmediateRisk),
-            "r1",
-        )
-        .await
-        .unwrap();
+    let c = raised_by_police(f, ConcernCategory::Neglect, Urgency::ImmediateRisk).await;
     f.clock.advance(time::Duration::minutes(61));
     c
 }
@@ -670,15 +654,7 @@ fn front_door() -> Caller {
 /// A concern raised by the police and already delivered to the front door (so the
 /// front door's next call writes nothing before its own change).
 async fn concern_seen_by_the_front_door(f: &Fixture) -> Concern {
-    let c = f
-        .concerns
-        .raise(
-            &police(),
-            raise_request(ConcernCategory::Neglect, Urgency::Urgent),
-            "r1",
-        )
-        .await
-        .unwrap();
+    let c = raised_by_police(f, ConcernCategory::Neglect, Urgency::Urgent).await;
     f.concerns
         .get(&front_door(), c.id.as_str(), "r2")
         .await
@@ -776,15 +752,7 @@ async fn an_acknowledgement_stored_first_by_another_replica_keeps_the_first_note
 #[tokio::test]
 async fn a_concern_stays_with_the_front_door_it_was_routed_to_when_config_names_another() {
     let f = fixture(DEFAULT_STALL_AFTER).await;
-    let c = f
-        .concerns
-        .raise(
-            &police(),
-            raise_request(ConcernCategory::Neglect, Urgency::ImmediateRisk),
-            "r1",
-        )
-        .await
-        .unwrap();
+    let c = raised_by_police(&f, ConcernCategory::Neglect, Urgency::ImmediateRisk).await;
     assert_eq!(c.front_door, Some(id_of("csc-southwark")));
     // The gateway restarts with another front door, over the same store and log.
     let restarted = Arc::new(Concerns::new(
