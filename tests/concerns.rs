@@ -104,24 +104,23 @@ fn delivery<'a>(c: &'a Concern, agency: &str) -> &'a Delivery {
         .unwrap_or_else(|| panic!("{agency} is not a recipient"))
 }
 
+/// The entries of `action` whose target agency is `target`, oldest first.
 async fn audit_entries(
     gw: &common::Gateway,
     env: &Env,
     action: AuditAction,
     target: &str,
 ) -> Vec<AuditEntry> {
-    let mut client = AuditServiceClient::new(gw.connect_as(env, Role::Auditor, "dpo").await);
-    client
-        .query_disclosures(QueryDisclosuresRequest {
+    audited(
+        gw,
+        env,
+        QueryDisclosuresRequest {
             action: action as i32,
             target_agency_id: target.into(),
-            page_size: 1000,
             ..Default::default()
-        })
-        .await
-        .expect("audit query")
-        .into_inner()
-        .entries
+        },
+    )
+    .await
 }
 
 /// The entries of `action` whose actor is `actor`, oldest first.
@@ -131,13 +130,29 @@ async fn entries_by(
     action: AuditAction,
     actor: &str,
 ) -> Vec<AuditEntry> {
+    audited(
+        gw,
+        env,
+        QueryDisclosuresRequest {
+            action: action as i32,
+            actor_id: actor.into(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// The first 1000 entries that `query` selects, asked as the auditor `dpo`.
+async fn audited(
+    gw: &common::Gateway,
+    env: &Env,
+    query: QueryDisclosuresRequest,
+) -> Vec<AuditEntry> {
     let mut client = AuditServiceClient::new(gw.connect_as(env, Role::Auditor, "dpo").await);
     client
         .query_disclosures(QueryDisclosuresRequest {
-            action: action as i32,
-            actor_id: actor.into(),
             page_size: 1000,
-            ..Default::default()
+            ..query
         })
         .await
         .expect("audit query")
