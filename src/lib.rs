@@ -43,3 +43,6 @@ pub mod records;
 pub mod server;
 pub mod store;
 pub mod tls;
+
+#[cfg(test)]
+pub(crate) mod testing;

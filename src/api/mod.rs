@@ -234,7 +234,8 @@ impl App {
     pub async fn revoke(&self, ctx: &Ctx, serial_hex: &str, reason: &str) -> Result<(), ApiError> {
         let serial = crate::tls::normalise_serial(serial_hex).ok_or_else(|| {
             ApiError::Invalid(format!(
-                "serial_hex {serial_hex:?} is not a certificate serial: give hex digits, colons allowed"
+                "serial_hex {:?} is not a certificate serial: give hex digits, colons allowed",
+                crate::domain::ids::shown(serial_hex)
             ))
         })?;
         let reason = reason.trim();
@@ -256,8 +257,19 @@ impl App {
         );
         entry.object_id = serial.clone();
         entry.reason = reason.to_owned();
-        let durable = self.auditor.append(entry).await?;
-        self.revocations.revoke(&serial);
+        // In force as soon as its entry is durable, even if the call is dropped
+        // meanwhile: the log never records a revocation that is not in force.
+        let (auditor, revocations) = (self.auditor.clone(), self.revocations.clone());
+        let revoked = serial.clone();
+        let durable = crate::domain::to_the_end(
+            async move {
+                let durable = auditor.append(entry).await?;
+                revocations.revoke(&revoked);
+                Ok(durable)
+            },
+            ApiError::Internal,
+        )
+        .await?;
         tracing::warn!(serial = %serial, operator = %ctx.caller.id, "certificate revoked");
         if let Some(replicas) = &self.replicas {
             // In force on every live replica before the operator is answered.

@@ -57,6 +57,18 @@ impl Concerns {
         req: RaiseRequest,
         request_id: &str,
     ) -> Result<Concern, ConcernError> {
+        self.to_the_end(caller, request_id, |this, caller, request_id| async move {
+            this.raise_flow(&caller, req, &request_id).await
+        })
+        .await
+    }
+
+    async fn raise_flow(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: RaiseRequest,
+        request_id: &str,
+    ) -> Result<Concern, ConcernError> {
         let (sender, sender_sector) = agency_of(caller)?;
         check_text(
             "narrative",
@@ -165,6 +177,19 @@ impl Concerns {
         concern_id: &str,
         request_id: &str,
     ) -> Result<Concern, ConcernError> {
+        let concern_id = concern_id.to_owned();
+        self.to_the_end(caller, request_id, |this, caller, request_id| async move {
+            this.get_flow(&caller, &concern_id, &request_id).await
+        })
+        .await
+    }
+
+    async fn get_flow(
+        self: &Arc<Self>,
+        caller: &Caller,
+        concern_id: &str,
+        request_id: &str,
+    ) -> Result<Concern, ConcernError> {
         let (agency, _) = agency_of(caller)?;
         let id = ConcernId::parse(concern_id).map_err(ConcernError::Invalid)?;
         let concern = self
@@ -176,6 +201,22 @@ impl Concerns {
     /// ListInbox: the concerns delivered to the caller, oldest first, each delivered
     /// (and so audited) before it is returned.
     pub async fn list_inbox(
+        self: &Arc<Self>,
+        caller: &Caller,
+        page_size: usize,
+        page_token: &str,
+        status: Option<ConcernStatus>,
+        request_id: &str,
+    ) -> Result<InboxPage, ConcernError> {
+        let page_token = page_token.to_owned();
+        self.to_the_end(caller, request_id, |this, caller, request_id| async move {
+            this.list_inbox_flow(&caller, page_size, &page_token, status, &request_id)
+                .await
+        })
+        .await
+    }
+
+    async fn list_inbox_flow(
         self: &Arc<Self>,
         caller: &Caller,
         page_size: usize,
@@ -280,6 +321,21 @@ impl Concerns {
         note: &str,
         request_id: &str,
     ) -> Result<Concern, ConcernError> {
+        let (concern_id, note) = (concern_id.to_owned(), note.to_owned());
+        self.to_the_end(caller, request_id, |this, caller, request_id| async move {
+            this.acknowledge_flow(&caller, &concern_id, &note, &request_id)
+                .await
+        })
+        .await
+    }
+
+    async fn acknowledge_flow(
+        self: &Arc<Self>,
+        caller: &Caller,
+        concern_id: &str,
+        note: &str,
+        request_id: &str,
+    ) -> Result<Concern, ConcernError> {
         let (agency, _) = agency_of(caller)?;
         let id = ConcernId::parse(concern_id).map_err(ConcernError::Invalid)?;
         check_text("note", note, 0, self.config.limits.max_note_chars)
@@ -367,6 +423,34 @@ impl Concerns {
     /// write, the answer is FAILED_PRECONDITION too, and a DENIED entry
     /// (NOT_STORED) follows the ALLOWED one.
     pub async fn decide(
+        self: &Arc<Self>,
+        caller: &Caller,
+        concern_id: &str,
+        decision: Decision,
+        lead_practitioner: &str,
+        note: &str,
+        request_id: &str,
+    ) -> Result<Concern, ConcernError> {
+        let (concern_id, lead_practitioner, note) = (
+            concern_id.to_owned(),
+            lead_practitioner.to_owned(),
+            note.to_owned(),
+        );
+        self.to_the_end(caller, request_id, |this, caller, request_id| async move {
+            this.decide_flow(
+                &caller,
+                &concern_id,
+                decision,
+                &lead_practitioner,
+                &note,
+                &request_id,
+            )
+            .await
+        })
+        .await
+    }
+
+    async fn decide_flow(
         self: &Arc<Self>,
         caller: &Caller,
         concern_id: &str,

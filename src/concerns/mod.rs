@@ -218,6 +218,25 @@ impl Concerns {
             .await?)
     }
 
+    /// Runs a call's whole flow in a task of its own ([`crate::domain::to_the_end`]):
+    /// each flow appends audit entries and then stores what they record (a raise,
+    /// a delivery, an acknowledgement, a decision), and a call dropped between the
+    /// two (client gone, request timeout) must not leave an entry for a change that
+    /// was never stored.
+    async fn to_the_end<T, F>(
+        self: &Arc<Self>,
+        caller: &Caller,
+        request_id: &str,
+        flow: impl FnOnce(Arc<Self>, Caller, String) -> F,
+    ) -> Result<T, ConcernError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, ConcernError>> + Send + 'static,
+    {
+        let section = flow(self.clone(), caller.clone(), request_id.to_owned());
+        crate::domain::to_the_end(section, ConcernError::Internal).await
+    }
+
     /// The lock that serialises, within this process, the changes to one concern
     /// that depend on its current state: acknowledgements, decisions and the
     /// sweeper's escalations.

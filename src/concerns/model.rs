@@ -402,7 +402,7 @@ pub fn route(
         let unknown = || {
             format!(
                 "recipient_agency_ids[{i}] {:?} is not a registered agency",
-                truncate(id, 64)
+                crate::domain::ids::shown(id)
             )
         };
         let agency = AgencyId::parse(id).map_err(|_| unknown())?;
@@ -456,10 +456,6 @@ pub fn rfc3339(t: OffsetDateTime) -> String {
         .unwrap_or(t)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
 }
 
 #[cfg(test)]

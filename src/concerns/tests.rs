@@ -14,6 +14,7 @@ use crate::audit::writer::AuditSettings;
 use crate::audit::Auditor;
 use crate::domain::{ConcernCategory, ManualClock, NhsNumber, PrincipalId, Role, Urgency};
 use crate::proto::v1::{AuditAction, AuditOutcome};
+use crate::testing::{drop_at_the_gate, Gate};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -331,10 +332,11 @@ async fn subscriptions_per_agency_are_limited_and_cursors_checked() {
 type ForeignChange = Box<dyn FnOnce(&mut Concern) + Send>;
 
 /// A store that lets a test step in: another replica's change stored just before
-/// the next `update` (after the caller read the concern), and concerns whose reads
-/// fail.
+/// the next `update` (after the caller read the concern), concerns whose reads
+/// fail, and a gate that holds `raise` and `update` before they write.
 struct Interposed {
     inner: Arc<dyn ConcernRepo>,
+    write_gate: Gate,
     before_update: std::sync::Mutex<Option<ForeignChange>>,
     unreadable: std::sync::Mutex<Vec<ConcernId>>,
     unwritable: std::sync::Mutex<Vec<ConcernId>>,
@@ -344,6 +346,7 @@ impl Interposed {
     fn over(inner: Arc<dyn ConcernRepo>) -> Arc<Interposed> {
         Arc::new(Interposed {
             inner,
+            write_gate: Gate::default(),
             before_update: std::sync::Mutex::new(None),
             unreadable: std::sync::Mutex::new(Vec::new()),
             unwritable: std::sync::Mutex::new(Vec::new()),
@@ -378,9 +381,11 @@ impl ConcernRepo for Interposed {
         concern: &Concern,
         key: Option<&store::IdempotencyKey>,
     ) -> Result<store::Raised, StoreError> {
+        self.write_gate.pass().await;
         self.inner.raise(concern, key).await
     }
     async fn update(&self, id: &ConcernId, edit: EditFn) -> Result<Option<Concern>, StoreError> {
+        self.write_gate.pass().await;
         if self.unwritable.lock().unwrap().contains(id) {
             return Err(StoreError::Corrupt(
                 "concern cannot be written (test)".into(),
@@ -824,4 +829,114 @@ async fn a_concern_stays_with_the_front_door_it_was_routed_to_when_config_names_
         )
         .await
         .unwrap();
+}
+
+/// Waits (at most 5 s) until the stored concern `id` satisfies `done`: a call
+/// dropped at the store's gate finishes in a task of its own.
+async fn stored_when(
+    f: &Fixture,
+    id: &ConcernId,
+    done: impl Fn(&Concern) -> bool,
+) -> Option<Concern> {
+    for _ in 0..500 {
+        if let Some(c) = f.concerns.store().get(id).await.unwrap() {
+            if done(&c) {
+                return Some(c);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// A raise whose call is dropped (client gone, request timeout) once its
+/// CONCERN_RAISED entry is queued, while the store writes the concern, is stored
+/// all the same: the log never names a concern that was never raised.
+#[tokio::test]
+async fn a_raise_dropped_while_it_is_stored_is_stored_all_the_same() {
+    let (f, interposed) = interposed_fixture().await;
+    interposed.write_gate.arm();
+    let police = police();
+    let raise = f.concerns.raise(
+        &police,
+        raise_request(ConcernCategory::Neglect, Urgency::Urgent),
+        "r1",
+    );
+    drop_at_the_gate(&interposed.write_gate, raise).await;
+    let raised = actions(&f.auditor, AuditAction::ConcernRaised);
+    assert_eq!(
+        raised.len(),
+        1,
+        "the entry is durable before the store write"
+    );
+    interposed.write_gate.open();
+    let id = ConcernId::parse(&raised[0].object_id).unwrap();
+    let stored = stored_when(&f, &id, |_| true).await;
+    assert!(
+        stored.is_some(),
+        "CONCERN_RAISED names {id}, which was never stored"
+    );
+    let inbox = f
+        .concerns
+        .store()
+        .events(&id_of("school-oakfield"), 0, u64::MAX, 10)
+        .await
+        .unwrap();
+    assert_eq!(inbox.len(), 1, "the recipient's inbox has the concern");
+}
+
+/// The same for an acknowledgement and a decision: each dropped between its
+/// durable entry and the store's write is stored all the same.
+#[tokio::test]
+async fn an_acknowledgement_or_decision_dropped_while_it_is_stored_is_stored_all_the_same() {
+    let (f, interposed) = interposed_fixture().await;
+    let c = raised_by_police(&f, ConcernCategory::Neglect, Urgency::Urgent).await;
+    // Delivered first, so that the gate holds the acknowledgement's own write.
+    f.concerns
+        .get(&school(), c.id.as_str(), "g1")
+        .await
+        .unwrap();
+
+    interposed.write_gate.arm();
+    let school = school();
+    let acknowledge = f.concerns.acknowledge(&school, c.id.as_str(), "seen", "a1");
+    drop_at_the_gate(&interposed.write_gate, acknowledge).await;
+    assert_eq!(
+        actions(&f.auditor, AuditAction::ConcernAcknowledged).len(),
+        1
+    );
+    interposed.write_gate.open();
+    let school_id = id_of("school-oakfield");
+    let acknowledged = stored_when(&f, &c.id, |c| {
+        c.delivery(&school_id)
+            .is_some_and(|d| d.acknowledged_at.is_some())
+    })
+    .await;
+    assert!(
+        acknowledged.is_some(),
+        "CONCERN_ACKNOWLEDGED is in the log, but the acknowledgement was never stored"
+    );
+
+    let front_door = agency("csc-southwark", Sector::ChildrensSocialCare);
+    f.concerns
+        .get(&front_door, c.id.as_str(), "g2")
+        .await
+        .unwrap();
+    interposed.write_gate.arm();
+    let decide = f.concerns.decide(
+        &front_door,
+        c.id.as_str(),
+        Decision::EarlyHelp,
+        "J. Smith",
+        "",
+        "d1",
+    );
+    drop_at_the_gate(&interposed.write_gate, decide).await;
+    assert_eq!(actions(&f.auditor, AuditAction::ConcernDecided).len(), 1);
+    interposed.write_gate.open();
+    let decided = stored_when(&f, &c.id, |c| c.decision.is_some()).await;
+    assert!(
+        decided.is_some(),
+        "CONCERN_DECIDED is in the log, but the decision was never stored"
+    );
 }

@@ -5,9 +5,24 @@ use std::fmt;
 /// Why an identifier was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
-    /// Empty, longer than 64 characters, or a character outside `[a-z0-9-]`.
+    /// Empty, longer than 64 characters, or a character outside `[a-z0-9-]`. Holds
+    /// the refused text as [`shown`] gives it.
     #[error("{0:?} is not a valid id: use 1 to 64 characters from a-z, 0-9 and '-'")]
     Malformed(String),
+}
+
+/// The most characters of a caller's text that a message quotes back: enough to
+/// recognise it, never a multi-megabyte `grpc-message` that a client's header
+/// limit (8 KiB in grpc-java) would turn into a protocol error.
+pub const SHOWN_CHARS: usize = 64;
+
+/// `text` as an error message may quote it: its first [`SHOWN_CHARS`] characters,
+/// with `…` after them when there were more.
+pub fn shown(text: &str) -> String {
+    match text.char_indices().nth(SHOWN_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
 }
 
 /// Checks the registry id grammar `[a-z0-9-]{1,64}` shared by agencies, auditors and
@@ -20,7 +35,7 @@ fn check_id(s: &str) -> Result<(), IdError> {
     if ok {
         Ok(())
     } else {
-        Err(IdError::Malformed(s.to_owned()))
+        Err(IdError::Malformed(shown(s)))
     }
 }
 
@@ -77,6 +92,20 @@ impl From<AgencyId> for PrincipalId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_id_is_quoted_back_cut_to_64_characters() {
+        let long = "é".repeat(3_000_000);
+        let message = AgencyId::parse(&long).unwrap_err().to_string();
+        assert!(message.starts_with(&format!("\"{}…\" is not a valid id", "é".repeat(64))));
+        assert!(
+            message.chars().count() < 200,
+            "{} characters",
+            message.len()
+        );
+        assert_eq!(shown("Police-Met"), "Police-Met");
+        assert_eq!(shown(&"a".repeat(64)), "a".repeat(64));
+    }
 
     #[test]
     fn id_grammar_is_enforced() {

@@ -12,6 +12,29 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use ids::{AgencyId, IdError, PrincipalId};
 pub use subject::{NhsNumber, NhsNumberError};
 
+/// Runs `section` to its end in a task of its own and returns what it returns.
+///
+/// tonic drops a handler's future when its call is cancelled by the client or by
+/// the server's request timeout. A section that appends an audit entry and then
+/// stores the change it records must not stop between the two: the entry, once
+/// queued, is committed anyway, and the log would record a change that never
+/// happened (or a hold on a child would be let go too early). Dropping the future
+/// this returns detaches the task; it does not cancel it. `internal` makes the
+/// caller's error for a section that panicked.
+pub async fn to_the_end<T, E>(
+    section: impl std::future::Future<Output = Result<T, E>> + Send + 'static,
+    internal: impl FnOnce(String) -> E,
+) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    match tokio::spawn(section).await {
+        Ok(done) => done,
+        Err(e) => Err(internal(format!("a task that must run to its end: {e}"))),
+    }
+}
+
 /// Declares a closed domain enum with its canonical upper-snake-case names, which are
 /// the names used in the config file, in API.md (without the protobuf prefix) and in
 /// log lines.

@@ -36,7 +36,8 @@ impl Records {
                 .filter(|a| registry.agency(a.as_str()).is_some())
                 .ok_or_else(|| {
                     RecordError::Invalid(format!(
-                        "recipient_agency_ids: {id:?} is not a registered agency"
+                        "recipient_agency_ids: {:?} is not a registered agency",
+                        crate::domain::ids::shown(id)
                     ))
                 })?;
             agencies.insert(agency);

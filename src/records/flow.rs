@@ -91,9 +91,16 @@ impl Records {
             record.content_len,
             rfc3339(retain_until)
         );
-        self.auditor.append(entry).await?;
-
-        self.store.put_record(&record, &req.content).await?;
+        // The entry and the record go in together, even if the call is dropped
+        // between them: the log never names a record that was not stored.
+        let (auditor, store) = (self.auditor.clone(), self.store.clone());
+        let content = req.content;
+        let record = to_the_end(async move {
+            auditor.append(entry).await?;
+            store.put_record(&record, &content).await?;
+            Ok(record)
+        })
+        .await?;
         tracing::info!(record = %record.id, category = %record.category, "record shared");
         Ok(record)
     }

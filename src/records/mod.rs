@@ -255,17 +255,13 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
         .unwrap_or_else(|_| format!("{t:?}"))
 }
 
-/// Runs `section` to its end in a task of its own and returns what it returns.
-/// Dropping the returned future (a cancelled call, the server's request timeout)
-/// does not cut `section` short: a dropped `JoinHandle` detaches the task, it does
-/// not cancel it. For the sections that hold a child while they audit and store,
-/// whose hold must outlast every write they start.
+/// [`crate::domain::to_the_end`] for the records capability: the sections that
+/// hold a child while they audit and store, whose hold must outlast every write
+/// they start, and a share's audit entry and store write.
 async fn to_the_end<T: Send + 'static>(
     section: impl std::future::Future<Output = Result<T, RecordError>> + Send + 'static,
 ) -> Result<T, RecordError> {
-    tokio::spawn(section)
-        .await
-        .map_err(|e| RecordError::Internal(format!("a task that must run to its end: {e}")))?
+    crate::domain::to_the_end(section, RecordError::Internal).await
 }
 
 /// The audit log's name for a purpose.

@@ -13,6 +13,7 @@ use crate::audit::Auditor;
 use crate::domain::consent::{ConsentGiver, ConsentState};
 use crate::domain::policy::{OverrideRequest, RecordAccess};
 use crate::domain::{ManualClock, NhsNumber, PrincipalId, RecordCategory, Role};
+use crate::testing::{drop_at_the_gate, Gate};
 
 const JUSTIFICATION: &str = "  Child disclosed injuries at school; the DSL needs the A&E history  ";
 
@@ -410,57 +411,21 @@ async fn a_consent_change_binds_the_next_disclosure_after_cached_reads() {
     );
 }
 
-/// Holds a call at a point a test chooses until the test lets it go.
-struct Gate {
-    armed: std::sync::atomic::AtomicBool,
-    entered: tokio::sync::Notify,
-    open: tokio::sync::Semaphore,
-}
-
-impl Default for Gate {
-    fn default() -> Self {
-        Gate {
-            armed: Default::default(),
-            entered: Default::default(),
-            open: tokio::sync::Semaphore::new(0),
-        }
-    }
-}
-
-impl Gate {
-    fn arm(&self) {
-        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    fn open(&self) {
-        self.armed.store(false, std::sync::atomic::Ordering::SeqCst);
-        self.open.add_permits(1 << 20);
-    }
-
-    /// Waits here while the gate is armed and not yet open.
-    async fn pass(&self) {
-        if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
-            self.entered.notify_one();
-            drop(self.open.acquire().await);
-        }
-    }
-}
-
-/// The sled store with seams for tests: `put_consent` waits at `consent_gate`
+/// The sled store with seams for tests: `put_record` and `put_consent` wait at `write_gate`
 /// before it writes (as a slow fdatasync would), and `content` can be preceded by a
 /// purge of the record (as by the sweeper between a disclosure's metadata read and
 /// its content read).
 struct Hooked {
     inner: SledRecords,
-    consent_gate: Arc<Gate>,
+    write_gate: Arc<Gate>,
     purge_before_content: std::sync::atomic::AtomicBool,
 }
 
 impl Hooked {
-    fn new(store: RecordStore, consent_gate: Arc<Gate>) -> Self {
+    fn new(store: RecordStore, write_gate: Arc<Gate>) -> Self {
         Hooked {
             inner: SledRecords::new(store),
-            consent_gate,
+            write_gate,
             purge_before_content: Default::default(),
         }
     }
@@ -469,6 +434,7 @@ impl Hooked {
 #[async_trait::async_trait]
 impl RecordRepo for Hooked {
     async fn put_record(&self, record: &Record, content: &[u8]) -> Result<(), StoreError> {
+        self.write_gate.pass().await;
         self.inner.put_record(record, content).await
     }
     async fn record(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
@@ -502,7 +468,7 @@ impl RecordRepo for Hooked {
         self.inner.purge(record).await
     }
     async fn put_consent(&self, consent: &Consent) -> Result<(), StoreError> {
-        self.consent_gate.pass().await;
+        self.write_gate.pass().await;
         self.inner.put_consent(consent).await
     }
     async fn consent(&self, id: &ConsentId) -> Result<Option<Consent>, StoreError> {
@@ -576,19 +542,6 @@ async fn a_withdrawal_cancelled_mid_write_still_binds_the_next_disclosure() {
     );
 }
 
-/// Polls `call` until it waits at `gate`, then drops it, as tonic drops a handler's
-/// future when its call is cancelled or times out.
-async fn drop_at_the_gate<T: std::fmt::Debug>(
-    gate: &Gate,
-    call: impl std::future::Future<Output = T>,
-) {
-    tokio::pin!(call);
-    tokio::select! {
-        done = &mut call => panic!("the gate should hold the write: {done:?}"),
-        _ = gate.entered.notified() => {}
-    }
-}
-
 /// The same for a newer refusal whose call is dropped while the store writes it.
 #[tokio::test]
 async fn a_refusal_cancelled_mid_write_still_binds_the_next_disclosure() {
@@ -627,6 +580,41 @@ async fn a_refusal_cancelled_mid_write_still_binds_the_next_disclosure() {
     assert!(
         matches!(&err, RecordError::Refused(d) if matches!(d.reason, crate::domain::policy::DenyReason::ConsentRefused { .. })),
         "{err:?}"
+    );
+}
+
+/// A share whose call is dropped (client gone, request timeout) after its
+/// RECORD_SHARED entry is queued but before the store has the record still
+/// stores it: the log never names a record that was not stored.
+#[tokio::test]
+async fn a_share_dropped_mid_write_is_still_stored() {
+    let gate = Arc::new(Gate::default());
+    let f = fixture_over(Arc::new(NoNotifier), {
+        let gate = gate.clone();
+        move |store| Arc::new(Hooked::new(store, gate))
+    });
+    let nhs = agency("nhs-guys", Sector::Health);
+    gate.arm();
+    drop_at_the_gate(&gate, f.records.share(&nhs, new_record(None), "s1")).await;
+    let shared = entry_at(&f.auditor, 0).await;
+    assert_eq!(shared.action, AuditAction::RecordShared as i32);
+    gate.open();
+    let id = RecordId::parse(&shared.object_id).expect("the entry names the record");
+    let mut stored = None;
+    for _ in 0..500 {
+        stored = f.records.store().record(&id).await.expect("read");
+        if stored.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(
+        stored.is_some(),
+        "RECORD_SHARED names {id}, which was never stored"
+    );
+    assert_eq!(
+        f.records.store().content(&id).await.expect("content"),
+        b"fracture"
     );
 }
 
