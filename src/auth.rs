@@ -242,6 +242,7 @@ where
             request_id: request_id.clone(),
             started,
             metrics: self.ctx.metrics.clone(),
+            finished: false,
         };
         let header = HeaderValue::from_str(&request_id).ok();
         match decision {
@@ -257,6 +258,7 @@ where
                 let revocations = self.ctx.revocations.clone();
                 let draining = self.ctx.draining.clone();
                 let clock = self.ctx.clock.clone();
+                let limits = Limits::of(&self.ctx.config);
                 // authorise() found it.
                 let peer = req.extensions().get::<PeerInfo>().map(|p| p.0.clone());
                 req.extensions_mut().insert(caller);
@@ -265,7 +267,14 @@ where
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 Box::pin(async move {
-                    let mut resp = inner.call(req).await?;
+                    // The handler's future is dropped when the time is up; what it
+                    // must finish (an audited change and its store write) runs to
+                    // its end in a task of its own (`domain::to_the_end`).
+                    let mut resp =
+                        match tokio::time::timeout(limits.request_timeout, inner.call(req)).await {
+                            Ok(resp) => limits.name_a_size_refusal(resp?),
+                            Err(_) => limits.timed_out().into_http::<Body>(),
+                        };
                     if let Some(h) = header {
                         resp.headers_mut().insert(REQUEST_ID_HEADER, h);
                     }
@@ -291,6 +300,7 @@ where
                             log: Some(log),
                             guard,
                             sent_a_message: false,
+                            limits,
                         })
                     }))
                 })
@@ -309,7 +319,78 @@ fn status_code(headers: &http::HeaderMap) -> Option<Code> {
     Some(Code::from_i32(v))
 }
 
+/// The limits the layer enforces, or names when tonic enforced them.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    request_timeout: std::time::Duration,
+    max_message_bytes: usize,
+}
+
+impl Limits {
+    fn of(config: &Config) -> Limits {
+        Limits {
+            request_timeout: config.limits.request_timeout,
+            max_message_bytes: config.limits.max_message_bytes,
+        }
+    }
+
+    /// A call that did not answer within `limits.request_timeout`. (A deadline the
+    /// client set is enforced by tonic around this layer, which answers CANCELLED:
+    /// by then the client has stopped waiting.)
+    fn timed_out(&self) -> Status {
+        Status::deadline_exceeded(format!(
+            "the call did not finish within limits.request_timeout ({}); what it started may still complete",
+            crate::config::format_duration(self.request_timeout)
+        ))
+    }
+
+    /// tonic refuses a request larger than `limits.max_message_bytes` as
+    /// OUT_OF_RANGE, naming neither the limit nor its key; gRPC's own servers say
+    /// RESOURCE_EXHAUSTED, as every other limit here does.
+    fn name_a_size_refusal(&self, resp: Response<Body>) -> Response<Body> {
+        match too_large(resp.headers(), "Error, decoded message length too large") {
+            Some(()) => Status::resource_exhausted(format!(
+                "the request is larger than limits.max_message_bytes ({} bytes)",
+                self.max_message_bytes
+            ))
+            .into_http(),
+            None => resp,
+        }
+    }
+
+    /// The same for an answer larger than `limits.max_message_bytes`, which tonic
+    /// reports in the trailers.
+    fn name_an_answer_too_large(&self, trailers: &mut http::HeaderMap) {
+        if too_large(trailers, "Error, encoded message length too large").is_some() {
+            let status = Status::resource_exhausted(format!(
+                "the answer is larger than limits.max_message_bytes ({} bytes); ask for less",
+                self.max_message_bytes
+            ));
+            trailers.remove("grpc-message");
+            trailers.remove("grpc-status-details-bin");
+            // Only fails for a message that is not a valid header; this one is.
+            let _ = status.add_header(trailers);
+        }
+    }
+}
+
+/// `Some` when `headers` carry tonic's OUT_OF_RANGE whose message starts with
+/// `prefix`.
+fn too_large(headers: &http::HeaderMap, prefix: &str) -> Option<()> {
+    if status_code(headers)? != Code::OutOfRange {
+        return None;
+    }
+    // The message is percent-encoded in the header.
+    Status::from_header_map(headers)?
+        .message()
+        .starts_with(prefix)
+        .then_some(())
+}
+
 /// What the per-call log line needs: never content, narratives or NHS numbers.
+/// Dropped unfinished (the call's future was dropped: the client reset the
+/// stream, or its deadline passed), it logs the call as CANCELLED: every call has
+/// its line and its count.
 #[derive(Debug)]
 struct CallLog {
     method: Arc<str>,
@@ -317,10 +398,24 @@ struct CallLog {
     request_id: Arc<str>,
     started: Instant,
     metrics: Arc<crate::metrics::Metrics>,
+    finished: bool,
+}
+
+impl Drop for CallLog {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.emit(Code::Cancelled);
+        }
+    }
 }
 
 impl CallLog {
-    fn finish(self, code: Code) {
+    fn finish(mut self, code: Code) {
+        self.emit(code);
+        self.finished = true;
+    }
+
+    fn emit(&self, code: Code) {
         let elapsed = self.started.elapsed();
         self.metrics.call(&self.method, code, elapsed);
         let latency_us = elapsed.as_micros() as u64;
@@ -431,6 +526,7 @@ struct LoggedBody {
     /// Whether a message has passed.
     sent_a_message: bool,
     metrics: Arc<crate::metrics::Metrics>,
+    limits: Limits,
 }
 
 impl LoggedBody {
@@ -483,7 +579,7 @@ impl http_body::Body for LoggedBody {
                 return Poll::Ready(Some(Ok(self.end(status))));
             }
         }
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Guard::Unarmed { .. } = self.guard {
             // A stream shows itself by waiting, or by a second message; a message
             // polled here is dropped if the stream must end instead.
@@ -498,12 +594,13 @@ impl http_body::Body for LoggedBody {
                 }
             }
         }
-        match &polled {
+        match &mut polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if frame.is_data() {
                     self.sent_a_message = true;
                 }
-                if let Some(trailers) = frame.trailers_ref() {
+                if let Some(trailers) = frame.trailers_mut() {
+                    self.limits.name_an_answer_too_large(trailers);
                     if let Some(log) = self.log.take() {
                         log.finish(status_code(trailers).unwrap_or(Code::Ok));
                     }

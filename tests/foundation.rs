@@ -440,3 +440,192 @@ async fn one_address_cannot_hold_more_than_its_share_of_handshakes() {
     );
     gw.stop().await;
 }
+
+/// The counts of `method`'s calls by code, from the gateway's `/metrics`.
+async fn calls_by_code(metrics: std::net::SocketAddr, method: &str) -> Vec<(String, u64)> {
+    let body = http_get(metrics, "/metrics").await;
+    let prefix = format!("sgw_calls_total{{method=\"{method}\",code=\"");
+    body.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (code, count) = rest.split_once("\"} ")?;
+            Some((code.to_owned(), count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn raise_request(request_id: String) -> sgw::proto::v1::RaiseConcernRequest {
+    sgw::proto::v1::RaiseConcernRequest {
+        subject: Some(sgw::proto::v1::Subject {
+            nhs_number: "943 476 5919".into(),
+        }),
+        category: sgw::proto::v1::ConcernCategory::Neglect as i32,
+        urgency: sgw::proto::v1::Urgency::Urgent as i32,
+        narrative: "Seen at school with an untreated injury.".into(),
+        recipient_agency_ids: vec!["school-oakfield".into()],
+        request_id,
+    }
+}
+
+#[tokio::test]
+async fn a_request_over_the_message_limit_is_resource_exhausted_naming_it_and_changes_nothing() {
+    let env = Env::new();
+    env.append_config(
+        "[limits]\nmax_message_bytes = 200000\nmax_content_bytes = 100000\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let gw = env.start().await;
+    let metrics = gw.metrics.expect("metrics listener");
+    let mut hospital = sgw::proto::v1::record_service_client::RecordServiceClient::new(
+        gw.connect_as(&env, Role::Agency, "nhs-guys").await,
+    )
+    .max_encoding_message_size(usize::MAX);
+    let err = hospital
+        .share_record(sgw::proto::v1::ShareRecordRequest {
+            subject: Some(sgw::proto::v1::Subject {
+                nhs_number: "943 476 5919".into(),
+            }),
+            category: sgw::proto::v1::RecordCategory::UnscheduledCareAttendance as i32,
+            summary: "A&E attendance".into(),
+            content: vec![b'x'; 250_000],
+            media_type: "text/plain".into(),
+            retain_until: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "the request is larger than limits.max_message_bytes (200000 bytes)"
+    );
+    let body = http_get(metrics, "/metrics").await;
+    assert!(
+        body.contains("sgw_audit_entries_total 0\n"),
+        "nothing was audited or stored: {body}"
+    );
+    assert_eq!(
+        calls_by_code(metrics, "/safeguard.v1.RecordService/ShareRecord").await,
+        vec![("ResourceExhausted".to_owned(), 1)]
+    );
+    gw.stop().await;
+}
+
+/// Sends RaiseConcerns 16 at once, each made by `request`, until some fail or 50
+/// rounds have passed. Returns the calls sent and the failures.
+async fn raise_until_some_fail(
+    police: &sgw::proto::v1::concern_service_client::ConcernServiceClient<
+        tonic::transport::Channel,
+    >,
+    request: impl Fn(String) -> tonic::Request<sgw::proto::v1::RaiseConcernRequest>,
+) -> (u64, Vec<tonic::Status>) {
+    let (mut sent, mut failed) = (0, Vec::new());
+    for round in 0..50 {
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..16 {
+            let mut client = police.clone();
+            let req = request(format!("t-{round}-{i}"));
+            calls.spawn(async move { client.raise_concern(req).await });
+        }
+        for answer in calls.join_all().await {
+            sent += 1;
+            failed.extend(answer.err());
+        }
+        if !failed.is_empty() {
+            break;
+        }
+    }
+    (sent, failed)
+}
+
+/// Waits until `/metrics` counts `sent` calls of `method` (the last ones may still
+/// be finishing), and returns the counts by code.
+async fn counted_calls(
+    metrics: std::net::SocketAddr,
+    method: &str,
+    sent: u64,
+) -> Vec<(String, u64)> {
+    let mut counted = calls_by_code(metrics, method).await;
+    for _ in 0..100 {
+        if counted.iter().map(|(_, n)| n).sum::<u64>() >= sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        counted = calls_by_code(metrics, method).await;
+    }
+    counted
+}
+
+const RAISE_CONCERN: &str = "/safeguard.v1.ConcernService/RaiseConcern";
+
+/// Calls past `limits.request_timeout` answer DEADLINE_EXCEEDED naming it (tonic's
+/// own timeout said CANCELLED), and each is logged and counted.
+#[tokio::test]
+async fn calls_past_the_request_timeout_are_deadline_exceeded_naming_it_and_counted() {
+    let env = Env::new();
+    env.append_config(
+        "[limits]\nrequest_timeout = \"1ms\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let gw = env.start().await;
+    let metrics = gw.metrics.expect("metrics listener");
+    let police = sgw::proto::v1::concern_service_client::ConcernServiceClient::new(
+        gw.connect_as(&env, Role::Agency, "police-met").await,
+    );
+    // A raise waits for two durable writes (the audit entry, then the concern):
+    // nearly always longer than a millisecond, and always with 16 at once.
+    let (sent, failed) =
+        raise_until_some_fail(&police, |id| tonic::Request::new(raise_request(id))).await;
+    assert!(!failed.is_empty(), "none of {sent} raises took over 1 ms");
+    for status in &failed {
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert_eq!(
+            status.message(),
+            "the call did not finish within limits.request_timeout (1ms); what it started may still complete"
+        );
+    }
+    let counted = counted_calls(metrics, RAISE_CONCERN, sent).await;
+    let ok = (sent - failed.len() as u64) as usize;
+    let mut want = vec![("DeadlineExceeded".to_owned(), failed.len() as u64)];
+    if ok > 0 {
+        want.insert(0, ("Ok".to_owned(), ok as u64));
+    }
+    let mut counted_sorted = counted.clone();
+    counted_sorted.sort();
+    want.sort();
+    assert_eq!(counted_sorted, want, "every call counted once, by its code");
+    gw.stop().await;
+}
+
+/// A call whose client gives up first (its own deadline) is dropped by the server
+/// before it answers: it is still logged and counted, as CANCELLED.
+#[tokio::test]
+async fn a_call_whose_client_gives_up_is_still_counted() {
+    let env = Env::new();
+    env.append_config("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let gw = env.start().await;
+    let metrics = gw.metrics.expect("metrics listener");
+    let police = sgw::proto::v1::concern_service_client::ConcernServiceClient::new(
+        gw.connect_as(&env, Role::Agency, "police-met").await,
+    );
+    let (sent, failed) = raise_until_some_fail(&police, |id| {
+        let mut request = tonic::Request::new(raise_request(id));
+        request.set_timeout(Duration::from_micros(1));
+        request
+    })
+    .await;
+    assert!(
+        !failed.is_empty(),
+        "none of {sent} raises outlasted its client"
+    );
+    let counted = counted_calls(metrics, RAISE_CONCERN, sent).await;
+    assert_eq!(
+        counted.iter().map(|(_, n)| n).sum::<u64>(),
+        sent,
+        "every call is counted once: {counted:?}"
+    );
+    assert!(
+        counted
+            .iter()
+            .any(|(code, n)| code == "Cancelled" && *n > 0),
+        "{counted:?}"
+    );
+    gw.stop().await;
+}
