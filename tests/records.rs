@@ -431,6 +431,91 @@ async fn every_branch_of_the_decision_answers_as_the_policy_says() {
     gw.stop().await;
 }
 
+/// A malformed override is refused whatever the basis would have been (consent in
+/// force, an agreement that needs none, the owner, one that allows no override):
+/// a case system learns its overrides are malformed at once, not on the night
+/// consent has lapsed. Nothing is disclosed or audited.
+#[tokio::test]
+async fn a_malformed_override_is_invalid_argument_even_where_none_is_needed() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut nhs = records(&gw, &env, "nhs-guys").await;
+    let mut school = records(&gw, &env, "school-oakfield").await;
+    let mut police = records(&gw, &env, "police-met").await;
+    let ae = share(&mut nhs, RecordCategory::UnscheduledCareAttendance, b"A&E").await;
+    let incident = share(&mut police, RecordCategory::PoliceIncident, b"call-out").await;
+    record_consent(
+        &mut consents(&gw, &env, "nhs-guys").await,
+        school_consent(ConsentState::Given),
+    )
+    .await;
+    let malformed = [
+        (
+            Override {
+                lawful_basis: "x".into(),
+                justification: "too short".into(),
+            },
+            "at least 40 characters",
+        ),
+        (
+            Override {
+                lawful_basis: "  ".into(),
+                justification: JUSTIFICATION.into(),
+            },
+            "lawful_basis must not be empty",
+        ),
+        (Override::default(), "at least 40 characters"),
+    ];
+    for (o, needle) in malformed {
+        // Consent in force; an agreement that needs no consent; the owner.
+        for (agency, record, purpose) in [
+            ("school", &ae, Purpose::EducationSupport),
+            ("school", &incident, Purpose::Safeguarding),
+            ("owner", &ae, Purpose::HealthCare),
+        ] {
+            let client = if agency == "owner" {
+                &mut nhs
+            } else {
+                &mut school
+            };
+            assert_status(
+                client
+                    .get_record(get(&record.record_id, purpose, Some(o.clone())))
+                    .await,
+                Code::InvalidArgument,
+                needle,
+            );
+        }
+        // An agreement that allows no override (health to the school's early help
+        // has none at all): INVALID_ARGUMENT too, before any lookup.
+        assert_status(
+            school
+                .get_record(get(&ae.record_id, Purpose::EarlyHelp, Some(o.clone())))
+                .await,
+            Code::InvalidArgument,
+            needle,
+        );
+    }
+    assert!(audited(&gw, &env, AuditAction::RecordDisclosed)
+        .await
+        .is_empty());
+    assert!(audited(&gw, &env, AuditAction::DisclosureDenied)
+        .await
+        .is_empty());
+    // A well-formed one where none is needed is still not relied on.
+    let read = school
+        .get_record(get(
+            &ae.record_id,
+            Purpose::EducationSupport,
+            override_with(JUSTIFICATION),
+        ))
+        .await
+        .expect("consent in force")
+        .into_inner();
+    assert_eq!(read.basis, DisclosureBasis::Consent as i32);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn find_records_reveals_only_what_the_sector_may_receive_with_its_access() {
     let env = Env::new();

@@ -36,9 +36,12 @@
 //!    override is possible.
 //!
 //! An override that is not needed (owner, no consent needed, or consent in force) is
-//! ignored, not validated: it must not turn a lawful disclosure into a refusal. The
-//! decision says so ([`Allowed::override_ignored`]) so that the API can tell the caller
-//! and the audit entry need not record a justification that was not relied on.
+//! not relied on. The decision says so ([`Allowed::override_ignored`]), and the audit
+//! entry records no justification that was not relied on. Its form is checked all
+//! the same, before any decision, by [`check_override`]: the records flow refuses a
+//! malformed override (INVALID_ARGUMENT) whether or not it would be needed, so that
+//! a case system learns that its overrides are malformed at once, not on the night
+//! consent has lapsed and it needs one.
 //!
 //! ## Messages
 //! A refusal's message says exactly what is missing and how to proceed, and reveals
@@ -372,41 +375,52 @@ fn decide_with<'a>(
             ),
         );
     }
-    let justification = o.justification.trim();
+    if let Err(denied) = check_override(o) {
+        return Decision::Deny(denied);
+    }
+    Decision::Allow(Allowed {
+        basis: Basis::SafeguardingOverride,
+        lawful_basis: o.lawful_basis.trim().into(),
+        consent_id: None,
+        overridden_consent_id,
+        agreement_lawful_basis: Some(agreement.lawful_basis.clone()),
+        justification: Some(o.justification.trim().into()),
+        override_ignored: false,
+    })
+}
+
+/// Checks an override's form, whether or not it will be needed: a justification of
+/// at least [`MIN_JUSTIFICATION_CHARS`] characters after trimming
+/// ([`DenyReason::JustificationTooShort`]) and a lawful basis that is not blank
+/// ([`DenyReason::LawfulBasisMissing`]), both INVALID_ARGUMENT.
+pub fn check_override(o: &OverrideRequest) -> Result<(), Denied> {
     let lawful_basis = o.lawful_basis.trim();
-    let chars = justification.chars().count();
+    let chars = o.justification.trim().chars().count();
     if chars < MIN_JUSTIFICATION_CHARS {
         let also = if lawful_basis.is_empty() {
             "; override lawful_basis is empty too"
         } else {
             ""
         };
-        return deny(
-            DenyReason::JustificationTooShort { chars },
-            format!(
+        return Err(Denied {
+            reason: DenyReason::JustificationTooShort { chars },
+            message: format!(
                 "override justification must be at least {MIN_JUSTIFICATION_CHARS} \
                  characters after trimming, and has {chars}: record why sharing without \
                  consent is necessary to protect the child{also}"
             ),
-        );
+        });
     }
     if lawful_basis.is_empty() {
-        return deny(
-            DenyReason::LawfulBasisMissing,
-            "override lawful_basis must not be empty: name the lawful basis for sharing \
-             without consent, e.g. \"UK GDPR Art 6(1)(e); DPA 2018 Sch 1 para 18\""
+        return Err(Denied {
+            reason: DenyReason::LawfulBasisMissing,
+            message: "override lawful_basis must not be empty: name the lawful basis for \
+                      sharing without consent, e.g. \"UK GDPR Art 6(1)(e); DPA 2018 Sch 1 \
+                      para 18\""
                 .into(),
-        );
+        });
     }
-    Decision::Allow(Allowed {
-        basis: Basis::SafeguardingOverride,
-        lawful_basis: lawful_basis.into(),
-        consent_id: None,
-        overridden_consent_id,
-        agreement_lawful_basis: Some(agreement.lawful_basis.clone()),
-        justification: Some(justification.into()),
-        override_ignored: false,
-    })
+    Ok(())
 }
 
 /// The agreement that governs the request, if any: see rule 3 of the module

@@ -177,6 +177,9 @@ impl Records {
                 0,
                 self.config.limits.max_note_chars,
             )?;
+            // Malformed is refused even where no override is needed: see
+            // `policy::check_override`. Nothing is looked up or audited yet.
+            policy::check_override(o).map_err(RecordError::Refused)?;
         }
         let Some(record) = self.store.record(&req.record_id).await? else {
             self.audit_unknown(caller, &req, request_id).await?;
