@@ -180,10 +180,27 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// `max_connections`: open client connections; further ones wait. Default 1024.
     pub max_connections: usize,
+    /// `max_connections_per_identity`: open connections of one identity (its URI
+    /// SAN), from its handshake to its close; one more is closed right after its
+    /// handshake, so one caller cannot take every slot of `max_connections`.
+    /// Default 64, or `max_connections` when that is lower; at most
+    /// `max_connections`.
+    pub max_connections_per_identity: usize,
     /// `handshake_timeout`: time allowed for a TLS handshake. Default `"10s"`.
     pub handshake_timeout: Duration,
+    /// `preface_timeout`: time a client has, once its handshake is done, to send
+    /// the HTTP/2 connection preface. HTTP/2 keepalive pings start only after the
+    /// preface, so without this a client that sends nothing would hold its slot
+    /// forever. Default `"10s"`.
+    pub preface_timeout: Duration,
+    /// `max_handshakes`: TLS handshakes in progress at once, from all addresses;
+    /// further connections are closed at once, so clients that connect from many
+    /// addresses and send nothing cannot hold every slot. Default half of
+    /// `max_connections` (at least 1); at most `max_connections`.
+    pub max_handshakes: usize,
     /// `max_handshakes_per_ip`: TLS handshakes in progress at once from one
-    /// address; further connections from it are closed at once. Default 64.
+    /// address (an IPv6 address by its /64 prefix); further connections from it are
+    /// closed at once. Default 64.
     pub max_handshakes_per_ip: usize,
     /// `keepalive_interval`: HTTP/2 ping interval on idle connections. Default
     /// `"30s"`.
@@ -627,7 +644,10 @@ impl Default for Limits {
             max_page_size: 1000,
             max_concurrent_streams: 64,
             max_connections: 1024,
+            max_connections_per_identity: 64,
             handshake_timeout: Duration::from_secs(10),
+            preface_timeout: Duration::from_secs(10),
+            max_handshakes: 512,
             max_handshakes_per_ip: 64,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
@@ -1036,6 +1056,7 @@ impl Loader<'_> {
 
     fn limits(&self, raw: RawLimits) -> Result<Limits, ConfigError> {
         let d = Limits::default();
+        let max_connections = raw.max_connections.unwrap_or(d.max_connections);
         let l = Limits {
             max_message_bytes: raw.max_message_bytes.unwrap_or(d.max_message_bytes),
             max_content_bytes: raw.max_content_bytes.unwrap_or(d.max_content_bytes),
@@ -1047,12 +1068,25 @@ impl Loader<'_> {
             max_concurrent_streams: raw
                 .max_concurrent_streams
                 .unwrap_or(d.max_concurrent_streams),
-            max_connections: raw.max_connections.unwrap_or(d.max_connections),
+            max_connections,
+            // Both default from max_connections, so that a lower max_connections
+            // alone still makes a valid configuration.
+            max_connections_per_identity: raw
+                .max_connections_per_identity
+                .unwrap_or(d.max_connections_per_identity.min(max_connections)),
             handshake_timeout: self.positive_duration(
                 "limits.handshake_timeout",
                 raw.handshake_timeout,
                 d.handshake_timeout,
             )?,
+            preface_timeout: self.positive_duration(
+                "limits.preface_timeout",
+                raw.preface_timeout,
+                d.preface_timeout,
+            )?,
+            max_handshakes: raw
+                .max_handshakes
+                .unwrap_or((max_connections / 2).max(1)),
             max_handshakes_per_ip: raw.max_handshakes_per_ip.unwrap_or(d.max_handshakes_per_ip),
             keepalive_interval: self.positive_duration(
                 "limits.keepalive_interval",
@@ -1076,7 +1110,7 @@ impl Loader<'_> {
                 .default_retention_days
                 .unwrap_or(d.default_retention_days),
         };
-        let positive: [(&str, u64); 12] = [
+        let positive: [(&str, u64); 14] = [
             ("limits.max_content_bytes", l.max_content_bytes as u64),
             ("limits.max_narrative_chars", l.max_narrative_chars as u64),
             ("limits.max_summary_chars", l.max_summary_chars as u64),
@@ -1088,6 +1122,11 @@ impl Loader<'_> {
                 u64::from(l.max_concurrent_streams),
             ),
             ("limits.max_connections", l.max_connections as u64),
+            (
+                "limits.max_connections_per_identity",
+                l.max_connections_per_identity as u64,
+            ),
+            ("limits.max_handshakes", l.max_handshakes as u64),
             (
                 "limits.max_handshakes_per_ip",
                 l.max_handshakes_per_ip as u64,
@@ -1121,6 +1160,27 @@ impl Loader<'_> {
                     ),
                 ),
             ));
+        }
+        let within_max_connections = [
+            (
+                "limits.max_connections_per_identity",
+                l.max_connections_per_identity,
+            ),
+            ("limits.max_handshakes", l.max_handshakes),
+        ];
+        for (field, value) in within_max_connections {
+            if value > l.max_connections {
+                return Err(self.invalid(
+                    None,
+                    Problem::out_of_range(
+                        field,
+                        format!(
+                            "({value}) must not exceed limits.max_connections ({})",
+                            l.max_connections
+                        ),
+                    ),
+                ));
+            }
         }
         if l.default_page_size > l.max_page_size {
             return Err(self.invalid(
@@ -1676,7 +1736,10 @@ struct RawLimits {
     max_page_size: Option<u32>,
     max_concurrent_streams: Option<u32>,
     max_connections: Option<usize>,
+    max_connections_per_identity: Option<usize>,
     handshake_timeout: Option<Spanned<String>>,
+    preface_timeout: Option<Spanned<String>>,
+    max_handshakes: Option<usize>,
     max_handshakes_per_ip: Option<usize>,
     keepalive_interval: Option<Spanned<String>>,
     keepalive_timeout: Option<Spanned<String>>,
@@ -2360,6 +2423,61 @@ bank_holidays = []                    # ["2026-12-25", ...]
             "{msg}"
         );
         assert!(with("default_retention_days = 36525").is_ok());
+    }
+
+    #[test]
+    fn connection_limits_default_from_max_connections_and_may_not_exceed_it() {
+        let with = |limits: &str| load(&format!("{EXAMPLE}\n[limits]\n{limits}\n"));
+        let c = load(EXAMPLE).expect("loads");
+        assert_eq!(c.limits.max_connections_per_identity, 64);
+        assert_eq!(c.limits.max_handshakes, 512);
+        assert_eq!(c.limits.preface_timeout, Duration::from_secs(10));
+
+        // A lower max_connections alone is a valid configuration: the limits that
+        // depend on it follow it down.
+        let c = with("max_connections = 3").expect("loads");
+        assert_eq!(c.limits.max_connections_per_identity, 3);
+        assert_eq!(c.limits.max_handshakes, 1);
+        let c = with("max_connections = 1").expect("loads");
+        assert_eq!(c.limits.max_handshakes, 1);
+
+        let c = with(
+            "max_connections = 100\nmax_connections_per_identity = 100\n\
+             max_handshakes = 7\npreface_timeout = \"2s\"",
+        )
+        .expect("loads");
+        assert_eq!(c.limits.max_connections_per_identity, 100);
+        assert_eq!(c.limits.max_handshakes, 7);
+        assert_eq!(c.limits.preface_timeout, Duration::from_secs(2));
+
+        let (p, msg) = problem(with("max_connections = 50\nmax_connections_per_identity = 51"));
+        assert_eq!(
+            p,
+            Problem::OutOfRange {
+                field: "limits.max_connections_per_identity".into(),
+                requirement: "(51) must not exceed limits.max_connections (50)".into(),
+            }
+        );
+        assert!(
+            msg.contains(
+                "limits.max_connections_per_identity (51) must not exceed limits.max_connections (50)"
+            ),
+            "{msg}"
+        );
+        let (_, msg) = problem(with("max_handshakes = 1025"));
+        assert!(
+            msg.contains("limits.max_handshakes (1025) must not exceed limits.max_connections (1024)"),
+            "{msg}"
+        );
+        for zero in ["max_connections_per_identity = 0", "max_handshakes = 0"] {
+            let (_, msg) = problem(with(zero));
+            assert!(msg.contains("must be at least 1"), "{zero}: {msg}");
+        }
+        let (_, msg) = problem(with("preface_timeout = \"0s\""));
+        assert!(
+            msg.contains("limits.preface_timeout must be longer than zero"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -73,11 +73,7 @@ pub async fn bind(config: Config) -> Result<Bound, ServeError> {
         addr: config.listen,
         source,
     })?;
-    let limits = AcceptorLimits {
-        max_connections: config.limits.max_connections,
-        handshake_timeout: config.limits.handshake_timeout,
-        max_handshakes_per_ip: config.limits.max_handshakes_per_ip,
-    };
+    let limits = AcceptorLimits::from(&config.limits);
     let acceptor = Acceptor::new(listener, tls.clone(), limits);
     let stop = CancellationToken::new();
     let metrics = Arc::new(crate::metrics::Metrics::default());

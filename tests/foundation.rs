@@ -629,3 +629,140 @@ async fn a_call_whose_client_gives_up_is_still_counted() {
     );
     gw.stop().await;
 }
+const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+fn loopback(last: u8) -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, last))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_no_http2_preface_is_closed_and_frees_its_slot() {
+    let env = Env::new();
+    env.append_config(
+        "[limits]\nmax_connections = 2\nmax_handshakes = 2\npreface_timeout = \"1s\"\n",
+    );
+    let gw = env.start().await;
+    let (cert, key) = env.identity(Role::Agency, "police-met");
+    // Two connections that complete mutual TLS, then send nothing at all, hold
+    // both slots (as `openssl s_client -alpn h2` does).
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(
+            common::silent_tls(LOOPBACK, gw.addr, &env.ca_pem(), &cert, &key)
+                .await
+                .expect("handshake"),
+        );
+    }
+    // The gateway closes each once its preface is overdue...
+    for conn in &mut silent {
+        assert!(
+            common::closed_by_server(conn, Duration::from_secs(30)).await,
+            "a connection that sent no preface is closed"
+        );
+    }
+    // ...and so another agency is served, while the silent clients still hold
+    // their (closed) sockets.
+    let channel = gw.connect_as(&env, Role::Agency, "school-oakfield").await;
+    assert_eq!(health(channel).await.expect("health"), SERVING);
+    drop(silent);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_identity_cannot_hold_more_than_its_share_of_connections() {
+    let env = Env::new();
+    env.append_config("[limits]\nmax_connections = 8\nmax_connections_per_identity = 2\n");
+    let gw = env.start().await;
+    let (cert, key) = env.identity(Role::Agency, "police-met");
+    let first = gw.connect(&cert, &key).await.expect("first connection");
+    let second = gw.connect(&cert, &key).await.expect("second connection");
+    assert_eq!(health(first.clone()).await.expect("health"), SERVING);
+    assert_eq!(health(second.clone()).await.expect("health"), SERVING);
+
+    // A third of the same identity is closed right after its handshake, although
+    // it would send its preface (this one never does: it is not waited for).
+    match common::silent_tls(LOOPBACK, gw.addr, &env.ca_pem(), &cert, &key).await {
+        Ok(mut third) => assert!(
+            common::closed_by_server(&mut third, Duration::from_secs(10)).await,
+            "a connection beyond max_connections_per_identity is closed at once"
+        ),
+        // The close may overtake the end of the client's side of the handshake.
+        Err(e) => eprintln!("third connection failed in its handshake: {e}"),
+    }
+    let third = gw.connect(&cert, &key).await;
+    let refused = match third {
+        Ok(channel) => health(channel).await.is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "a third connection of police-met is not served");
+
+    // Other identities are not affected.
+    let other = gw.connect_as(&env, Role::Agency, "school-oakfield").await;
+    assert_eq!(health(other).await.expect("health"), SERVING);
+    // The two still work, and once one goes the identity may connect again.
+    assert_eq!(health(second).await.expect("health"), SERVING);
+    drop(first);
+    assert!(
+        common::served_soon(&gw, &cert, &key).await,
+        "police-met connects again once one of its connections closes"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_in_progress_are_capped_across_all_addresses() {
+    let env = Env::new();
+    env.append_config("[limits]\nmax_handshakes = 2\nhandshake_timeout = \"60s\"\n");
+    let gw = env.start().await;
+    // Two hosts, one silent TCP connection each, hold both handshake turns; no one
+    // address is near max_handshakes_per_ip (64).
+    let silent = vec![
+        common::tcp_from(loopback(2), gw.addr).await,
+        common::tcp_from(loopback(3), gw.addr).await,
+    ];
+    // A third host's connection is closed at once, not after the 60 s timeout.
+    // The gateway accepts connections in the order they arrive, so the first two
+    // hold their turns by the time it sees this one.
+    let mut third = common::tcp_from(loopback(4), gw.addr).await;
+    assert!(
+        common::closed_by_server(&mut third, Duration::from_secs(10)).await,
+        "a connection beyond max_handshakes is closed at once"
+    );
+    drop(silent);
+    let (cert, key) = env.identity(Role::Agency, "police-met");
+    assert!(
+        common::served_soon(&gw, &cert, &key).await,
+        "a genuine client is served once the silent ones are gone"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv4_clients_of_a_dual_stack_listener_are_counted_by_their_own_address() {
+    let env = Env::new();
+    let text = std::fs::read_to_string(env.config_path()).expect("config");
+    std::fs::write(
+        env.config_path(),
+        text.replace("listen = \"127.0.0.1:0\"", "listen = \"[::]:0\""),
+    )
+    .expect("config");
+    env.append_config("[limits]\nmax_handshakes_per_ip = 2\nhandshake_timeout = \"60s\"\n");
+    let gw = env.start().await;
+    let to = std::net::SocketAddr::new(LOOPBACK, gw.addr.port());
+    // 127.0.0.2 arrives as ::ffff:127.0.0.2 and uses up its own two turns...
+    let _silent = vec![
+        common::tcp_from(loopback(2), to).await,
+        common::tcp_from(loopback(2), to).await,
+    ];
+    let mut third = common::tcp_from(loopback(2), to).await;
+    assert!(
+        common::closed_by_server(&mut third, Duration::from_secs(10)).await,
+        "a third connection from 127.0.0.2 is closed at once"
+    );
+    // ...but not those of 127.0.0.3, although every IPv4-mapped address shares one
+    // IPv6 /64.
+    let (cert, key) = env.identity(Role::Agency, "police-met");
+    let conn = common::silent_tls(loopback(3), to, &env.ca_pem(), &cert, &key).await;
+    assert!(conn.is_ok(), "127.0.0.3 completes its handshake: {conn:?}");
+    gw.stop().await;
+}

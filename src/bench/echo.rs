@@ -48,11 +48,7 @@ pub async fn serve(
         "sgw: listening on {} (echo baseline, mutual TLS)",
         listener.local_addr()?
     );
-    let limits = AcceptorLimits {
-        max_connections: config.limits.max_connections,
-        handshake_timeout: config.limits.handshake_timeout,
-        max_handshakes_per_ip: config.limits.max_handshakes_per_ip,
-    };
+    let limits = AcceptorLimits::from(&config.limits);
     let incoming = Acceptor::new(listener, tls, limits).incoming(stop.clone());
     let max = config.limits.max_message_bytes;
     tonic::transport::Server::builder()

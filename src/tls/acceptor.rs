@@ -2,14 +2,17 @@
 //! silent client cannot hold up anyone else), and hands finished connections to tonic
 //! with the peer's certificate attached.
 
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
@@ -26,12 +29,38 @@ use super::{PeerCert, PeerInfo, TlsState};
 pub struct AcceptorLimits {
     /// Connections open at once; further clients wait in the listen backlog.
     pub max_connections: usize,
+    /// Connections open at once of one identity ([`PeerCert::identity`]), from
+    /// the end of its handshake to its close; one more is closed right after its
+    /// handshake, so that one caller (a misconfigured pool, a stolen key) cannot
+    /// take every connection slot from everyone else.
+    pub max_connections_per_identity: usize,
     /// How long a client has to complete its TLS handshake.
     pub handshake_timeout: Duration,
-    /// TLS handshakes in progress at once from one address; a connection beyond
-    /// it is closed at once, so that one host sending nothing cannot take every
-    /// connection slot for `handshake_timeout` at a time.
+    /// How long a client has, once its handshake is done, to send the HTTP/2
+    /// connection preface. HTTP/2 keepalive pings start only after the preface, so
+    /// without this a client that sends nothing would hold its slot forever.
+    pub preface_timeout: Duration,
+    /// TLS handshakes in progress at once, from all addresses; a connection beyond
+    /// it is closed at once, so that clients sending nothing from many addresses
+    /// cannot take every connection slot for `handshake_timeout` at a time.
+    pub max_handshakes: usize,
+    /// TLS handshakes in progress at once from one address (see [`address_key`]);
+    /// a connection beyond it is closed at once, so that one host sending nothing
+    /// cannot take every handshake turn.
     pub max_handshakes_per_ip: usize,
+}
+
+impl From<&crate::config::Limits> for AcceptorLimits {
+    fn from(l: &crate::config::Limits) -> Self {
+        AcceptorLimits {
+            max_connections: l.max_connections,
+            max_connections_per_identity: l.max_connections_per_identity,
+            handshake_timeout: l.handshake_timeout,
+            preface_timeout: l.preface_timeout,
+            max_handshakes: l.max_handshakes,
+            max_handshakes_per_ip: l.max_handshakes_per_ip,
+        }
+    }
 }
 
 /// A listening socket that yields authenticated TLS connections.
@@ -59,8 +88,11 @@ impl Acceptor {
     /// Starts accepting. The stream ends when `stop` is cancelled.
     pub fn incoming(self, stop: CancellationToken) -> ReceiverStream<Result<TlsConn, io::Error>> {
         let (tx, rx) = mpsc::channel(64);
-        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
-        let handshaking = Arc::new(Handshaking::new(self.limits.max_handshakes_per_ip));
+        let limits = self.limits;
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
+        let by_address = Arc::new(Tally::new(limits.max_handshakes_per_ip));
+        let by_identity = Arc::new(Tally::new(limits.max_connections_per_identity));
         tokio::spawn(async move {
             loop {
                 let permit = tokio::select! {
@@ -82,16 +114,28 @@ impl Acceptor {
                         }
                     },
                 };
-                let Some(turn) = handshaking.start(remote.ip()) else {
+                // Both turns are taken here, in the order connections arrive, and
+                // a connection refused one is dropped (closed) before the next is
+                // accepted: its slot goes back at once.
+                let Some(address_turn) = by_address.take(address_key(remote.ip())) else {
                     tracing::info!(%remote, "too many TLS handshakes in progress from this address; connection closed");
                     continue;
                 };
+                let Ok(turn) = handshakes.clone().try_acquire_owned() else {
+                    tracing::info!(%remote, "too many TLS handshakes in progress; connection closed");
+                    continue;
+                };
                 let acceptor = TlsAcceptor::from(self.tls.current().server_config.clone());
-                let timeout = self.limits.handshake_timeout;
                 let tx = tx.clone();
+                let by_identity = by_identity.clone();
                 tokio::spawn(async move {
-                    let conn = handshake(acceptor, tcp, remote, timeout, permit).await;
-                    drop(turn);
+                    let Some((stream, peer)) =
+                        handshake(acceptor, tcp, remote, limits.handshake_timeout).await
+                    else {
+                        return;
+                    };
+                    drop((turn, address_turn));
+                    let conn = establish(stream, peer, &by_identity, limits, permit).await;
                     if let Some(conn) = conn {
                         let _ = tx.send(Ok(conn)).await;
                     }
@@ -102,45 +146,64 @@ impl Acceptor {
     }
 }
 
-/// Handshakes in progress, by the peer's address.
-struct Handshaking {
-    by_ip: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+/// The address a handshake is counted against: an IPv4 address as it is; an IPv6
+/// address by its /64 prefix, because one host is commonly given a whole /64 and
+/// could otherwise take a turn from each of its 2^64 addresses; an IPv4-mapped IPv6
+/// address (an IPv4 client of a dual-stack listener) as the IPv4 address it maps,
+/// because all of those share the prefix `::ffff:0:0/96` and so one /64.
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u64::MAX as u128))),
+        },
+    }
+}
+
+/// How many things are counted against each key (handshakes by address, open
+/// connections by identity), and the most one key may have.
+struct Tally<K: Hash + Eq + Clone> {
+    counts: Mutex<HashMap<K, usize>>,
     max: usize,
 }
 
-/// One handshake in progress; it ends when this is dropped.
-struct Turn {
-    ip: IpAddr,
-    of: Arc<Handshaking>,
+/// One thing counted against `key`; it stops counting when this is dropped.
+struct Counted<K: Hash + Eq + Clone> {
+    key: K,
+    of: Arc<Tally<K>>,
 }
 
-impl Handshaking {
+// === impl Tally ===
+
+impl<K: Hash + Eq + Clone> Tally<K> {
     fn new(max: usize) -> Self {
-        Handshaking {
-            by_ip: Default::default(),
+        Tally {
+            counts: Default::default(),
             max,
         }
     }
 
-    /// A turn for `ip`, unless it has `max` handshakes in progress already.
-    fn start(self: &Arc<Self>, ip: IpAddr) -> Option<Turn> {
-        let mut by_ip = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let n = by_ip.entry(ip).or_default();
-        if *n >= self.max {
+    /// Counts one more against `key`, unless it has `max` already.
+    fn take(self: &Arc<Self>, key: K) -> Option<Counted<K>> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.get(&key).copied().unwrap_or(0);
+        if n >= self.max {
             return None;
         }
-        *n += 1;
-        Some(Turn {
-            ip,
+        counts.insert(key.clone(), n + 1);
+        Some(Counted {
+            key,
             of: self.clone(),
         })
     }
 }
 
-impl Drop for Turn {
+impl<K: Hash + Eq + Clone> Drop for Counted<K> {
     fn drop(&mut self) {
-        let mut by_ip = self.of.by_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let std::collections::hash_map::Entry::Occupied(mut n) = by_ip.entry(self.ip) {
+        let mut counts = self.of.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let std::collections::hash_map::Entry::Occupied(mut n) = counts.entry(self.key.clone())
+        {
             *n.get_mut() -= 1;
             if *n.get() == 0 {
                 n.remove();
@@ -149,13 +212,13 @@ impl Drop for Turn {
     }
 }
 
+/// Runs the TLS handshake within `timeout`, and reads the peer's certificate.
 async fn handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     remote: SocketAddr,
     timeout: Duration,
-    permit: OwnedSemaphorePermit,
-) -> Option<TlsConn> {
+) -> Option<(TlsStream<TcpStream>, PeerCert)> {
     // gRPC is many small frames: Nagle's delay would dominate latency.
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(%remote, error = %e, "cannot set TCP_NODELAY");
@@ -174,11 +237,7 @@ async fn handshake(
     let (_, session) = stream.get_ref();
     let (leaf, intermediates) = session.peer_certificates()?.split_first()?;
     match PeerCert::parse(remote, leaf, intermediates) {
-        Ok(peer) => Some(TlsConn {
-            inner: Coalesced::new(stream),
-            peer: PeerInfo(Arc::new(peer)),
-            _permit: permit,
-        }),
+        Ok(peer) => Some((stream, peer)),
         Err(e) => {
             tracing::info!(%remote, error = %e, "client certificate unusable");
             None
@@ -186,11 +245,92 @@ async fn handshake(
     }
 }
 
+/// Admits a connection whose handshake is done: counts it against its identity,
+/// and waits for its HTTP/2 preface. `None` when it is closed instead.
+async fn establish(
+    mut stream: TlsStream<TcpStream>,
+    peer: PeerCert,
+    by_identity: &Arc<Tally<Arc<str>>>,
+    limits: AcceptorLimits,
+    permit: OwnedSemaphorePermit,
+) -> Option<TlsConn> {
+    let remote = peer.remote;
+    let identity: Arc<str> = peer.identity().into();
+    let Some(seat) = by_identity.take(identity.clone()) else {
+        tracing::info!(%remote, identity = ?identity, "too many connections open for this identity; connection closed");
+        return None;
+    };
+    let preface = match read_preface(&mut stream, limits.preface_timeout).await {
+        Ok(preface) => preface,
+        Err(PrefaceError::TimedOut) => {
+            tracing::info!(%remote, identity = ?identity, "no HTTP/2 preface in time; connection closed");
+            return None;
+        }
+        Err(PrefaceError::Closed) => {
+            tracing::debug!(%remote, identity = ?identity, "connection closed before its HTTP/2 preface");
+            return None;
+        }
+        Err(PrefaceError::Io(e)) => {
+            tracing::info!(%remote, identity = ?identity, error = %e, "connection failed before its HTTP/2 preface");
+            return None;
+        }
+    };
+    Some(TlsConn {
+        inner: Coalesced::new(stream),
+        preface,
+        peer: PeerInfo(Arc::new(peer)),
+        _seat: seat,
+        _permit: permit,
+    })
+}
+
+/// Length of the HTTP/2 client connection preface (RFC 9113, section 3.4), the
+/// first bytes a client sends.
+const PREFACE_LEN: usize = 24;
+
+/// Why a connection gave no preface.
+#[derive(Debug)]
+enum PrefaceError {
+    TimedOut,
+    Closed,
+    Io(io::Error),
+}
+
+/// Reads the preface's length in bytes within `within`. The whole length, not the
+/// first byte, so that a client cannot hold its slot by sending one byte; what the
+/// bytes say is left to the HTTP/2 server, which reads them next.
+async fn read_preface(
+    stream: &mut TlsStream<TcpStream>,
+    within: Duration,
+) -> Result<Bytes, PrefaceError> {
+    let mut buf = [0u8; PREFACE_LEN];
+    let mut filled = 0;
+    let reading = async {
+        while filled < PREFACE_LEN {
+            match stream.read(&mut buf[filled..]).await {
+                Ok(0) => return Err(PrefaceError::Closed),
+                Ok(n) => filled += n,
+                Err(e) => return Err(PrefaceError::Io(e)),
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(within, reading).await {
+        Ok(Ok(())) => Ok(Bytes::copy_from_slice(&buf)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(PrefaceError::TimedOut),
+    }
+}
+
 /// One established mutual-TLS connection. Its writes are coalesced
 /// ([`super::coalesce`]).
 pub struct TlsConn {
     inner: Coalesced<TlsStream<TcpStream>>,
+    /// The preface bytes already read by [`read_preface`], given back first.
+    preface: Bytes,
     peer: PeerInfo,
+    /// Counts the connection against its identity while it is open.
+    _seat: Counted<Arc<str>>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -208,6 +348,12 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.preface.is_empty() {
+            let n = self.preface.len().min(buf.remaining());
+            let head = self.preface.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(self.inner.get_mut()).poll_read(cx, buf)
     }
 }
@@ -239,5 +385,43 @@ impl AsyncWrite for TlsConn {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshakes_are_counted_by_ipv4_address_and_ipv6_slash_64() {
+        let key = |s: &str| address_key(s.parse().expect("address"));
+        assert_eq!(key("192.0.2.7"), key("192.0.2.7"));
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
+        // One /64, many addresses: one key.
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff:ffff:ffff:ffff"));
+        assert_eq!(
+            key("2001:db8:1:2:abcd::9"),
+            "2001:db8:1:2::".parse::<IpAddr>().expect("address")
+        );
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        // An IPv4 client of a dual-stack listener counts as its IPv4 address, not
+        // as the one /64 every mapped address shares.
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        assert_ne!(key("::ffff:192.0.2.7"), key("::ffff:192.0.2.8"));
+    }
+
+    #[test]
+    fn a_tally_refuses_beyond_its_max_and_forgets_what_is_dropped() {
+        let tally = Arc::new(Tally::new(2));
+        let a = tally.take("a");
+        let b = tally.take("a");
+        assert!(a.is_some() && b.is_some());
+        assert!(tally.take("a").is_none());
+        assert!(tally.take("b").is_some());
+        drop(a);
+        let again = tally.take("a");
+        assert!(again.is_some());
+        drop((b, again));
+        assert!(tally.counts.lock().expect("lock").is_empty());
     }
 }

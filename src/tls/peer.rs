@@ -69,6 +69,30 @@ impl PeerCert {
     }
 }
 
+impl PeerCert {
+    /// The identity the certificate claims, as the text connections are counted by
+    /// ([`super::AcceptorLimits::max_connections_per_identity`]) and log lines name:
+    /// its one URI SAN, with the trust domain in lower case (identity compares the
+    /// domain without regard to case, so two spellings are one caller); every URI
+    /// SAN, space-separated, when there is not exactly one; `-` when there is none.
+    /// Whether it names a registered caller is [`crate::identity`]'s business.
+    pub fn identity(&self) -> String {
+        match self.uri_sans.as_slice() {
+            [] => "-".to_owned(),
+            [one] => match one
+                .strip_prefix("spiffe://")
+                .and_then(|rest| rest.split_once('/'))
+            {
+                Some((domain, path)) => {
+                    format!("spiffe://{}/{path}", domain.to_ascii_lowercase())
+                }
+                None => one.clone(),
+            },
+            several => several.join(" "),
+        }
+    }
+}
+
 /// The canonical serial text (lower-case hex, no leading zeros; see
 /// [`crate::pki::canonical_serial_hex`]), the one form every comparison of serials uses.
 pub fn serial_hex(raw: &[u8]) -> String {
@@ -78,6 +102,30 @@ pub fn serial_hex(raw: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identity_is_the_uri_san_with_its_trust_domain_in_lower_case() {
+        let peer = |uri_sans: &[&str]| PeerCert {
+            remote: "127.0.0.1:1".parse().expect("address"),
+            cert_sha256: [0; 32],
+            serial_hex: "1".into(),
+            uri_sans: uri_sans.iter().map(|s| s.to_string()).collect(),
+            not_after: 0,
+            chain_serials: Vec::new(),
+        };
+        assert_eq!(
+            peer(&["spiffe://Safeguarding.Example/agency/police-met"]).identity(),
+            "spiffe://safeguarding.example/agency/police-met"
+        );
+        // Role and id are compared exactly by identity, so they stay as they are.
+        assert_eq!(
+            peer(&["spiffe://safeguarding.example/Agency/Police-Met"]).identity(),
+            "spiffe://safeguarding.example/Agency/Police-Met"
+        );
+        assert_eq!(peer(&["https://x.example"]).identity(), "https://x.example");
+        assert_eq!(peer(&["spiffe://a/b/c", "spiffe://d/e/f"]).identity(), "spiffe://a/b/c spiffe://d/e/f");
+        assert_eq!(peer(&[]).identity(), "-");
+    }
 
     #[test]
     fn serial_hex_drops_sign_padding() {

@@ -327,3 +327,84 @@ pub async fn stream_end_status<T>(
     .unwrap_or_else(|_| panic!("{what}: the stream did not end within {within:?}"));
     end.unwrap_or_else(|| panic!("{what}: the stream ended without an error status"))
 }
+
+/// A TCP connection to `to` from the loopback address `from` (any of 127/8 on
+/// Linux), so that a test can be several hosts at once. It sends nothing itself.
+pub async fn tcp_from(from: std::net::IpAddr, to: SocketAddr) -> tokio::net::TcpStream {
+    let socket = match from {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .expect("socket");
+    socket.bind(SocketAddr::new(from, 0)).expect("bind");
+    socket.connect(to).await.expect("connect")
+}
+
+/// A mutual-TLS connection (ALPN `h2`) the test builds itself from `from` to `to`,
+/// presenting the given client certificate, that sends nothing after the handshake:
+/// not even the HTTP/2 preface.
+pub async fn silent_tls(
+    from: std::net::IpAddr,
+    to: SocketAddr,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(ca.expect("CA PEM")).expect("CA");
+    }
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("certificate PEM");
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key PEM");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client certificate");
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tcp_from(from, to).await;
+    let name = ServerName::try_from("localhost").expect("server name");
+    connector.connect(name, tcp).await
+}
+
+/// Whether the gateway closes `conn` (end of stream or a reset) within `within`,
+/// reading and discarding whatever it sends first (an HTTP/2 server's SETTINGS,
+/// for one). `within` only stops a test from hanging on a connection left open.
+pub async fn closed_by_server(
+    conn: &mut (impl tokio::io::AsyncRead + Unpin),
+    within: Duration,
+) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Tries to be served a health check as `cert` until it is, or 50 tries have
+/// failed: for a slot that the gateway frees when it notices a closed connection.
+pub async fn served_soon(gw: &Gateway, cert_pem: &str, key_pem: &str) -> bool {
+    for _ in 0..50 {
+        if let Ok(channel) = gw.connect(cert_pem, key_pem).await {
+            if health(channel).await.is_ok() {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
