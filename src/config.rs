@@ -1084,9 +1084,7 @@ impl Loader<'_> {
                 raw.preface_timeout,
                 d.preface_timeout,
             )?,
-            max_handshakes: raw
-                .max_handshakes
-                .unwrap_or((max_connections / 2).max(1)),
+            max_handshakes: raw.max_handshakes.unwrap_or((max_connections / 2).max(1)),
             max_handshakes_per_ip: raw.max_handshakes_per_ip.unwrap_or(d.max_handshakes_per_ip),
             keepalive_interval: self.positive_duration(
                 "limits.keepalive_interval",
@@ -2450,7 +2448,9 @@ bank_holidays = []                    # ["2026-12-25", ...]
         assert_eq!(c.limits.max_handshakes, 7);
         assert_eq!(c.limits.preface_timeout, Duration::from_secs(2));
 
-        let (p, msg) = problem(with("max_connections = 50\nmax_connections_per_identity = 51"));
+        let (p, msg) = problem(with(
+            "max_connections = 50\nmax_connections_per_identity = 51",
+        ));
         assert_eq!(
             p,
             Problem::OutOfRange {
@@ -2466,7 +2466,9 @@ bank_holidays = []                    # ["2026-12-25", ...]
         );
         let (_, msg) = problem(with("max_handshakes = 1025"));
         assert!(
-            msg.contains("limits.max_handshakes (1025) must not exceed limits.max_connections (1024)"),
+            msg.contains(
+                "limits.max_handshakes (1025) must not exceed limits.max_connections (1024)"
+            ),
             "{msg}"
         );
         for zero in ["max_connections_per_identity = 0", "max_handshakes = 0"] {

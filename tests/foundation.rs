@@ -679,8 +679,8 @@ async fn one_identity_cannot_hold_more_than_its_share_of_connections() {
     assert_eq!(health(first.clone()).await.expect("health"), SERVING);
     assert_eq!(health(second.clone()).await.expect("health"), SERVING);
 
-    // A third of the same identity is closed right after its handshake, although
-    // it would send its preface (this one never does: it is not waited for).
+    // A third of the same identity is closed right after its handshake, without
+    // waiting for a preface (this one would never send one).
     match common::silent_tls(LOOPBACK, gw.addr, &env.ca_pem(), &cert, &key).await {
         Ok(mut third) => assert!(
             common::closed_by_server(&mut third, Duration::from_secs(10)).await,
@@ -750,7 +750,7 @@ async fn ipv4_clients_of_a_dual_stack_listener_are_counted_by_their_own_address(
     let gw = env.start().await;
     let to = std::net::SocketAddr::new(LOOPBACK, gw.addr.port());
     // 127.0.0.2 arrives as ::ffff:127.0.0.2 and uses up its own two turns...
-    let _silent = vec![
+    let _silent = [
         common::tcp_from(loopback(2), to).await,
         common::tcp_from(loopback(2), to).await,
     ];

@@ -202,8 +202,7 @@ impl<K: Hash + Eq + Clone> Tally<K> {
 impl<K: Hash + Eq + Clone> Drop for Counted<K> {
     fn drop(&mut self) {
         let mut counts = self.of.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let std::collections::hash_map::Entry::Occupied(mut n) = counts.entry(self.key.clone())
-        {
+        if let std::collections::hash_map::Entry::Occupied(mut n) = counts.entry(self.key.clone()) {
             *n.get_mut() -= 1;
             if *n.get() == 0 {
                 n.remove();
@@ -398,7 +397,10 @@ mod tests {
         assert_eq!(key("192.0.2.7"), key("192.0.2.7"));
         assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
         // One /64, many addresses: one key.
-        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff:ffff:ffff:ffff"));
+        assert_eq!(
+            key("2001:db8:1:2::1"),
+            key("2001:db8:1:2:ffff:ffff:ffff:ffff")
+        );
         assert_eq!(
             key("2001:db8:1:2:abcd::9"),
             "2001:db8:1:2::".parse::<IpAddr>().expect("address")

@@ -123,7 +123,10 @@ mod tests {
             "spiffe://safeguarding.example/Agency/Police-Met"
         );
         assert_eq!(peer(&["https://x.example"]).identity(), "https://x.example");
-        assert_eq!(peer(&["spiffe://a/b/c", "spiffe://d/e/f"]).identity(), "spiffe://a/b/c spiffe://d/e/f");
+        assert_eq!(
+            peer(&["spiffe://a/b/c", "spiffe://d/e/f"]).identity(),
+            "spiffe://a/b/c spiffe://d/e/f"
+        );
         assert_eq!(peer(&[]).identity(), "-");
     }
 
