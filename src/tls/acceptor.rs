@@ -1,6 +1,9 @@
 //! Accepts TCP connections, runs each TLS handshake in its own task (so a slow or
-//! silent client cannot hold up anyone else), and hands finished connections to tonic
-//! with the peer's certificate attached.
+//! silent client cannot hold up anyone else), waits there for the client's HTTP/2
+//! preface, and hands finished connections to tonic with the peer's certificate
+//! attached. The limits ([`AcceptorLimits`]) bound what clients that send nothing,
+//! from one address, many addresses or one identity, can hold of the connection
+//! slots.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -44,7 +47,8 @@ pub struct AcceptorLimits {
     /// it is closed at once, so that clients sending nothing from many addresses
     /// cannot take every connection slot for `handshake_timeout` at a time.
     pub max_handshakes: usize,
-    /// TLS handshakes in progress at once from one address (see [`address_key`]);
+    /// TLS handshakes in progress at once from one address (an IPv6 address by its
+    /// /64 prefix, an IPv4-mapped one as its IPv4 address; see `address_key`);
     /// a connection beyond it is closed at once, so that one host sending nothing
     /// cannot take every handshake turn.
     pub max_handshakes_per_ip: usize,
@@ -325,7 +329,7 @@ async fn read_preface(
 /// ([`super::coalesce`]).
 pub struct TlsConn {
     inner: Coalesced<TlsStream<TcpStream>>,
-    /// The preface bytes already read by [`read_preface`], given back first.
+    /// The preface bytes already read by `read_preface`, given back first.
     preface: Bytes,
     peer: PeerInfo,
     /// Counts the connection against its identity while it is open.
