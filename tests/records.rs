@@ -516,6 +516,74 @@ async fn a_malformed_override_is_invalid_argument_even_where_none_is_needed() {
     gw.stop().await;
 }
 
+/// FindRecords whose answer would exceed `limits.max_message_bytes` is refused
+/// with RESOURCE_EXHAUSTED naming the limit, audited DENIED first (the refusal
+/// tells of records about the child), instead of tonic failing to send an answer
+/// the log already counted as found.
+#[tokio::test]
+async fn find_records_or_list_consents_too_large_for_one_answer_is_resource_exhausted_and_audited_denied(
+) {
+    let env = Env::new();
+    env.append_config(
+        "[limits]\nmax_message_bytes = 90000\nmax_content_bytes = 1000\nmax_narrative_chars = 5000\n",
+    );
+    let gw = env.start().await;
+    let mut nhs = records(&gw, &env, "nhs-guys").await;
+    // 50 summaries of 500 four-byte characters: about 100 KB of answer.
+    for _ in 0..50 {
+        let mut req = share_request(RecordCategory::UnscheduledCareAttendance, b"A&E");
+        req.summary = "𝔸".repeat(500);
+        nhs.share_record(req).await.expect("share");
+    }
+    let err = nhs
+        .find_records(FindRecordsRequest {
+            subject: subject(NHS),
+            purpose: Purpose::HealthCare as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().starts_with(
+            "the 50 records found about this child do not fit in one answer of limits.max_message_bytes (90000 bytes)"
+        ),
+        "{err:?}"
+    );
+    let found = audited(&gw, &env, AuditAction::RecordsFound).await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].outcome, AuditOutcome::Denied as i32);
+    assert!(
+        found[0].reason.starts_with("TOO_LARGE: 50 found"),
+        "{}",
+        found[0].reason
+    );
+
+    // The same for ListConsents: 10 notes of 4000 four-byte characters.
+    let mut nhs_consents = consents(&gw, &env, "nhs-guys").await;
+    for _ in 0..10 {
+        let mut req = school_consent(ConsentState::Given);
+        req.note = "𝔸".repeat(4000);
+        record_consent(&mut nhs_consents, req).await;
+    }
+    let err = nhs_consents
+        .list_consents(ListConsentsRequest {
+            subject: subject(NHS),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().starts_with(
+            "the 10 consent statements about this child do not fit in one answer of limits.max_message_bytes (90000 bytes)"
+        ),
+        "{err:?}"
+    );
+    let listed = audited(&gw, &env, AuditAction::ConsentsListed).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].outcome, AuditOutcome::Denied as i32);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn find_records_reveals_only_what_the_sector_may_receive_with_its_access() {
     let env = Env::new();

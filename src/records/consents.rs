@@ -177,6 +177,21 @@ impl Records {
             &subject_ref,
             request_id,
         );
+        let bytes: usize = consents.iter().map(consent_answer_bytes).sum();
+        let max = self.config.limits.max_message_bytes;
+        if bytes > max {
+            entry.outcome = AuditOutcome::Denied;
+            entry.reason = format!(
+                "TOO_LARGE: {} consent statements, about {bytes} bytes (answered RESOURCE_EXHAUSTED)",
+                consents.len()
+            );
+            self.auditor.append(entry).await?;
+            return Err(RecordError::TooLarge(format!(
+                "the {} consent statements about this child do not fit in one answer of \
+                 limits.max_message_bytes ({max} bytes)",
+                consents.len()
+            )));
+        }
         entry.reason = match consents.len() {
             1 => "1 consent statement listed".to_owned(),
             n => format!("{n} consent statements listed"),
@@ -219,4 +234,21 @@ impl Records {
     async fn load_consent(&self, id: &ConsentId) -> Result<Option<Consent>, RecordError> {
         Ok(self.store.consent(id).await?)
     }
+}
+
+/// An upper bound on the bytes a consent statement takes in ListConsents' answer:
+/// its notes (counted even where they are withheld), its agencies, its lists of
+/// enums and at most 256 bytes of ids, times and framing.
+fn consent_answer_bytes(c: &Consent) -> usize {
+    let scope = &c.statement.scope;
+    c.note.len()
+        + c.withdrawal_note.len()
+        + c.statement.recorded_by.as_str().len()
+        + scope
+            .recipient_agency_ids()
+            .iter()
+            .map(|a| a.as_str().len() + 2)
+            .sum::<usize>()
+        + 2 * (scope.purposes().len() + scope.recipient_sectors().len() + scope.categories().len())
+        + 256
 }

@@ -148,6 +148,23 @@ impl Records {
             request_id,
         );
         entry.purpose = Some(pb_purpose(purpose));
+        let bytes: usize = found.iter().map(|f| answer_bytes(&f.record)).sum();
+        let max = self.config.limits.max_message_bytes;
+        if bytes > max {
+            // Refused before tonic would fail to send it; the refusal tells of
+            // records about the child, so it is audited first too.
+            entry.outcome = AuditOutcome::Denied;
+            entry.reason = format!(
+                "TOO_LARGE: {} found, about {bytes} bytes (answered RESOURCE_EXHAUSTED)",
+                found.len()
+            );
+            self.auditor.append(entry).await?;
+            return Err(RecordError::TooLarge(format!(
+                "the {} records found about this child do not fit in one answer of \
+                 limits.max_message_bytes ({max} bytes)",
+                found.len()
+            )));
+        }
         entry.reason = found_reason(&found);
         self.auditor.append(entry).await?;
         Ok(found)
@@ -401,6 +418,13 @@ fn not_found(id: &RecordId) -> RecordError {
 }
 
 /// The reason of a RECORDS_FOUND entry: how many, and which.
+/// An upper bound on the bytes a record takes in an answer (FindRecords'
+/// RecordRef): its summary and owner, and at most 128 bytes of id, category,
+/// time, access and framing.
+pub(super) fn answer_bytes(record: &Record) -> usize {
+    record.summary.len() + record.owner.as_str().len() + 128
+}
+
 fn found_reason(found: &[Found]) -> String {
     let ids: Vec<&str> = found
         .iter()
