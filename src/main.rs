@@ -17,7 +17,7 @@ fn main() -> ExitCode {
     match sgw::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("sgw: {e:#}");
+            eprintln!("sgw: {}", sgw::cli::error_text(&e));
             ExitCode::FAILURE
         }
     }

@@ -85,8 +85,20 @@ pub const DEV_CRL_DAYS: u32 = 365;
 /// is slightly behind the issuer's does not see them as not yet valid.
 const CLOCK_SKEW_ALLOWANCE: Duration = Duration::minutes(5);
 
-/// The common name of the development CA.
+/// The common name of a development CA, before its random suffix.
 const DEV_CA_NAME: &str = "sgw development CA";
+
+/// A development CA's name: [`DEV_CA_NAME`] and 8 random hex digits. Two CAs
+/// trusted at once during a CA rollover must not share a name while a CRL is
+/// configured: a CRL is matched to certificates by its issuer's name, and one
+/// signed by the other key fails them (`BadSignature`).
+fn dev_ca_name() -> Result<String, PkiError> {
+    let mut bytes = [0u8; 4];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| PkiError::Generate(rcgen::Error::RingUnspecified))?;
+    Ok(format!("{DEV_CA_NAME} {}", crate::tls::hex(&bytes)))
+}
 
 // === CertSpec ===
 
@@ -630,7 +642,7 @@ pub fn init_dev_pki(
             })
         }
         _ => {
-            let ca = Ca::generate(DEV_CA_NAME, DEV_CA_DAYS)?;
+            let ca = Ca::generate(&dev_ca_name()?, DEV_CA_DAYS)?;
             write_key(&ca_key, ca.key_pem())?;
             write_public(&ca_cert, ca.cert_pem())?;
             written.extend([ca_key.clone(), ca_cert.clone()]);
@@ -1481,6 +1493,49 @@ mod tests {
         (Role::Auditor, "dpo"),
         (Role::Operator, "ops"),
     ];
+
+    /// The CA rollover of the runbook, with development CAs: the old CA's CRL in
+    /// force, both CAs trusted, a certificate of the new one accepted. A CRL is
+    /// matched by its issuer's name, so two dev CAs of one name failed this with
+    /// `BadSignature`.
+    #[test]
+    fn a_second_dev_ca_is_trusted_beside_the_first_and_its_crl() {
+        let (old_dir, new_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        init_dev_pki(old_dir.path(), TD, IDENTITIES, false).unwrap();
+        init_dev_pki(new_dir.path(), TD, IDENTITIES, false).unwrap();
+        let read = |dir: &tempfile::TempDir, name: &str| {
+            fs::read_to_string(dir.path().join(name)).unwrap()
+        };
+        let old = Ca::load(&read(&old_dir, "ca.pem"), &read(&old_dir, "ca.key")).unwrap();
+        let new = Ca::load(&read(&new_dir, "ca.pem"), &read(&new_dir, "ca.key")).unwrap();
+        let name = |ca: &Ca| parse(ca.cert_der()).subject().to_string();
+        assert_ne!(name(&old), name(&new));
+        assert!(
+            name(&new).starts_with("CN=sgw development CA "),
+            "{}",
+            name(&new)
+        );
+
+        let mut roots = RootCertStore::empty();
+        roots.add(old.cert_der().clone()).unwrap();
+        roots.add(new.cert_der().clone()).unwrap();
+        let old_crl = read(&old_dir, "crl.pem");
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .with_crls([CertificateRevocationListDer::from_pem_slice(old_crl.as_bytes()).unwrap()])
+        // As the gateway's: a certificate whose issuer has no CRL is accepted.
+        .allow_unknown_revocation_status()
+        .build()
+        .unwrap();
+        let leaf = new
+            .issue(&CertSpec::client(TD, Role::Agency, "police-met", 30))
+            .unwrap();
+        verifier
+            .verify_client_cert(&leaf.cert_der, &[], UnixTime::now())
+            .expect("a certificate of the new CA is accepted");
+    }
 
     #[test]
     fn dev_pki_writes_every_file_with_keys_private() {

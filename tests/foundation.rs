@@ -230,6 +230,52 @@ fn sgw(args: &[&str], cwd: &std::path::Path) -> std::process::Output {
 }
 
 #[test]
+fn cli_usage_errors_exit_2_and_errors_say_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, needle) in [
+        (
+            &["audit", "query", "--action", "NOPE"][..],
+            "CONSENTS_LISTED",
+        ),
+        (&["audit", "query", "--since", "yesterday"][..], "RFC 3339"),
+        (&["audit", "query", "--limit", "0"][..], "--limit"),
+    ] {
+        let out = sgw(args, dir.path());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let made = sgw(
+        &["certs", "init", "--dir", "pki", "--trust-domain", TD],
+        dir.path(),
+    );
+    assert!(made.status.success(), "{made:?}");
+    // Nothing listens on port 1.
+    let out = sgw(
+        &[
+            "audit",
+            "query",
+            "--addr",
+            "127.0.0.1:1",
+            "--ca",
+            "pki/ca.pem",
+            "--cert",
+            "pki/auditor-dpo.pem",
+            "--key",
+            "pki/auditor-dpo.key",
+        ],
+        dir.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("sgw: cannot connect to 127.0.0.1:1"),
+        "{err}"
+    );
+    assert_eq!(err.matches("tcp connect error").count(), 1, "{err}");
+}
+
+#[test]
 fn config_with_unknown_key_fails_naming_it() {
     let env = Env::new();
     env.append_config("[limits]\nmax_mesage_bytes = 10\n");

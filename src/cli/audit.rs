@@ -76,17 +76,17 @@ pub struct QueryArgs {
     #[arg(long)]
     pub target: Option<String>,
     /// Only entries with this action, e.g. RECORD_DISCLOSED.
-    #[arg(long)]
-    pub action: Option<String>,
+    #[arg(long, value_parser = parse_action)]
+    pub action: Option<AuditAction>,
     /// Only entries at or after this time (RFC 3339).
-    #[arg(long)]
-    pub since: Option<String>,
+    #[arg(long, value_parser = parse_time)]
+    pub since: Option<prost_types::Timestamp>,
     /// Only entries before this time (RFC 3339).
-    #[arg(long)]
-    pub until: Option<String>,
-    /// Stop after this many entries.
-    #[arg(long, default_value_t = 1000)]
-    pub limit: usize,
+    #[arg(long, value_parser = parse_time)]
+    pub until: Option<prost_types::Timestamp>,
+    /// Stop after this many entries (at least 1).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: u32,
     /// One JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -110,7 +110,10 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             // stopped the check (a file that cannot be read, a gateway that cannot
             // be reached) is 2, so that a monitor never takes it for tampering.
             Ok(checked.unwrap_or_else(|e| {
-                eprintln!("audit log could not be checked: {e:#}");
+                eprintln!(
+                    "sgw: audit log could not be checked: {}",
+                    super::error_text(&e)
+                );
                 ExitCode::from(2)
             }))
         }
@@ -169,7 +172,7 @@ fn report(result: Result<Summary, Failure>, kept: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(f) if f.cannot_check => {
-            eprintln!("audit log could not be checked: {f}");
+            eprintln!("sgw: audit log could not be checked: {f}");
             ExitCode::from(2)
         }
         Err(f) => {
@@ -184,7 +187,7 @@ fn verify_from_config(file: &Path, args: &VerifyArgs) -> anyhow::Result<ExitCode
     let config = match Config::load(file) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("audit log could not be checked: {e}");
+            eprintln!("sgw: audit log could not be checked: {e}");
             return Ok(ExitCode::from(2));
         }
     };
@@ -480,32 +483,37 @@ async fn verify_online(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn parse_time(name: &str, v: &Option<String>) -> anyhow::Result<Option<prost_types::Timestamp>> {
-    v.as_ref()
-        .map(|s| {
-            let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                .map_err(|e| {
-                    anyhow::anyhow!("--{name} {s:?} is not an RFC 3339 time ({e}); for example 2026-11-24T09:00:00Z")
-                })?;
-            Ok(prost_types::Timestamp {
-                seconds: t.unix_timestamp(),
-                nanos: t.nanosecond() as i32,
-            })
-        })
-        .transpose()
+/// `--since` and `--until`: a usage error (exit 2) when not RFC 3339.
+fn parse_time(s: &str) -> Result<prost_types::Timestamp, String> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("not an RFC 3339 time ({e}); for example 2026-11-24T09:00:00Z"))?;
+    Ok(prost_types::Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: t.nanosecond() as i32,
+    })
+}
+
+/// `--action`: a name such as RECORD_DISCLOSED (any case, `AUDIT_ACTION_` optional);
+/// a usage error (exit 2) listing the names otherwise.
+fn parse_action(a: &str) -> Result<AuditAction, String> {
+    let name = format!(
+        "AUDIT_ACTION_{}",
+        a.trim_start_matches("AUDIT_ACTION_").to_ascii_uppercase()
+    );
+    match AuditAction::from_str_name(&name) {
+        Some(action) if action != AuditAction::Unspecified => Ok(action),
+        _ => {
+            let names: Vec<&str> = (1..)
+                .map_while(|n| AuditAction::try_from(n).ok())
+                .map(|a| a.as_str_name().trim_start_matches("AUDIT_ACTION_"))
+                .collect();
+            Err(format!("unknown action; one of {}", names.join(", ")))
+        }
+    }
 }
 
 async fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
-    let action = match &args.action {
-        None => 0,
-        Some(a) => {
-            let name = format!(
-                "AUDIT_ACTION_{}",
-                a.trim_start_matches("AUDIT_ACTION_").to_ascii_uppercase()
-            );
-            AuditAction::from_str_name(&name).with_context(|| format!("unknown action {a}"))? as i32
-        }
-    };
+    let action = args.action.map_or(0, |a| a as i32);
     let mut request = QueryDisclosuresRequest {
         subject: args
             .nhs_number
@@ -514,9 +522,9 @@ async fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
         actor_id: args.actor.clone().unwrap_or_default(),
         target_agency_id: args.target.clone().unwrap_or_default(),
         action,
-        since: parse_time("since", &args.since)?,
-        until: parse_time("until", &args.until)?,
-        page_size: args.limit.clamp(1, 1000) as u32,
+        since: args.since,
+        until: args.until,
+        page_size: args.limit.min(1000),
         page_token: String::new(),
     };
     let channel = args.client.connect("auditor-dpo").await?;

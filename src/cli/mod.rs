@@ -63,6 +63,24 @@ pub enum Command {
     BenchEcho(bench::EchoArgs),
 }
 
+/// An error and its causes as one line, `a: b: c`, leaving out a cause whose text
+/// the line already ends with: tonic's and rustls's errors repeat their source in
+/// their own message (`tcp connect error: tcp connect error: Connection refused`).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {

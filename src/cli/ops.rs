@@ -65,7 +65,11 @@ pub fn run(cmd: OpsCommand) -> anyhow::Result<ExitCode> {
                         print_status(resp.into_inner().status.as_ref(), false);
                     }
                     Err(status) => {
-                        eprintln!("reload refused ({:?}): {}", status.code(), status.message());
+                        eprintln!(
+                            "sgw: reload refused ({:?}): {}",
+                            status.code(),
+                            status.message()
+                        );
                         return Ok(ExitCode::from(1));
                     }
                 }
@@ -84,7 +88,7 @@ pub fn run(cmd: OpsCommand) -> anyhow::Result<ExitCode> {
                     Ok(_) => out!("revoked {serial}"),
                     Err(status) => {
                         eprintln!(
-                            "revocation refused ({:?}): {}",
+                            "sgw: revocation refused ({:?}): {}",
                             status.code(),
                             status.message()
                         );
