@@ -205,6 +205,18 @@ async fn auditor_queries_are_themselves_audited_and_proofs_verify() {
         .await
         .expect_err("page too big");
     assert_eq!(err.code(), Code::InvalidArgument);
+    for (actor_id, target_agency_id) in [("NOT VALID!!", ""), ("", "Police Met")] {
+        let err = client
+            .query_disclosures(QueryDisclosuresRequest {
+                actor_id: actor_id.into(),
+                target_agency_id: target_agency_id.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("not an id");
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("is not a valid id"), "{err:?}");
+    }
     let after = checkpoint(&mut client).await.tree_size;
     assert_eq!(
         after,

@@ -916,6 +916,18 @@ async fn invalid_input_gets_a_clear_status_and_changes_nothing() {
             Code::InvalidArgument,
             "retain_until must be in the future",
         ),
+        (
+            ShareRecordRequest {
+                // 9999-01-01.
+                retain_until: Some(prost_types::Timestamp {
+                    seconds: 253_370_764_800,
+                    nanos: 0,
+                }),
+                ..base()
+            },
+            Code::InvalidArgument,
+            "retain_until must be within 36525 days",
+        ),
     ];
     for (req, code, needle) in cases {
         assert_status(nhs.share_record(req).await, code, needle);

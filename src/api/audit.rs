@@ -54,13 +54,15 @@ impl Audit {
             Some(s) => Some(self.app.subject_ref(s)?),
             None => None,
         };
-        let text = |name: &str, v: &str| -> Result<Option<String>, ApiError> {
-            if v.len() > 64 {
-                return Err(ApiError::Invalid(format!(
-                    "{name} is longer than 64 characters"
-                )));
+        // Empty for no filter; otherwise a registry id, which an entry's actor or
+        // target always is.
+        let id = |name: &str, v: &str| -> Result<Option<String>, ApiError> {
+            if v.is_empty() {
+                return Ok(None);
             }
-            Ok((!v.is_empty()).then(|| v.to_owned()))
+            crate::domain::PrincipalId::parse(v)
+                .map(|_| Some(v.to_owned()))
+                .map_err(|e| ApiError::Invalid(format!("{name}: {e}")))
         };
         let action = match AuditAction::try_from(req.action) {
             Ok(AuditAction::Unspecified) => None,
@@ -86,8 +88,8 @@ impl Audit {
         }
         let filter = query::Filter {
             subject,
-            actor_id: text("actor_id", &req.actor_id)?,
-            target_agency_id: text("target_agency_id", &req.target_agency_id)?,
+            actor_id: id("actor_id", &req.actor_id)?,
+            target_agency_id: id("target_agency_id", &req.target_agency_id)?,
             action,
             since_micros,
             until_micros,
@@ -160,7 +162,9 @@ impl AuditService for Audit {
             let page_size = self.app.page_size(req.page_size)?;
             self.audit_call(
                 &ctx,
-                format!("QueryDisclosures {}", filter.describe()),
+                format!("QueryDisclosures {}", filter.describe())
+                    .trim_end()
+                    .to_owned(),
                 filter.subject.clone(),
             )
             .await?;

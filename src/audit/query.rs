@@ -72,7 +72,14 @@ impl Filter {
             parts.push(format!("target={t}"));
         }
         if let Some(a) = self.action {
-            parts.push(format!("action={a}"));
+            let name = crate::proto::v1::AuditAction::try_from(a)
+                .map(|a| {
+                    a.as_str_name()
+                        .trim_start_matches("AUDIT_ACTION_")
+                        .to_owned()
+                })
+                .unwrap_or_else(|_| a.to_string());
+            parts.push(format!("action={name}"));
         }
         if let Some(s) = self.since_micros {
             parts.push(format!("since={s}"));
@@ -173,4 +180,29 @@ pub fn run(
         entries,
         next_page_token: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::v1::AuditAction;
+
+    #[test]
+    fn a_query_is_described_by_action_name_with_no_trailing_space() {
+        let filter = Filter {
+            subject: None,
+            actor_id: Some("dpo".into()),
+            target_agency_id: None,
+            action: Some(AuditAction::RecordDisclosed as i32),
+            since_micros: None,
+            until_micros: None,
+        };
+        assert_eq!(filter.describe(), "actor=dpo action=RECORD_DISCLOSED");
+        let none = Filter {
+            actor_id: None,
+            action: None,
+            ..filter
+        };
+        assert_eq!(none.describe(), "");
+    }
 }

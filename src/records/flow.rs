@@ -11,6 +11,7 @@ use super::store::stored_time;
 use super::{
     agency_of, check_text, pb_basis, pb_purpose, rfc3339, to_the_end, RecordError, Records,
 };
+use crate::config::MAX_RETENTION_DAYS;
 use crate::domain::consent::ConsentStatement;
 use crate::domain::policy::{self, Basis, Decision, DenyReason, DisclosureRequest};
 use crate::domain::{AgencyId, Purpose, Sector};
@@ -53,6 +54,12 @@ impl Records {
                     "retain_until must be in the future; leave it unset for the default retention"
                         .into(),
                 )),
+                // The longest retention the config may set by default, a century.
+                Some(t) if t > now + Duration::days(i64::from(MAX_RETENTION_DAYS)) => {
+                    return Err(RecordError::Invalid(format!(
+                        "retain_until must be within {MAX_RETENTION_DAYS} days (a century) of now"
+                    )))
+                }
                 Some(t) => stored_time(t),
                 // Config keeps the default within a century, so this cannot overflow.
                 None => now
