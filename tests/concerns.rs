@@ -1357,3 +1357,93 @@ async fn a_refusal_fails_closed_when_the_audit_log_cannot_be_written() {
     assert!(last.is_none(), "still refused after recovery: {last:?}");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_id_reused_with_different_content_is_refused_audited_and_raises_nothing() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut police = agency(&gw, &env, "police-met").await;
+    let mut school = agency(&gw, &env, "school-oakfield").await;
+    let mut school_events = subscribe(&mut school, 0).await;
+    let first = raise_ok(&mut police, raise(&["school-oakfield"], "incident-7")).await;
+    assert_eq!(
+        concern_of(&next(&mut school_events).await).concern_id,
+        first.concern_id
+    );
+
+    let other_narrative = "A second incident, at school, a week later.";
+    let reused = |change: &dyn Fn(&mut RaiseConcernRequest)| {
+        let mut req = raise(&["school-oakfield"], "incident-7");
+        change(&mut req);
+        req
+    };
+    let variations = [
+        (
+            "subject",
+            reused(&|r| r.subject.as_mut().unwrap().nhs_number = "4010232137".into()),
+        ),
+        (
+            "category",
+            reused(&|r| r.category = ConcernCategory::Neglect as i32),
+        ),
+        (
+            "urgency",
+            reused(&|r| r.urgency = Urgency::ImmediateRisk as i32),
+        ),
+        (
+            "narrative",
+            reused(&|r| r.narrative = other_narrative.into()),
+        ),
+        (
+            "recipient_agency_ids",
+            reused(&|r| r.recipient_agency_ids = vec!["nhs-guys".into()]),
+        ),
+    ];
+    for (field, req) in variations {
+        let err = police.raise_concern(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{field}: {err:?}");
+        let message = err.message();
+        for want in [
+            format!(
+                "request_id was already used for concern {}",
+                first.concern_id
+            ),
+            format!("different content (different {field})"),
+            "a new concern needs a new request_id".into(),
+        ] {
+            assert!(message.contains(&want), "{field}: {message}");
+        }
+        assert!(!message.contains(other_narrative), "{message}");
+    }
+
+    // Each refusal was audited DENIED before it was answered; only the first raise
+    // is ALLOWED.
+    let raised = entries_by(&gw, &env, AuditAction::ConcernRaised, "police-met").await;
+    assert_eq!(raised.len(), 6, "{raised:?}");
+    assert_eq!(raised[0].outcome, AuditOutcome::Allowed as i32);
+    for entry in &raised[1..] {
+        assert_denied(entry, "police-met", &first.concern_id, "REQUEST_ID_REUSED");
+        assert!(!entry.reason.contains(other_narrative), "{entry:?}");
+    }
+    assert_eq!(raised[2].subject_ref, raised[0].subject_ref);
+    assert_ne!(
+        raised[1].subject_ref, raised[0].subject_ref,
+        "the refused referral's child"
+    );
+    assert_eq!(raised[1].subject_ref.len(), 64);
+
+    // Nothing reached anyone; the same request again is still the retry.
+    quiet(&mut school_events, Duration::from_millis(300)).await;
+    let mut hospital = agency(&gw, &env, "nhs-guys").await;
+    assert!(inbox(&mut hospital).await.is_empty());
+    let retry = raise_ok(&mut police, raise(&["school-oakfield"], "incident-7")).await;
+    assert_eq!(retry.concern_id, first.concern_id);
+    assert_eq!(
+        entries_by(&gw, &env, AuditAction::ConcernRaised, "police-met")
+            .await
+            .len(),
+        6,
+        "a retry audits nothing"
+    );
+    gw.stop().await;
+}

@@ -1,6 +1,7 @@
 //! The unary calls: raise, get, list, acknowledge, decide; and delivery, the
 //! audited first disclosure of a narrative to a recipient.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -50,7 +51,10 @@ pub struct InboxPage {
 impl Concerns {
     /// RaiseConcern: validates, routes, audits (CONCERN_RAISED), stores the concern
     /// and an event in each recipient's inbox durably, and returns the concern. A
-    /// repeated idempotency key returns the first concern instead.
+    /// repeated idempotency key with the same content returns the first concern
+    /// instead; with different content (see [`raise_differences`]) it raises
+    /// nothing and is FAILED_PRECONDITION, audited CONCERN_RAISED with outcome
+    /// DENIED (REQUEST_ID_REUSED) before it is returned.
     pub async fn raise(
         self: &Arc<Self>,
         caller: &Caller,
@@ -98,7 +102,14 @@ impl Concerns {
         };
         if let Some(k) = &key {
             if let Some(id) = self.store.raised_by_key(k).await? {
-                return self.existing(&id).await;
+                let first = self.existing(&id).await?;
+                let differs = raise_differences(&first, &req, &self.config.front_door);
+                if differs.is_empty() {
+                    return Ok(first);
+                }
+                return Err(self
+                    .refuse_reused_key(caller, &first, &req, &differs, None, request_id)
+                    .await?);
             }
         }
 
@@ -121,11 +132,13 @@ impl Concerns {
         let concern = Concern {
             id: self.new_id()?,
             subject_ref: self.keys.subject_ref(&req.subject),
-            subject: req.subject,
+            // Copies: `req` is compared with the concern found should another
+            // process raise one with this key after the check above.
+            subject: req.subject.clone(),
             raised_by: sender,
             category: req.category,
             urgency: req.urgency,
-            narrative: req.narrative,
+            narrative: req.narrative.clone(),
             recipients: deliveries,
             raised_at,
             decision: None,
@@ -156,9 +169,73 @@ impl Concerns {
 
         match self.store.raise(&concern, key.as_ref()).await? {
             Raised::New => Ok(concern),
-            // Only if another gateway process shares the store; kept for safety.
-            Raised::Existing(id) => self.existing(&id).await,
+            // Only if another gateway process (a replica sharing the store) raised
+            // a concern with this key since the check above (the lock is per
+            // process). The same content is the retry answered with that concern;
+            // different content is refused as above, and the ALLOWED entry just
+            // appended, for a concern that was never stored, is answered in the log.
+            Raised::Existing(id) => {
+                let first = self.existing(&id).await?;
+                let differs = raise_differences(&first, &req, &self.config.front_door);
+                if differs.is_empty() {
+                    return Ok(first);
+                }
+                Err(self
+                    .refuse_reused_key(
+                        caller,
+                        &first,
+                        &req,
+                        &differs,
+                        Some(&concern.id),
+                        request_id,
+                    )
+                    .await?)
+            }
         }
+    }
+
+    /// Refuses a raise whose idempotency key already raised `first` with other
+    /// content: appends CONCERN_RAISED with outcome DENIED and waits until it is
+    /// durable, then returns the FAILED_PRECONDITION to answer. The entry's child
+    /// is the one the refused request named (the referral that was not made), its
+    /// object the concern the key belongs to, or `not_stored` when this call had
+    /// already audited a raise of its own that the store then refused; its reason
+    /// names the differing fields, never their values.
+    async fn refuse_reused_key(
+        &self,
+        caller: &Caller,
+        first: &Concern,
+        asked: &RaiseRequest,
+        differs: &[&str],
+        not_stored: Option<&ConcernId>,
+        request_id: &str,
+    ) -> Result<ConcernError, ConcernError> {
+        let fields = differs.join(", ");
+        let mut entry = NewEntry::new(
+            Actor::from(caller),
+            AuditAction::ConcernRaised,
+            AuditOutcome::Denied,
+            request_id,
+        );
+        entry.subject = Some(self.keys.subject_ref(&asked.subject));
+        entry.reason = match not_stored {
+            None => {
+                entry.object_id = first.id.to_string();
+                format!("REQUEST_ID_REUSED: different {fields} (answered FAILED_PRECONDITION)")
+            }
+            Some(id) => {
+                entry.object_id = id.to_string();
+                format!(
+                    "NOT_STORED: request_id raised {} first (REQUEST_ID_REUSED: different {fields}; answered FAILED_PRECONDITION)",
+                    first.id
+                )
+            }
+        };
+        self.auditor.append(entry).await?;
+        Ok(ConcernError::Precondition(format!(
+            "request_id was already used for concern {}, raised with different content (different {fields}); nothing was raised, and a new concern needs a new request_id",
+            first.id
+        )))
     }
 
     /// The concern an idempotency key raised before, as it stands now.
@@ -733,6 +810,38 @@ impl Attempt {
             Attempt::Decide => AuditAction::ConcernDecided,
         }
     }
+}
+
+/// The fields of a RaiseConcern request, by their names in the request, in which
+/// `asked` differs from `first`, the concern its idempotency key already raised
+/// (never their values): empty for a retry of the same raise. The NHS number is
+/// compared parsed (spacing is no difference) and the narrative exactly. The
+/// recipients are compared as a set after routing's normalisation (duplicates
+/// removed, the front door added), against `first`'s own front door, so that
+/// naming the front door, repeating or reordering agencies, or a front door
+/// changed in config since, is no difference. `asked.recipients` has passed
+/// [`route`].
+fn raise_differences(
+    first: &Concern,
+    asked: &RaiseRequest,
+    configured_front_door: &AgencyId,
+) -> Vec<&'static str> {
+    let mut routed: BTreeSet<&str> = asked.recipients.iter().map(String::as_str).collect();
+    let front_door = first.front_door(configured_front_door);
+    if front_door != &first.raised_by {
+        routed.insert(front_door.as_str());
+    }
+    let stored: BTreeSet<&str> = first.recipients.iter().map(|d| d.agency.as_str()).collect();
+    [
+        ("subject", first.subject == asked.subject),
+        ("category", first.category == asked.category),
+        ("urgency", first.urgency == asked.urgency),
+        ("narrative", first.narrative == asked.narrative),
+        ("recipient_agency_ids", stored == routed),
+    ]
+    .into_iter()
+    .filter_map(|(field, same)| (!same).then_some(field))
+    .collect()
 }
 
 /// An upper bound on a concern's size in a response: its narrative (up to 4 bytes

@@ -43,8 +43,13 @@
 //!   oldest first; a sender's own concerns are not in its inbox (it has their ids
 //!   from RaiseConcern and its Escalation events).
 //! - **Idempotency.** A RaiseConcern with a non-empty `request_id` that the same
-//!   sender used before returns the concern the first call raised, as it stands
-//!   now, even after a restart; nothing new is audited, stored or sent.
+//!   sender used before, with the same content (child, category, urgency,
+//!   narrative, and the recipients after routing), returns the concern the first
+//!   call raised, as it stands now, even after a restart; nothing new is audited,
+//!   stored or sent. With different content it is a new concern under a used key:
+//!   nothing is raised, and the refusal (FAILED_PRECONDITION, naming the concern
+//!   the key raised) is audited CONCERN_RAISED with outcome DENIED
+//!   (REQUEST_ID_REUSED), so that a referral is never silently dropped.
 //! - **Never logged:** narratives, notes and NHS numbers. Error messages name fields
 //!   and ids, never another agency's data.
 

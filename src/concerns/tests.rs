@@ -340,6 +340,9 @@ struct Interposed {
     before_update: std::sync::Mutex<Option<ForeignChange>>,
     unreadable: std::sync::Mutex<Vec<ConcernId>>,
     unwritable: std::sync::Mutex<Vec<ConcernId>>,
+    /// While set, `raised_by_key` finds nothing: as if another replica raised with
+    /// the key after this one looked it up.
+    keys_unseen: std::sync::atomic::AtomicBool,
 }
 
 impl Interposed {
@@ -350,6 +353,7 @@ impl Interposed {
             before_update: std::sync::Mutex::new(None),
             unreadable: std::sync::Mutex::new(Vec::new()),
             unwritable: std::sync::Mutex::new(Vec::new()),
+            keys_unseen: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -374,6 +378,9 @@ impl ConcernRepo for Interposed {
         &self,
         key: &store::IdempotencyKey,
     ) -> Result<Option<ConcernId>, StoreError> {
+        if self.keys_unseen.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(None);
+        }
         self.inner.raised_by_key(key).await
     }
     async fn raise(
@@ -939,4 +946,217 @@ async fn an_acknowledgement_or_decision_dropped_while_it_is_stored_is_stored_all
         decided.is_some(),
         "CONCERN_DECIDED is in the log, but the decision was never stored"
     );
+}
+
+/// A raise under the idempotency key `k-1`.
+fn keyed(category: ConcernCategory, urgency: Urgency) -> RaiseRequest {
+    RaiseRequest {
+        request_id: "k-1".into(),
+        ..raise_request(category, urgency)
+    }
+}
+
+/// The CONCERN_RAISED entries as (outcome, object id, subject ref, reason).
+fn raise_entries(auditor: &Auditor) -> Vec<(i32, String, String, String)> {
+    actions(auditor, AuditAction::ConcernRaised)
+        .into_iter()
+        .map(|e| (e.outcome, e.object_id, e.subject_ref, e.reason))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_reused_request_id_is_a_retry_only_with_the_same_content() {
+    let f = fixture(DEFAULT_STALL_AFTER).await;
+    let first = f
+        .concerns
+        .raise(
+            &police(),
+            keyed(ConcernCategory::Neglect, Urgency::Urgent),
+            "r1",
+        )
+        .await
+        .unwrap();
+    let other_child = NhsNumber::parse("4010232137").unwrap();
+
+    // Each field that differs is refused by name; nothing is raised.
+    let variations = [
+        (
+            "subject",
+            RaiseRequest {
+                subject: other_child.clone(),
+                ..keyed(ConcernCategory::Neglect, Urgency::Urgent)
+            },
+        ),
+        (
+            "category",
+            keyed(ConcernCategory::PhysicalAbuse, Urgency::Urgent),
+        ),
+        (
+            "urgency",
+            keyed(ConcernCategory::Neglect, Urgency::ImmediateRisk),
+        ),
+        (
+            "narrative",
+            RaiseRequest {
+                narrative: "Another account altogether.".into(),
+                ..keyed(ConcernCategory::Neglect, Urgency::Urgent)
+            },
+        ),
+        (
+            "recipient_agency_ids",
+            RaiseRequest {
+                recipients: vec!["nhs-guys".into()],
+                ..keyed(ConcernCategory::Neglect, Urgency::Urgent)
+            },
+        ),
+        (
+            "category, narrative",
+            RaiseRequest {
+                narrative: "Another account altogether.".into(),
+                ..keyed(ConcernCategory::Exploitation, Urgency::Urgent)
+            },
+        ),
+    ];
+    for (fields, req) in variations.clone() {
+        let got = f.concerns.raise(&police(), req, "r2").await;
+        let Err(ConcernError::Precondition(message)) = got else {
+            panic!("a different {fields} under a used request_id was answered {got:?}");
+        };
+        assert_eq!(
+            message,
+            format!(
+                "request_id was already used for concern {}, raised with different content \
+                 (different {fields}); nothing was raised, and a new concern needs a new request_id",
+                first.id
+            )
+        );
+    }
+    let entries = raise_entries(&f.auditor);
+    assert_eq!(entries.len(), 1 + variations.len(), "{entries:?}");
+    assert_eq!(entries[0].0, AuditOutcome::Allowed as i32);
+    for ((outcome, object, subject, reason), (fields, req)) in entries[1..].iter().zip(&variations)
+    {
+        assert_eq!(*outcome, AuditOutcome::Denied as i32, "{reason}");
+        assert_eq!(object, first.id.as_str(), "the concern the key raised");
+        assert_eq!(
+            subject,
+            f.concerns.keys.subject_ref(&req.subject).as_str(),
+            "the child of the refused referral"
+        );
+        assert_eq!(
+            reason,
+            &format!("REQUEST_ID_REUSED: different {fields} (answered FAILED_PRECONDITION)")
+        );
+    }
+    for agency in ["school-oakfield", "csc-southwark", "nhs-guys"] {
+        let inbox = f
+            .concerns
+            .store()
+            .events(&id_of(agency), 0, u64::MAX, 10)
+            .await
+            .unwrap();
+        let want = usize::from(agency != "nhs-guys");
+        assert_eq!(inbox.len(), want, "{agency}: nothing new was sent");
+    }
+
+    // The same content is the retry, however its recipients and NHS number are
+    // written: the front door named, an agency repeated, spaces in the number.
+    let same = RaiseRequest {
+        subject: NhsNumber::parse("943 476 5919").unwrap(),
+        recipients: vec![
+            "csc-southwark".into(),
+            "school-oakfield".into(),
+            "school-oakfield".into(),
+        ],
+        ..keyed(ConcernCategory::Neglect, Urgency::Urgent)
+    };
+    let retry = f.concerns.raise(&police(), same, "r3").await.unwrap();
+    assert_eq!(retry.id, first.id);
+    // And after a restart that names another front door: the concern keeps its own.
+    let restarted = Arc::new(Concerns::new(
+        Arc::new(dev_config(f._dir.path(), "csc-lambeth")),
+        f.concerns.keys.clone(),
+        f.concerns.auditor.clone(),
+        f.clock.clone(),
+        f.concerns.store().clone(),
+    ));
+    let retry = restarted
+        .raise(
+            &police(),
+            keyed(ConcernCategory::Neglect, Urgency::Urgent),
+            "r4",
+        )
+        .await
+        .unwrap();
+    assert_eq!(retry.id, first.id);
+    assert_eq!(
+        raise_entries(&f.auditor).len(),
+        1 + variations.len(),
+        "a retry audits nothing"
+    );
+}
+
+/// Two replicas raising under one key at once: the one whose store write finds the
+/// other's concern already there answers a retry with it, and different content
+/// with FAILED_PRECONDITION, after a DENIED entry (NOT_STORED) for the concern its
+/// ALLOWED entry named but that was never stored.
+#[tokio::test]
+async fn a_reused_request_id_raised_first_by_another_replica_with_different_content_is_refused() {
+    let (f, interposed) = interposed_fixture().await;
+    let first = f
+        .concerns
+        .raise(
+            &police(),
+            keyed(ConcernCategory::Neglect, Urgency::Urgent),
+            "r1",
+        )
+        .await
+        .unwrap();
+    interposed
+        .keys_unseen
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+
+    let got = f
+        .concerns
+        .raise(
+            &police(),
+            keyed(ConcernCategory::Neglect, Urgency::ImmediateRisk),
+            "r2",
+        )
+        .await;
+    let Err(ConcernError::Precondition(message)) = got else {
+        panic!("a different urgency under a used request_id was answered {got:?}");
+    };
+    assert!(
+        message.contains(&format!("already used for concern {}", first.id)),
+        "{message}"
+    );
+    let entries = raise_entries(&f.auditor);
+    assert_eq!(entries.len(), 3, "{entries:?}");
+    let unstored = &entries[1].1;
+    assert_eq!(entries[1].0, AuditOutcome::Allowed as i32);
+    assert_ne!(unstored, first.id.as_str());
+    assert_eq!(entries[2].0, AuditOutcome::Denied as i32);
+    assert_eq!(&entries[2].1, unstored, "answers the ALLOWED entry");
+    assert_eq!(
+        entries[2].3,
+        format!(
+            "NOT_STORED: request_id raised {} first (REQUEST_ID_REUSED: different urgency; answered FAILED_PRECONDITION)",
+            first.id
+        )
+    );
+    let unstored = ConcernId::parse(unstored).unwrap();
+    assert!(f.concerns.store().get(&unstored).await.unwrap().is_none());
+
+    // The same content through the same race is the retry.
+    let retry = f
+        .concerns
+        .raise(
+            &police(),
+            keyed(ConcernCategory::Neglect, Urgency::Urgent),
+            "r3",
+        )
+        .await
+        .unwrap();
+    assert_eq!(retry.id, first.id);
 }
