@@ -1447,3 +1447,158 @@ async fn a_request_id_reused_with_different_content_is_refused_audited_and_raise
     );
     gw.stop().await;
 }
+
+const DECISION_NOTE: &str = "Known family; threshold met for early help.";
+
+/// A concern raised by the police and decided EARLY_HELP by the front door, lead
+/// practitioner "A. Worker", note [`DECISION_NOTE`]; its id.
+async fn decided_concern(police: &mut Client, front_door: &mut Client) -> String {
+    let c = raise_ok(police, raise(&["school-oakfield"], "")).await;
+    front_door
+        .record_decision(decision_request(
+            &c.concern_id,
+            Decision::EarlyHelp,
+            "A. Worker",
+            DECISION_NOTE,
+        ))
+        .await
+        .expect("the first decision");
+    c.concern_id
+}
+
+fn decision_request(
+    concern_id: &str,
+    decision: Decision,
+    lead: &str,
+    note: &str,
+) -> RecordDecisionRequest {
+    RecordDecisionRequest {
+        concern_id: concern_id.into(),
+        decision: decision as i32,
+        lead_practitioner: lead.into(),
+        note: note.into(),
+    }
+}
+
+#[tokio::test]
+async fn a_different_decision_on_a_decided_concern_is_audited_denied_before_it_is_refused() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut police = agency(&gw, &env, "police-met").await;
+    let mut front_door = agency(&gw, &env, "csc-southwark").await;
+    let id = decided_concern(&mut police, &mut front_door).await;
+
+    // The same decision again changes nothing and audits nothing.
+    front_door
+        .record_decision(decision_request(
+            &id,
+            Decision::EarlyHelp,
+            "A. Worker",
+            DECISION_NOTE,
+        ))
+        .await
+        .expect("the same decision again");
+    let err = front_door
+        .record_decision(decision_request(
+            &id,
+            Decision::ChildInNeed,
+            "A. Worker",
+            DECISION_NOTE,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    let decided = entries_by(&gw, &env, AuditAction::ConcernDecided, "csc-southwark").await;
+    assert_eq!(decided.len(), 2, "{decided:?}");
+    assert_eq!(decided[0].outcome, AuditOutcome::Allowed as i32);
+    assert_denied(&decided[1], "csc-southwark", &id, "ALREADY_DECIDED");
+    assert_eq!(
+        decided[1].reason,
+        "ALREADY_DECIDED: different decision (answered FAILED_PRECONDITION)"
+    );
+    assert_eq!(decided[1].target_agency_id, "police-met");
+    assert_eq!(decided[1].subject_ref, decided[0].subject_ref);
+
+    let seen = police
+        .get_concern(GetConcernRequest { concern_id: id })
+        .await
+        .unwrap()
+        .into_inner()
+        .concern
+        .unwrap();
+    assert_eq!(
+        seen.decision,
+        Decision::EarlyHelp as i32,
+        "the first stands"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_repeated_decision_with_another_note_or_lead_practitioner_is_refused_saying_which() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut police = agency(&gw, &env, "police-met").await;
+    let mut front_door = agency(&gw, &env, "csc-southwark").await;
+    let id = decided_concern(&mut police, &mut front_door).await;
+    let other_note = "Reconsidered after the strategy meeting.";
+
+    for (lead, note, says, not_says) in [
+        (
+            "B. Worker",
+            DECISION_NOTE,
+            "this request's lead_practitioner differs from the recorded one",
+            "note",
+        ),
+        (
+            "A. Worker",
+            "",
+            "this request has no note and the recorded decision has one",
+            "lead_practitioner",
+        ),
+        (
+            "A. Worker",
+            other_note,
+            "this request's note differs from the recorded one",
+            "lead_practitioner",
+        ),
+    ] {
+        let err = front_door
+            .record_decision(decision_request(&id, Decision::EarlyHelp, lead, note))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        let message = err.message();
+        assert!(
+            message.starts_with(&format!(
+                "concern {id} already has a decision (EARLY_HELP, recorded "
+            )),
+            "{message}"
+        );
+        assert!(message.contains(says), "{message}");
+        assert!(
+            message.ends_with("; a recorded decision is not changed"),
+            "{message}"
+        );
+        assert!(!message.contains(not_says), "{message}");
+        for text in [DECISION_NOTE, other_note, "A. Worker", "B. Worker"] {
+            assert!(!message.contains(text), "quotes {text:?}: {message}");
+        }
+    }
+    let denied: Vec<String> = entries_by(&gw, &env, AuditAction::ConcernDecided, "csc-southwark")
+        .await
+        .into_iter()
+        .filter(|e| e.outcome == AuditOutcome::Denied as i32)
+        .map(|e| e.reason)
+        .collect();
+    assert_eq!(
+        denied,
+        [
+            "ALREADY_DECIDED: different lead_practitioner (answered FAILED_PRECONDITION)",
+            "ALREADY_DECIDED: different note (answered FAILED_PRECONDITION)",
+            "ALREADY_DECIDED: different note (answered FAILED_PRECONDITION)",
+        ]
+    );
+    gw.stop().await;
+}

@@ -492,9 +492,11 @@ impl Concerns {
     }
 
     /// RecordDecision: the front door's decision and lead practitioner (audited
-    /// CONCERN_DECIDED). Recording the same decision again changes nothing; a
-    /// different one is FAILED_PRECONDITION. A refusal (not a party: NOT_FOUND; a
-    /// party other than the front door: PERMISSION_DENIED) is audited
+    /// CONCERN_DECIDED). Recording the same decision, lead practitioner and note
+    /// again changes nothing; anything different is FAILED_PRECONDITION
+    /// (ALREADY_DECIDED), its message naming what differs. A refusal (not a party:
+    /// NOT_FOUND; a party other than the front door: PERMISSION_DENIED; already
+    /// decided otherwise: FAILED_PRECONDITION) is audited
     /// CONCERN_DECIDED with outcome DENIED before it is returned. If another
     /// replica stores a different decision between this call's check and its
     /// write, the answer is FAILED_PRECONDITION too, and a DENIED entry
@@ -571,13 +573,24 @@ impl Concerns {
         let _one_at_a_time = self.lock_changes(&id).await;
         let concern = self.existing(&id).await?;
         if let Some(made) = &concern.decision {
-            if made.decision == decision
-                && made.lead_practitioner == lead_practitioner
-                && made.note == note
-            {
+            let differs = decision_differences(made, decision, lead_practitioner, note);
+            if differs.is_empty() {
                 return Ok(concern);
             }
-            return Err(already_decided(&id, made));
+            let refused = already_decided(&id, made, decision, lead_practitioner, note);
+            self.audit_refusal(
+                caller,
+                Attempt::Decide,
+                &id,
+                Some(&concern),
+                &format!(
+                    "ALREADY_DECIDED: different {} (answered FAILED_PRECONDITION)",
+                    differs.join(", ")
+                ),
+                request_id,
+            )
+            .await?;
+            return Err(refused);
         }
         let mut entry = NewEntry::new(
             Actor::from(caller),
@@ -629,14 +642,12 @@ impl Concerns {
         // refused as above, and the entry appended for it is answered in the log.
         match &after.decision {
             Some(made)
-                if made.decision == decision
-                    && made.lead_practitioner == lead_practitioner
-                    && made.note == note =>
+                if decision_differences(made, decision, lead_practitioner, note).is_empty() =>
             {
                 Ok(after)
             }
             Some(made) => {
-                let refused = already_decided(&id, made);
+                let refused = already_decided(&id, made, decision, lead_practitioner, note);
                 self.audit_refusal(
                     caller,
                     Attempt::Decide,
@@ -850,12 +861,62 @@ fn encoded_size_bound(concern: &Concern) -> usize {
     concern.narrative.len() + 1024 + 128 * concern.recipients.len()
 }
 
-/// FAILED_PRECONDITION for a decision on concern `id`, which already has `made`.
-fn already_decided(id: &ConcernId, made: &DecisionRecord) -> ConcernError {
-    ConcernError::Precondition(format!(
+/// The fields of a RecordDecision request, by their names in the request, in
+/// which it differs from `made`: empty for a repeat of the recorded decision.
+fn decision_differences(
+    made: &DecisionRecord,
+    decision: Decision,
+    lead_practitioner: &str,
+    note: &str,
+) -> Vec<&'static str> {
+    [
+        ("decision", made.decision == decision),
+        (
+            "lead_practitioner",
+            made.lead_practitioner == lead_practitioner,
+        ),
+        ("note", made.note == note),
+    ]
+    .into_iter()
+    .filter_map(|(field, same)| (!same).then_some(field))
+    .collect()
+}
+
+/// FAILED_PRECONDITION for a decision on concern `id`, which already has `made`
+/// and differs from it (see [`decision_differences`]): the message says how,
+/// naming the fields and never quoting a note or a lead practitioner.
+fn already_decided(
+    id: &ConcernId,
+    made: &DecisionRecord,
+    decision: Decision,
+    lead_practitioner: &str,
+    note: &str,
+) -> ConcernError {
+    let recorded = format!(
         "concern {id} already has a decision ({}, recorded {})",
         made.decision.as_str(),
         rfc3339(made.decided_at)
+    );
+    let mut how = Vec::new();
+    if made.decision != decision {
+        how.push(format!("this request's decision is {}", decision.as_str()));
+    }
+    if made.lead_practitioner != lead_practitioner {
+        how.push("this request's lead_practitioner differs from the recorded one".to_owned());
+    }
+    match (made.note.is_empty(), note.is_empty()) {
+        _ if made.note == note => {}
+        (false, true) => {
+            how.push("this request has no note and the recorded decision has one".into())
+        }
+        (true, false) => {
+            how.push("this request has a note and the recorded decision has none".into())
+        }
+        _ => how.push("this request's note differs from the recorded one".into()),
+    }
+    ConcernError::Precondition(format!(
+        "{recorded}; {}; a recorded decision is not changed",
+        how.join("; ")
     ))
 }
 

@@ -27,7 +27,9 @@
 //!   durably before it is answered (GetConcern: DISCLOSURE_DENIED; otherwise the
 //!   attempted CONCERN_ACKNOWLEDGED or _DECIDED with outcome DENIED), an unknown id
 //!   like a concern the caller may not see; a short fixed reason tells them apart
-//!   in the log only.
+//!   in the log only. A decision that differs from the one recorded is refused
+//!   (FAILED_PRECONDITION, the message naming what differs) and audited the same
+//!   way (CONCERN_DECIDED, DENIED, ALREADY_DECIDED).
 //! - **Routing.** The requested recipients, duplicates removed, plus the front door
 //!   unless it is the sender (a concern is never sent to its own sender, so the front
 //!   door raising one must name someone else).
