@@ -433,7 +433,7 @@ async fn only_parties_see_a_concern_only_recipients_acknowledge_only_the_front_d
         ),
         (
             decide(Decision::EarlyHelp, ""),
-            "lead_practitioner is empty",
+            "lead_practitioner is required",
         ),
         (
             decide(Decision::EarlyHelp, &"x".repeat(201)),
@@ -756,7 +756,7 @@ async fn bad_input_is_invalid_argument_and_changes_nothing() {
                 narrative: String::new(),
                 ..good()
             },
-            "narrative is empty",
+            "narrative is required",
         ),
         (
             "blank narrative",
@@ -764,7 +764,7 @@ async fn bad_input_is_invalid_argument_and_changes_nothing() {
                 narrative: " \n ".into(),
                 ..good()
             },
-            "narrative is blank",
+            "narrative is blank (white space only)",
         ),
         (
             "long narrative",
@@ -772,7 +772,7 @@ async fn bad_input_is_invalid_argument_and_changes_nothing() {
                 narrative: "é".repeat(20_001),
                 ..good()
             },
-            "narrative has 20001 characters; the maximum is 20000",
+            "narrative has 20001 characters, more than the limit of 20000",
         ),
         (
             "unknown recipient",

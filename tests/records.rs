@@ -863,7 +863,7 @@ async fn invalid_input_gets_a_clear_status_and_changes_nothing() {
                 ..base()
             },
             Code::InvalidArgument,
-            "summary is required",
+            "summary is blank (white space only)",
         ),
         (
             ShareRecordRequest {

@@ -37,6 +37,9 @@ use status::ApiError;
 use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 
+/// Longest RevokeCertificate reason, in characters.
+pub const MAX_REVOKE_REASON_CHARS: usize = 500;
+
 /// The tonic server with the authentication layer applied.
 pub type GatewayServer = Server<Stack<AuthLayer, Identity>>;
 /// The router that server builds.
@@ -238,12 +241,9 @@ impl App {
                 crate::domain::ids::shown(serial_hex)
             ))
         })?;
+        crate::domain::check_text("reason", reason, 1, MAX_REVOKE_REASON_CHARS)
+            .map_err(ApiError::Invalid)?;
         let reason = reason.trim();
-        if reason.is_empty() || reason.chars().count() > 500 {
-            return Err(ApiError::Invalid(
-                "reason is required, at most 500 characters".into(),
-            ));
-        }
         // Only an operator's own revocation makes this one redundant: a serial a
         // CRL lists is still recorded, so that it stays revoked when the CRL changes.
         if self.revocations.is_revoked_by_operator(&serial) {

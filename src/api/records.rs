@@ -167,7 +167,7 @@ pub(super) fn purpose(value: i32, field: &str) -> Result<domain::Purpose, ApiErr
     Ok(match Purpose::try_from(value) {
         Ok(Purpose::Unspecified) => {
             return Err(ApiError::Invalid(format!(
-                "{field} must be set (PURPOSE_UNSPECIFIED given)"
+                "{field} is required (PURPOSE_UNSPECIFIED given)"
             )))
         }
         Ok(Purpose::Safeguarding) => domain::Purpose::Safeguarding,
@@ -188,7 +188,7 @@ pub(super) fn category(value: i32, field: &str) -> Result<domain::RecordCategory
     Ok(match RecordCategory::try_from(value) {
         Ok(RecordCategory::Unspecified) => {
             return Err(ApiError::Invalid(format!(
-                "{field} must be set (RECORD_CATEGORY_UNSPECIFIED given)"
+                "{field} is required (RECORD_CATEGORY_UNSPECIFIED given)"
             )))
         }
         Ok(RecordCategory::ChildProtectionPlan) => C::ChildProtectionPlan,

@@ -433,21 +433,7 @@ pub fn route(
 
 /// Checks a free-text field's length in characters (Unicode scalar values).
 pub fn check_text(field: &str, text: &str, min: usize, max: usize) -> Result<(), String> {
-    let n = text.chars().count();
-    if n < min {
-        return Err(if min == 1 {
-            format!("{field} is empty")
-        } else {
-            format!("{field} has {n} characters; at least {min} are required")
-        });
-    }
-    if n > max {
-        return Err(format!("{field} has {n} characters; the maximum is {max}"));
-    }
-    if min > 0 && text.trim().is_empty() {
-        return Err(format!("{field} is blank"));
-    }
-    Ok(())
+    crate::domain::check_text(field, text, min, max)
 }
 
 /// RFC 3339 with second precision, for messages.
@@ -578,14 +564,18 @@ mod tests {
     fn text_lengths_count_characters() {
         assert!(check_text("narrative", "é".repeat(5).as_str(), 1, 5).is_ok());
         let err = check_text("narrative", &"é".repeat(6), 1, 5).unwrap_err();
-        assert_eq!(err, "narrative has 6 characters; the maximum is 5");
+        assert_eq!(err, "narrative has 6 characters, more than the limit of 5");
         assert_eq!(
             check_text("narrative", "", 1, 5).unwrap_err(),
-            "narrative is empty"
+            "narrative is required"
         );
         assert_eq!(
             check_text("narrative", "  \n", 1, 5).unwrap_err(),
-            "narrative is blank"
+            "narrative is blank (white space only)"
+        );
+        assert_eq!(
+            check_text("justification", " abc ", 4, 50).unwrap_err(),
+            "justification has 3 characters after trimming; at least 4 are required"
         );
         assert!(check_text("note", "", 0, 5).is_ok());
     }

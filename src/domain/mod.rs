@@ -12,6 +12,30 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use ids::{AgencyId, IdError, PrincipalId};
 pub use subject::{NhsNumber, NhsNumberError};
 
+/// Checks a free text field's length in characters (Unicode scalar values): at
+/// least `min` after trimming white space, at most `max` as given. The message
+/// names the field and says which bound it missed, in one wording for every
+/// service.
+pub fn check_text(field: &str, text: &str, min: usize, max: usize) -> Result<(), String> {
+    let n = text.chars().count();
+    if n > max {
+        return Err(format!(
+            "{field} has {n} characters, more than the limit of {max}"
+        ));
+    }
+    let trimmed = text.trim().chars().count();
+    if trimmed < min {
+        return Err(if text.is_empty() {
+            format!("{field} is required")
+        } else if trimmed == 0 {
+            format!("{field} is blank (white space only)")
+        } else {
+            format!("{field} has {trimmed} characters after trimming; at least {min} are required")
+        });
+    }
+    Ok(())
+}
+
 /// Runs `section` to its end in a task of its own and returns what it returns.
 ///
 /// tonic drops a handler's future when its call is cancelled by the client or by

@@ -230,23 +230,9 @@ fn agency_of(caller: &Caller) -> Result<(AgencyId, Sector), RecordError> {
     })
 }
 
-/// Checks a free text's length in characters, after trimming for the minimum.
+/// [`crate::domain::check_text`], as a [`RecordError::Invalid`].
 fn check_text(field: &str, value: &str, min: usize, max: usize) -> Result<(), RecordError> {
-    let trimmed = value.trim().chars().count();
-    let chars = value.chars().count();
-    if trimmed < min {
-        return Err(RecordError::Invalid(if min == 1 {
-            format!("{field} is required")
-        } else {
-            format!("{field} must have at least {min} characters")
-        }));
-    }
-    if chars > max {
-        return Err(RecordError::Invalid(format!(
-            "{field} has {chars} characters, more than the limit of {max}"
-        )));
-    }
-    Ok(())
+    crate::domain::check_text(field, value, min, max).map_err(RecordError::Invalid)
 }
 
 /// A time as RFC 3339, for audit reasons and messages.
