@@ -159,9 +159,21 @@ impl Bound {
         let router = app
             .add_services(&mut builder, health_reporter.clone(), stop.clone())
             .await
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
+            .add_service(
+                health_service
+                    .max_decoding_message_size(limits.max_message_bytes)
+                    .max_encoding_message_size(limits.max_message_bytes),
+            )
+            .add_service(
+                reflection_v1
+                    .max_decoding_message_size(limits.max_message_bytes)
+                    .max_encoding_message_size(limits.max_message_bytes),
+            )
+            .add_service(
+                reflection_v1alpha
+                    .max_decoding_message_size(limits.max_message_bytes)
+                    .max_encoding_message_size(limits.max_message_bytes),
+            );
 
         #[cfg(unix)]
         tokio::spawn(reload_on_sighup(app.clone(), stop.clone()));

@@ -552,6 +552,18 @@ async fn a_request_over_the_message_limit_is_resource_exhausted_naming_it_and_ch
         calls_by_code(metrics, "/safeguard.v1.RecordService/ShareRecord").await,
         vec![("ResourceExhausted".to_owned(), 1)]
     );
+    // Health (and reflection) keep the same limit, not tonic's default of 4 MiB.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        gw.connect_as(&env, Role::Agency, "nhs-guys").await,
+    )
+    .max_encoding_message_size(usize::MAX);
+    let err = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "s".repeat(250_000),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     gw.stop().await;
 }
 

@@ -540,7 +540,7 @@ async fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
         // After the first answer, so that a refusal prints no table.
         if std::mem::take(&mut header) {
             out!(
-                "{:>8}  {:<27}  {:<22}  {:<20}  {:<8}  {:<18}  {:<24}  reason",
+                "{:>8}  {:<27}  {:<22}  {:<20}  {:<8}  {:<18}  {:<34}  reason",
                 "seq",
                 "time",
                 "actor",
@@ -621,7 +621,7 @@ fn print_entry(e: &AuditEntry, json: bool) {
         out!("{v}");
     } else {
         out!(
-            "{:>8}  {:<27}  {:<22}  {:<20}  {:<8}  {:<18}  {:<24}  {}",
+            "{:>8}  {:<27}  {:<22}  {:<20}  {:<8}  {:<18}  {:<34}  {}",
             e.seq,
             time,
             e.actor_id,
