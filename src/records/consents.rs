@@ -178,19 +178,9 @@ impl Records {
             request_id,
         );
         let bytes: usize = consents.iter().map(consent_answer_bytes).sum();
-        let max = self.config.limits.max_message_bytes;
-        if bytes > max {
-            entry.outcome = AuditOutcome::Denied;
-            entry.reason = format!(
-                "TOO_LARGE: {} consent statements, about {bytes} bytes (answered RESOURCE_EXHAUSTED)",
-                consents.len()
-            );
-            self.auditor.append(entry).await?;
-            return Err(RecordError::TooLarge(format!(
-                "the {} consent statements about this child do not fit in one answer of \
-                 limits.max_message_bytes ({max} bytes)",
-                consents.len()
-            )));
+        if bytes > self.config.limits.max_message_bytes {
+            let what = format!("{} consent statements", consents.len());
+            return Err(self.refuse_too_large(entry, &what, &what, bytes).await?);
         }
         entry.reason = match consents.len() {
             1 => "1 consent statement listed".to_owned(),

@@ -156,21 +156,16 @@ impl Records {
         );
         entry.purpose = Some(pb_purpose(purpose));
         let bytes: usize = found.iter().map(|f| answer_bytes(&f.record)).sum();
-        let max = self.config.limits.max_message_bytes;
-        if bytes > max {
-            // Refused before tonic would fail to send it; the refusal tells of
-            // records about the child, so it is audited first too.
-            entry.outcome = AuditOutcome::Denied;
-            entry.reason = format!(
-                "TOO_LARGE: {} found, about {bytes} bytes (answered RESOURCE_EXHAUSTED)",
-                found.len()
-            );
-            self.auditor.append(entry).await?;
-            return Err(RecordError::TooLarge(format!(
-                "the {} records found about this child do not fit in one answer of \
-                 limits.max_message_bytes ({max} bytes)",
-                found.len()
-            )));
+        if bytes > self.config.limits.max_message_bytes {
+            let n = found.len();
+            return Err(self
+                .refuse_too_large(
+                    entry,
+                    &format!("{n} found"),
+                    &format!("{n} records found"),
+                    bytes,
+                )
+                .await?);
         }
         entry.reason = found_reason(&found);
         self.auditor.append(entry).await?;
