@@ -220,6 +220,28 @@ impl Records {
         entry.subject = Some(subject.clone());
         entry
     }
+
+    /// Refuses an answer about a child of about `bytes`, more than
+    /// `limits.max_message_bytes`: before tonic would fail to send it. The refusal
+    /// tells of records or consents about the child, so `entry` (the listing's own)
+    /// is audited first, DENIED, reason `TOO_LARGE: <counted>`. Returns the
+    /// RESOURCE_EXHAUSTED to answer, naming `what` was found.
+    async fn refuse_too_large(
+        &self,
+        mut entry: NewEntry,
+        counted: &str,
+        what: &str,
+        bytes: usize,
+    ) -> Result<RecordError, RecordError> {
+        entry.outcome = AuditOutcome::Denied;
+        entry.reason =
+            format!("TOO_LARGE: {counted}, about {bytes} bytes (answered RESOURCE_EXHAUSTED)");
+        self.auditor.append(entry).await?;
+        Ok(RecordError::TooLarge(format!(
+            "the {what} about this child do not fit in one answer of limits.max_message_bytes ({} bytes)",
+            self.config.limits.max_message_bytes
+        )))
+    }
 }
 
 /// The calling agency and its sector; other roles never reach these services (the
@@ -239,30 +261,6 @@ fn check_text(field: &str, value: &str, min: usize, max: usize) -> Result<(), Re
 fn rfc3339(t: time::OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| format!("{t:?}"))
-}
-
-impl Records {
-    /// Refuses an answer about a child of about `bytes`, more than
-    /// `limits.max_message_bytes`: before tonic would fail to send it. The refusal
-    /// tells of records or consents about the child, so `entry` (the listing's own)
-    /// is audited first, DENIED, reason `TOO_LARGE: <counted>`. Returns the
-    /// RESOURCE_EXHAUSTED to answer, naming `what` was found.
-    async fn refuse_too_large(
-        &self,
-        mut entry: crate::audit::NewEntry,
-        counted: &str,
-        what: &str,
-        bytes: usize,
-    ) -> Result<RecordError, RecordError> {
-        entry.outcome = crate::proto::v1::AuditOutcome::Denied;
-        entry.reason =
-            format!("TOO_LARGE: {counted}, about {bytes} bytes (answered RESOURCE_EXHAUSTED)");
-        self.auditor.append(entry).await?;
-        Ok(RecordError::TooLarge(format!(
-            "the {what} about this child do not fit in one answer of limits.max_message_bytes ({} bytes)",
-            self.config.limits.max_message_bytes
-        )))
-    }
 }
 
 /// [`crate::domain::to_the_end`] for the records capability: the sections that
