@@ -109,6 +109,10 @@ pub struct App {
     turns: Arc<dyn crate::store::Turns>,
     /// With PostgreSQL: the other replicas.
     replicas: Option<Replicas>,
+    /// Every section that runs to its end ([`crate::domain::to_the_end`]): the
+    /// concern flows, records' audited writes, revocations. [`App::close`] waits
+    /// for them before it closes the stores and the audit log.
+    sections: tokio_util::task::TaskTracker,
 }
 
 /// What a replica over PostgreSQL runs beside the services.
@@ -186,20 +190,23 @@ impl App {
         // Operator revocations persist as CERTIFICATE_REVOKED entries of the audit
         // log: the log is their durable record, read back at every start.
         let (revoked, revoked_upto) = revoked_serials(&*auditor, 0).await?;
+        let sections = tokio_util::task::TaskTracker::new();
         let concerns = crate::concerns::Concerns::new(
             config.clone(),
             keys.clone(),
             auditor.clone(),
             clock.clone(),
             concern_store,
-        );
+        )
+        .with_sections(sections.clone());
         let records = crate::records::Records::new(
             config.clone(),
             keys.clone(),
             auditor.clone(),
             clock.clone(),
             record_store,
-        );
+        )
+        .with_sections(sections.clone());
         // A disclosure under a safeguarding override tells the record's owner through
         // its concern inbox (DESIGN.md invariant 5).
         let concerns = Arc::new(concerns);
@@ -217,6 +224,7 @@ impl App {
             reloading: tokio::sync::Mutex::new(()),
             turns,
             replicas,
+            sections,
         })
     }
 
@@ -262,6 +270,7 @@ impl App {
         let (auditor, revocations) = (self.auditor.clone(), self.revocations.clone());
         let revoked = serial.clone();
         let durable = crate::domain::to_the_end(
+            &self.sections,
             async move {
                 let durable = auditor.append(entry).await?;
                 revocations.revoke(&revoked);
@@ -489,6 +498,9 @@ impl App {
 
     /// Flushes and closes stores after the last call, releasing their file locks.
     pub async fn close(&self) {
+        // A section whose caller has gone may still be writing: it finishes first.
+        self.sections.close();
+        self.sections.wait().await;
         self.concerns.close().await;
         self.records.close().await;
         self.auditor.close().await;

@@ -149,6 +149,8 @@ pub struct Concerns {
     locks: Stripes,
     subscribers: Arc<inbox::Subscribers>,
     stall_after: Duration,
+    /// The flows running to their end ([`crate::domain::to_the_end`]).
+    sections: tokio_util::task::TaskTracker,
 }
 
 // === impl Concerns ===
@@ -191,7 +193,15 @@ impl Concerns {
             rng: SystemRandom::new(),
             locks: Stripes::new(64),
             stall_after: DEFAULT_STALL_AFTER,
+            sections: tokio_util::task::TaskTracker::new(),
         }
+    }
+
+    /// Tracks the flows that run to their end in `sections` (the gateway's, which
+    /// it waits on before closing the stores).
+    pub fn with_sections(mut self, sections: tokio_util::task::TaskTracker) -> Self {
+        self.sections = sections;
+        self
     }
 
     /// Sets how long a stream may stall before it is ended (tests).
@@ -241,7 +251,7 @@ impl Concerns {
         F: std::future::Future<Output = Result<T, ConcernError>> + Send + 'static,
     {
         let section = flow(self.clone(), caller.clone(), request_id.to_owned());
-        crate::domain::to_the_end(section, ConcernError::Internal).await
+        crate::domain::to_the_end(&self.sections, section, ConcernError::Internal).await
     }
 
     /// The lock that serialises, within this process, the changes to one concern

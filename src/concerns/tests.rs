@@ -21,6 +21,8 @@ struct Fixture {
     clock: Arc<ManualClock>,
     auditor: Auditor,
     concerns: Arc<Concerns>,
+    /// The flows running to their end, as the gateway tracks them.
+    sections: tokio_util::task::TaskTracker,
 }
 
 async fn fixture(stall_after: Duration) -> Fixture {
@@ -52,6 +54,7 @@ async fn fixture_over(
         config.agencies.iter().map(|a| a.id.clone()),
     )
     .unwrap();
+    let sections = tokio_util::task::TaskTracker::new();
     let concerns = Concerns::new(
         config,
         keys,
@@ -59,12 +62,14 @@ async fn fixture_over(
         clock.clone(),
         wrap(Arc::new(store)),
     )
-    .with_stall_after(stall_after);
+    .with_stall_after(stall_after)
+    .with_sections(sections.clone());
     Fixture {
         _dir: dir,
         clock,
         auditor,
         concerns: Arc::new(concerns),
+        sections,
     }
 }
 
@@ -876,9 +881,21 @@ async fn a_raise_dropped_while_it_is_stored_is_stored_all_the_same() {
         1,
         "the entry is durable before the store write"
     );
+    // The gateway's shutdown waits for the flow, whose caller has gone.
+    f.sections.close();
+    let finished = tokio::spawn({
+        let sections = f.sections.clone();
+        async move { sections.wait().await }
+    });
+    tokio::task::yield_now().await;
+    assert!(
+        !finished.is_finished(),
+        "the flow is still held at the gate"
+    );
     interposed.write_gate.open();
+    finished.await.unwrap();
     let id = ConcernId::parse(&raised[0].object_id).unwrap();
-    let stored = stored_when(&f, &id, |_| true).await;
+    let stored = f.concerns.store().get(&id).await.unwrap();
     assert!(
         stored.is_some(),
         "CONCERN_RAISED names {id}, which was never stored"

@@ -43,9 +43,12 @@ pub fn check_text(field: &str, text: &str, min: usize, max: usize) -> Result<(),
 /// stores the change it records must not stop between the two: the entry, once
 /// queued, is committed anyway, and the log would record a change that never
 /// happened (or a hold on a child would be let go too early). Dropping the future
-/// this returns detaches the task; it does not cancel it. `internal` makes the
-/// caller's error for a section that panicked.
+/// this returns detaches the task; it does not cancel it. The task is tracked in
+/// `sections`, which the gateway waits on before it closes its stores and audit
+/// log, so that a section whose caller has gone still finishes at shutdown.
+/// `internal` makes the caller's error for a section that panicked.
 pub async fn to_the_end<T, E>(
+    sections: &tokio_util::task::TaskTracker,
     section: impl std::future::Future<Output = Result<T, E>> + Send + 'static,
     internal: impl FnOnce(String) -> E,
 ) -> Result<T, E>
@@ -53,7 +56,7 @@ where
     T: Send + 'static,
     E: Send + 'static,
 {
-    match tokio::spawn(section).await {
+    match sections.spawn(section).await {
         Ok(done) => done,
         Err(e) => Err(internal(format!("a task that must run to its end: {e}"))),
     }

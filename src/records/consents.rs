@@ -3,7 +3,7 @@
 use super::model::{Consent, ConsentId, NewConsent};
 use super::repo::SubjectHold;
 use super::store::stored_time;
-use super::{agency_of, check_text, to_the_end, RecordError, Records};
+use super::{agency_of, check_text, RecordError, Records};
 use crate::audit::NewEntry;
 use crate::domain::consent::{recording_time, ConsentScope, ConsentState, ConsentStatement};
 use crate::domain::{AgencyId, NhsNumber};
@@ -212,7 +212,7 @@ impl Records {
         consent: Consent,
     ) -> Result<Consent, RecordError> {
         let (auditor, store) = (self.auditor.clone(), self.store.clone());
-        to_the_end(async move {
+        self.to_the_end(async move {
             auditor.append(entry).await?;
             store.put_consent(&consent).await?;
             drop(changing);

@@ -8,9 +8,7 @@ use super::model::{
 };
 use super::notice::OverrideNotice;
 use super::store::stored_time;
-use super::{
-    agency_of, check_text, pb_basis, pb_purpose, rfc3339, to_the_end, RecordError, Records,
-};
+use super::{agency_of, check_text, pb_basis, pb_purpose, rfc3339, RecordError, Records};
 use crate::config::MAX_RETENTION_DAYS;
 use crate::domain::consent::ConsentStatement;
 use crate::domain::policy::{self, Basis, Decision, DenyReason, DisclosureRequest};
@@ -102,12 +100,13 @@ impl Records {
         // between them: the log never names a record that was not stored.
         let (auditor, store) = (self.auditor.clone(), self.store.clone());
         let content = req.content;
-        let record = to_the_end(async move {
-            auditor.append(entry).await?;
-            store.put_record(&record, &content).await?;
-            Ok(record)
-        })
-        .await?;
+        let record = self
+            .to_the_end(async move {
+                auditor.append(entry).await?;
+                store.put_record(&record, &content).await?;
+                Ok(record)
+            })
+            .await?;
         tracing::info!(record = %record.id, category = %record.category, "record shared");
         Ok(record)
     }
@@ -312,16 +311,17 @@ impl Records {
         // and a disclosure under an override is never left without its notice, or
         // without the entry that withdraws it.
         let auditor = self.auditor.clone();
-        let durable = to_the_end(async move {
-            let durable = auditor.append(entry).await?;
-            drop(disclosing);
-            if let Some((mut notice, denied, notifier)) = overriding {
-                notice.audit_seq = durable.seq();
-                notify_or_withdraw(&*notifier, &auditor, notice, denied).await?;
-            }
-            Ok(durable)
-        })
-        .await?;
+        let durable = self
+            .to_the_end(async move {
+                let durable = auditor.append(entry).await?;
+                drop(disclosing);
+                if let Some((mut notice, denied, notifier)) = overriding {
+                    notice.audit_seq = durable.seq();
+                    notify_or_withdraw(&*notifier, &auditor, notice, denied).await?;
+                }
+                Ok(durable)
+            })
+            .await?;
         if allowed.basis == Basis::SafeguardingOverride {
             tracing::warn!(record = %record.id, owner = %record.owner, recipient = %agency, seq = durable.seq(), "record disclosed under a safeguarding override");
         }

@@ -135,6 +135,8 @@ pub struct Records {
     store: Arc<dyn RecordRepo>,
     notifier: Arc<dyn OverrideNotifier>,
     rng: SystemRandom,
+    /// The sections running to their end ([`Records::to_the_end`]).
+    sections: tokio_util::task::TaskTracker,
 }
 
 // === impl Records ===
@@ -179,7 +181,15 @@ impl Records {
             store,
             notifier: Arc::new(NoNotifier),
             rng: SystemRandom::new(),
+            sections: tokio_util::task::TaskTracker::new(),
         }
+    }
+
+    /// Tracks the sections that run to their end in `sections` (the gateway's,
+    /// which it waits on before closing the stores).
+    pub fn with_sections(mut self, sections: tokio_util::task::TaskTracker) -> Self {
+        self.sections = sections;
+        self
     }
 
     /// Sends override notices to `notifier` (the gateway: the owner's inbox).
@@ -219,6 +229,16 @@ impl Records {
         let mut entry = NewEntry::new(Actor::from(caller), action, outcome, request_id);
         entry.subject = Some(subject.clone());
         entry
+    }
+
+    /// [`crate::domain::to_the_end`] for the records capability: the sections that
+    /// hold a child while they audit and store, whose hold must outlast every write
+    /// they start, and a share's audit entry and store write.
+    async fn to_the_end<T: Send + 'static>(
+        &self,
+        section: impl std::future::Future<Output = Result<T, RecordError>> + Send + 'static,
+    ) -> Result<T, RecordError> {
+        crate::domain::to_the_end(&self.sections, section, RecordError::Internal).await
     }
 
     /// Refuses an answer about a child of about `bytes`, more than
@@ -261,15 +281,6 @@ fn check_text(field: &str, value: &str, min: usize, max: usize) -> Result<(), Re
 fn rfc3339(t: time::OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| format!("{t:?}"))
-}
-
-/// [`crate::domain::to_the_end`] for the records capability: the sections that
-/// hold a child while they audit and store, whose hold must outlast every write
-/// they start, and a share's audit entry and store write.
-async fn to_the_end<T: Send + 'static>(
-    section: impl std::future::Future<Output = Result<T, RecordError>> + Send + 'static,
-) -> Result<T, RecordError> {
-    crate::domain::to_the_end(section, RecordError::Internal).await
 }
 
 /// The audit log's name for a purpose.
