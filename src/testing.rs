@@ -18,7 +18,9 @@ impl Default for Gate {
 }
 
 impl Gate {
+    /// Holds the next calls that pass; an opened gate can be armed again.
     pub(crate) fn arm(&self) {
+        self.open.forget_permits(usize::MAX);
         self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 

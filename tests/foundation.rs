@@ -673,11 +673,19 @@ async fn a_call_whose_client_gives_up_is_still_counted() {
         !failed.is_empty(),
         "none of {sent} raises outlasted its client"
     );
-    let counted = counted_calls(metrics, RAISE_CONCERN, sent).await;
-    assert_eq!(
-        counted.iter().map(|(_, n)| n).sum::<u64>(),
-        sent,
-        "every call is counted once: {counted:?}"
+    // A call reset before the server accepted its stream never reaches it, so at
+    // most `sent` are counted; those dropped while running are among them.
+    let mut counted = calls_by_code(metrics, RAISE_CONCERN).await;
+    for _ in 0..100 {
+        if counted.iter().any(|(code, _)| code == "Cancelled") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        counted = calls_by_code(metrics, RAISE_CONCERN).await;
+    }
+    assert!(
+        counted.iter().map(|(_, n)| n).sum::<u64>() <= sent,
+        "no call is counted twice: {counted:?}"
     );
     assert!(
         counted
@@ -687,6 +695,7 @@ async fn a_call_whose_client_gives_up_is_still_counted() {
     );
     gw.stop().await;
 }
+
 const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 fn loopback(last: u8) -> std::net::IpAddr {

@@ -178,6 +178,22 @@ impl Concerns {
                 let first = self.existing(&id).await?;
                 let differs = raise_differences(&first, &req, &self.config.front_door);
                 if differs.is_empty() {
+                    // The retry: answered with the first concern, and the ALLOWED
+                    // entry just appended, for a concern never stored, is answered
+                    // in the log.
+                    let mut entry = NewEntry::new(
+                        Actor::from(caller),
+                        AuditAction::ConcernRaised,
+                        AuditOutcome::Denied,
+                        request_id,
+                    );
+                    entry.subject = Some(first.subject_ref.clone());
+                    entry.object_id = concern.id.to_string();
+                    entry.reason = format!(
+                        "NOT_STORED: request_id raised {} first (a retry, answered with it)",
+                        first.id
+                    );
+                    self.auditor.append(entry).await?;
                     return Ok(first);
                 }
                 Err(self

@@ -1165,7 +1165,8 @@ async fn a_reused_request_id_raised_first_by_another_replica_with_different_cont
     let unstored = ConcernId::parse(unstored).unwrap();
     assert!(f.concerns.store().get(&unstored).await.unwrap().is_none());
 
-    // The same content through the same race is the retry.
+    // The same content through the same race is the retry; its ALLOWED entry,
+    // for a concern never stored, is answered too.
     let retry = f
         .concerns
         .raise(
@@ -1176,4 +1177,16 @@ async fn a_reused_request_id_raised_first_by_another_replica_with_different_cont
         .await
         .unwrap();
     assert_eq!(retry.id, first.id);
+    let entries = raise_entries(&f.auditor);
+    assert_eq!(entries.len(), 5, "{entries:?}");
+    assert_eq!(entries[3].0, AuditOutcome::Allowed as i32);
+    assert_eq!(entries[4].0, AuditOutcome::Denied as i32);
+    assert_eq!(entries[4].1, entries[3].1, "answers the ALLOWED entry");
+    assert_eq!(
+        entries[4].3,
+        format!(
+            "NOT_STORED: request_id raised {} first (a retry, answered with it)",
+            first.id
+        )
+    );
 }
