@@ -790,7 +790,10 @@ impl Concerns {
         request_id: &str,
     ) -> Result<Vec<Concern>, ConcernError> {
         let mut out: Vec<Option<Concern>> = vec![None; concerns.len()];
-        let mut tasks = tokio::task::JoinSet::new();
+        // Each delivery audits and then stores: in a task of its own, tracked for
+        // shutdown, that neither an error of another nor a dropped caller (a
+        // stream that goes away) cuts short. A JoinSet would abort them.
+        let mut deliveries = Vec::new();
         for (i, concern) in concerns.into_iter().enumerate() {
             if !undelivered(&concern, agency) {
                 out[i] = Some(concern);
@@ -802,19 +805,26 @@ impl Concerns {
                 agency.clone(),
                 request_id.to_owned(),
             );
-            tasks.spawn(async move {
-                (
-                    i,
-                    this.deliver(&caller, &agency, concern, &request_id).await,
-                )
-            });
+            let delivery =
+                async move { this.deliver(&caller, &agency, concern, &request_id).await };
+            deliveries.push((i, self.sections.spawn(delivery)));
         }
-        while let Some(done) = tasks.join_next().await {
-            let (i, delivered) =
-                done.map_err(|e| ConcernError::Internal(format!("delivery task: {e}")))?;
-            out[i] = Some(delivered?);
+        let mut failed = None;
+        for (i, delivery) in deliveries {
+            match delivery.await {
+                Ok(Ok(delivered)) => out[i] = Some(delivered),
+                Ok(Err(e)) => {
+                    failed.get_or_insert(e);
+                }
+                Err(e) => {
+                    failed.get_or_insert(ConcernError::Internal(format!("delivery task: {e}")));
+                }
+            }
         }
-        Ok(out.into_iter().flatten().collect())
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out.into_iter().flatten().collect()),
+        }
     }
 }
 

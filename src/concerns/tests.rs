@@ -397,12 +397,12 @@ impl ConcernRepo for Interposed {
         self.inner.raise(concern, key).await
     }
     async fn update(&self, id: &ConcernId, edit: EditFn) -> Result<Option<Concern>, StoreError> {
-        self.write_gate.pass().await;
         if self.unwritable.lock().unwrap().contains(id) {
             return Err(StoreError::Corrupt(
                 "concern cannot be written (test)".into(),
             ));
         }
+        self.write_gate.pass().await;
         let foreign = self.before_update.lock().unwrap().take();
         if let Some(change) = foreign {
             self.inner
@@ -1189,4 +1189,51 @@ async fn a_reused_request_id_raised_first_by_another_replica_with_different_cont
             first.id
         )
     );
+}
+
+/// A ListInbox page whose delivery of one concern fails still finishes the
+/// others' deliveries, each audited CONCERN_DELIVERED: none is cut short between
+/// its entry and its store write (a JoinSet dropped on the first error aborted
+/// them).
+#[tokio::test]
+async fn a_failed_delivery_in_a_list_does_not_cut_the_others_short() {
+    let (f, interposed) = interposed_fixture().await;
+    let mut raised = Vec::new();
+    for _ in 0..3 {
+        raised.push(raised_by_police(&f, ConcernCategory::Neglect, Urgency::Urgent).await);
+    }
+    interposed
+        .unwritable
+        .lock()
+        .unwrap()
+        .push(raised[0].id.clone());
+    interposed.write_gate.arm();
+    let listing = tokio::spawn({
+        let concerns = f.concerns.clone();
+        async move { concerns.list_inbox(&school(), 10, "", None, "l1").await }
+    });
+    interposed.write_gate.entered.notified().await;
+    // Let the failed delivery be seen before the others may write.
+    for _ in 0..100 {
+        if actions(&f.auditor, AuditAction::ConcernDelivered).len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    interposed.write_gate.open();
+    assert!(listing.await.unwrap().is_err(), "one delivery failed");
+    f.sections.close();
+    f.sections.wait().await;
+    let school_id = id_of("school-oakfield");
+    for c in &raised[1..] {
+        let stored = f.concerns.store().get(&c.id).await.unwrap().unwrap();
+        assert!(
+            stored
+                .delivery(&school_id)
+                .is_some_and(|d| d.delivered_at.is_some()),
+            "{} was audited CONCERN_DELIVERED but not stored as delivered",
+            c.id
+        );
+    }
 }
