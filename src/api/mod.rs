@@ -37,6 +37,9 @@ use status::ApiError;
 use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 
+/// How long [`App::close`] waits for sections that run to their end.
+const SECTIONS_AT_CLOSE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Longest RevokeCertificate reason, in characters.
 pub const MAX_REVOKE_REASON_CHARS: usize = 500;
 
@@ -104,7 +107,7 @@ pub struct App {
     /// Held for the whole of a TLS reload, from reading the files to putting them in
     /// force: reloads (SIGHUP, the file watch, ReloadTls, another replica's) come
     /// one at a time, so an older one never lands over a newer one.
-    reloading: tokio::sync::Mutex<()>,
+    reloading: Arc<tokio::sync::Mutex<()>>,
     /// Whose turn it is to sweep.
     turns: Arc<dyn crate::store::Turns>,
     /// With PostgreSQL: the other replicas.
@@ -221,7 +224,7 @@ impl App {
             revocations: Arc::new(Revocations::new(revoked)),
             revoked_upto: std::sync::atomic::AtomicU64::new(revoked_upto),
             tls: None,
-            reloading: tokio::sync::Mutex::new(()),
+            reloading: Arc::new(tokio::sync::Mutex::new(())),
             turns,
             replicas,
             sections,
@@ -338,7 +341,7 @@ impl App {
         let Some(tls) = &self.tls else {
             return Err(ApiError::Internal("TLS state not attached".into()));
         };
-        let _one_at_a_time = self.reloading.lock().await;
+        let one_at_a_time = self.reloading.clone().lock_owned().await;
         let reading = tls.clone();
         let loaded = tokio::task::spawn_blocking(move || reading.load_fresh())
             .await
@@ -380,8 +383,20 @@ impl App {
                 .join(","),
             new.crl_serials.len(),
         );
-        self.auditor.append(entry).await?;
-        tls.install(new.clone());
+        // In force as soon as its entry is durable, even if the call is dropped
+        // meanwhile; the next reload waits until it is.
+        let (auditor, installing, installed) = (self.auditor.clone(), tls.clone(), new.clone());
+        crate::domain::to_the_end(
+            &self.sections,
+            async move {
+                auditor.append(entry).await?;
+                installing.install(installed);
+                drop(one_at_a_time);
+                Ok(())
+            },
+            ApiError::Internal,
+        )
+        .await?;
         tracing::info!(server_cert = %new.server_cert.sha256_hex, serial = %new.server_cert.serial_hex, "TLS material reloaded");
         warn_of_expiry(&new, self.clock.now().unix_timestamp());
         Ok(())
@@ -498,9 +513,18 @@ impl App {
 
     /// Flushes and closes stores after the last call, releasing their file locks.
     pub async fn close(&self) {
-        // A section whose caller has gone may still be writing: it finishes first.
+        // A section whose caller has gone may still be writing: it finishes first,
+        // within a bound, so that a hung disk or database cannot hang the exit.
         self.sections.close();
-        self.sections.wait().await;
+        if tokio::time::timeout(SECTIONS_AT_CLOSE, self.sections.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                running = self.sections.len(),
+                "closing with sections still running after 30 s: an audited change may lack its store write"
+            );
+        }
         self.concerns.close().await;
         self.records.close().await;
         self.auditor.close().await;
