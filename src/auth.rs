@@ -269,7 +269,7 @@ where
                 Box::pin(async move {
                     // The handler's future is dropped when the time is up; what it
                     // must finish (an audited change and its store write) runs to
-                    // its end in a task of its own (`domain::to_the_end`).
+                    // its end in a task of its own (`domain::Sections`).
                     let mut resp =
                         match tokio::time::timeout(limits.request_timeout, inner.call(req)).await {
                             Ok(resp) => limits.name_a_size_refusal(resp?),

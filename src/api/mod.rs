@@ -112,10 +112,10 @@ pub struct App {
     turns: Arc<dyn crate::store::Turns>,
     /// With PostgreSQL: the other replicas.
     replicas: Option<Replicas>,
-    /// Every section that runs to its end ([`crate::domain::to_the_end`]): the
+    /// Every section that runs to its end ([`crate::domain::Sections`]): the
     /// concern flows, records' audited writes, revocations. [`App::close`] waits
     /// for them before it closes the stores and the audit log.
-    sections: tokio_util::task::TaskTracker,
+    sections: crate::domain::Sections,
 }
 
 /// What a replica over PostgreSQL runs beside the services.
@@ -193,7 +193,7 @@ impl App {
         // Operator revocations persist as CERTIFICATE_REVOKED entries of the audit
         // log: the log is their durable record, read back at every start.
         let (revoked, revoked_upto) = revoked_serials(&*auditor, 0).await?;
-        let sections = tokio_util::task::TaskTracker::new();
+        let sections = crate::domain::Sections::default();
         let concerns = crate::concerns::Concerns::new(
             config.clone(),
             keys.clone(),
@@ -272,16 +272,17 @@ impl App {
         // meanwhile: the log never records a revocation that is not in force.
         let (auditor, revocations) = (self.auditor.clone(), self.revocations.clone());
         let revoked = serial.clone();
-        let durable = crate::domain::to_the_end(
-            &self.sections,
-            async move {
-                let durable = auditor.append(entry).await?;
-                revocations.revoke(&revoked);
-                Ok(durable)
-            },
-            ApiError::Internal,
-        )
-        .await?;
+        let durable = self
+            .sections
+            .to_the_end(
+                async move {
+                    let durable = auditor.append(entry).await?;
+                    revocations.revoke(&revoked);
+                    Ok(durable)
+                },
+                ApiError::Internal,
+            )
+            .await?;
         tracing::warn!(serial = %serial, operator = %ctx.caller.id, "certificate revoked");
         if let Some(replicas) = &self.replicas {
             // In force on every live replica before the operator is answered.
@@ -386,17 +387,17 @@ impl App {
         // In force as soon as its entry is durable, even if the call is dropped
         // meanwhile; the next reload waits until it is.
         let (auditor, installing, installed) = (self.auditor.clone(), tls.clone(), new.clone());
-        crate::domain::to_the_end(
-            &self.sections,
-            async move {
-                auditor.append(entry).await?;
-                installing.install(installed);
-                drop(one_at_a_time);
-                Ok(())
-            },
-            ApiError::Internal,
-        )
-        .await?;
+        self.sections
+            .to_the_end(
+                async move {
+                    auditor.append(entry).await?;
+                    installing.install(installed);
+                    drop(one_at_a_time);
+                    Ok(())
+                },
+                ApiError::Internal,
+            )
+            .await?;
         tracing::info!(server_cert = %new.server_cert.sha256_hex, serial = %new.server_cert.serial_hex, "TLS material reloaded");
         warn_of_expiry(&new, self.clock.now().unix_timestamp());
         Ok(())
@@ -515,13 +516,10 @@ impl App {
     pub async fn close(&self) {
         // A section whose caller has gone may still be writing: it finishes first,
         // within a bound, so that a hung disk or database cannot hang the exit.
-        self.sections.close();
-        if tokio::time::timeout(SECTIONS_AT_CLOSE, self.sections.wait())
-            .await
-            .is_err()
-        {
+        let running = self.sections.finish(SECTIONS_AT_CLOSE).await;
+        if running > 0 {
             tracing::error!(
-                running = self.sections.len(),
+                running,
                 "closing with sections still running after 30 s: an audited change may lack its store write"
             );
         }

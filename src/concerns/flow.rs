@@ -807,7 +807,7 @@ impl Concerns {
             );
             let delivery =
                 async move { this.deliver(&caller, &agency, concern, &request_id).await };
-            deliveries.push((i, self.sections.spawn(delivery)));
+            deliveries.push((i, self.sections.spawn_part(delivery)));
         }
         let mut failed = None;
         for (i, delivery) in deliveries {

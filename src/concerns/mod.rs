@@ -149,8 +149,8 @@ pub struct Concerns {
     locks: Stripes,
     subscribers: Arc<inbox::Subscribers>,
     stall_after: Duration,
-    /// The flows running to their end ([`crate::domain::to_the_end`]).
-    sections: tokio_util::task::TaskTracker,
+    /// The flows running to their end ([`crate::domain::Sections`]).
+    sections: crate::domain::Sections,
 }
 
 // === impl Concerns ===
@@ -193,13 +193,13 @@ impl Concerns {
             rng: SystemRandom::new(),
             locks: Stripes::new(64),
             stall_after: DEFAULT_STALL_AFTER,
-            sections: tokio_util::task::TaskTracker::new(),
+            sections: crate::domain::Sections::default(),
         }
     }
 
     /// Tracks the flows that run to their end in `sections` (the gateway's, which
     /// it waits on before closing the stores).
-    pub fn with_sections(mut self, sections: tokio_util::task::TaskTracker) -> Self {
+    pub fn with_sections(mut self, sections: crate::domain::Sections) -> Self {
         self.sections = sections;
         self
     }
@@ -235,7 +235,7 @@ impl Concerns {
             .await?)
     }
 
-    /// Runs a call's whole flow in a task of its own ([`crate::domain::to_the_end`]):
+    /// Runs a call's whole flow in a task of its own ([`crate::domain::Sections`]):
     /// each flow appends audit entries and then stores what they record (a raise,
     /// a delivery, an acknowledgement, a decision), and a call dropped between the
     /// two (client gone, request timeout) must not leave an entry for a change that
@@ -251,7 +251,9 @@ impl Concerns {
         F: std::future::Future<Output = Result<T, ConcernError>> + Send + 'static,
     {
         let section = flow(self.clone(), caller.clone(), request_id.to_owned());
-        crate::domain::to_the_end(&self.sections, section, ConcernError::Internal).await
+        self.sections
+            .to_the_end(section, ConcernError::Internal)
+            .await
     }
 
     /// The lock that serialises, within this process, the changes to one concern

@@ -22,7 +22,7 @@ struct Fixture {
     auditor: Auditor,
     concerns: Arc<Concerns>,
     /// The flows running to their end, as the gateway tracks them.
-    sections: tokio_util::task::TaskTracker,
+    sections: crate::domain::Sections,
 }
 
 async fn fixture(stall_after: Duration) -> Fixture {
@@ -54,7 +54,7 @@ async fn fixture_over(
         config.agencies.iter().map(|a| a.id.clone()),
     )
     .unwrap();
-    let sections = tokio_util::task::TaskTracker::new();
+    let sections = crate::domain::Sections::default();
     let concerns = Concerns::new(
         config,
         keys,
@@ -882,10 +882,9 @@ async fn a_raise_dropped_while_it_is_stored_is_stored_all_the_same() {
         "the entry is durable before the store write"
     );
     // The gateway's shutdown waits for the flow, whose caller has gone.
-    f.sections.close();
     let finished = tokio::spawn({
         let sections = f.sections.clone();
-        async move { sections.wait().await }
+        async move { sections.finish(Duration::from_secs(60)).await }
     });
     tokio::task::yield_now().await;
     assert!(
@@ -893,7 +892,7 @@ async fn a_raise_dropped_while_it_is_stored_is_stored_all_the_same() {
         "the flow is still held at the gate"
     );
     interposed.write_gate.open();
-    finished.await.unwrap();
+    assert_eq!(finished.await.unwrap(), 0, "every section ended");
     let id = ConcernId::parse(&raised[0].object_id).unwrap();
     let stored = f.concerns.store().get(&id).await.unwrap();
     assert!(
@@ -1223,8 +1222,7 @@ async fn a_failed_delivery_in_a_list_does_not_cut_the_others_short() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     interposed.write_gate.open();
     assert!(listing.await.unwrap().is_err(), "one delivery failed");
-    f.sections.close();
-    f.sections.wait().await;
+    assert_eq!(f.sections.finish(Duration::from_secs(60)).await, 0);
     let school_id = id_of("school-oakfield");
     for c in &raised[1..] {
         let stored = f.concerns.store().get(&c.id).await.unwrap().unwrap();

@@ -36,29 +36,88 @@ pub fn check_text(field: &str, text: &str, min: usize, max: usize) -> Result<(),
     Ok(())
 }
 
-/// Runs `section` to its end in a task of its own and returns what it returns.
-///
-/// tonic drops a handler's future when its call is cancelled by the client or by
-/// the server's request timeout. A section that appends an audit entry and then
-/// stores the change it records must not stop between the two: the entry, once
-/// queued, is committed anyway, and the log would record a change that never
-/// happened (or a hold on a child would be let go too early). Dropping the future
-/// this returns detaches the task; it does not cancel it. The task is tracked in
-/// `sections`, which the gateway waits on before it closes its stores and audit
-/// log, so that a section whose caller has gone still finishes at shutdown.
-/// `internal` makes the caller's error for a section that panicked.
-pub async fn to_the_end<T, E>(
-    sections: &tokio_util::task::TaskTracker,
-    section: impl std::future::Future<Output = Result<T, E>> + Send + 'static,
-    internal: impl FnOnce(String) -> E,
-) -> Result<T, E>
-where
-    T: Send + 'static,
-    E: Send + 'static,
-{
-    match sections.spawn(section).await {
-        Ok(done) => done,
-        Err(e) => Err(internal(format!("a task that must run to its end: {e}"))),
+/// The most sections of one gateway that run to their end at once: a caller
+/// that opens and resets streams cannot pile up detached work beyond it (a
+/// section waits for a place before it starts, holding its stream meanwhile).
+pub const MAX_SECTIONS: usize = 1024;
+
+/// The sections of one gateway that run to their end ([`Sections::to_the_end`]):
+/// tracked, so that the gateway waits for them before it closes its stores and
+/// audit log, and counted against [`MAX_SECTIONS`]. Cheap to clone.
+#[derive(Clone)]
+pub struct Sections {
+    tracker: tokio_util::task::TaskTracker,
+    places: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Sections {
+    fn default() -> Self {
+        Sections {
+            tracker: tokio_util::task::TaskTracker::new(),
+            places: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SECTIONS)),
+        }
+    }
+}
+
+impl Sections {
+    /// Sections with `places` places instead of [`MAX_SECTIONS`] (tests).
+    #[cfg(test)]
+    pub(crate) fn with_places(places: usize) -> Self {
+        Sections {
+            tracker: tokio_util::task::TaskTracker::new(),
+            places: std::sync::Arc::new(tokio::sync::Semaphore::new(places)),
+        }
+    }
+
+    /// Runs `section` to its end in a task of its own and returns what it returns.
+    ///
+    /// tonic drops a handler's future when its call is cancelled by the client or
+    /// by the server's request timeout. A section that appends an audit entry and
+    /// then stores the change it records must not stop between the two: the entry,
+    /// once queued, is committed anyway, and the log would record a change that
+    /// never happened (or a hold on a child would be let go too early). Dropping
+    /// the future this returns detaches the task; it does not cancel it. A section
+    /// first waits for one of [`MAX_SECTIONS`] places; dropped meanwhile, it never
+    /// starts. `internal` makes the caller's error for a section that panicked.
+    pub async fn to_the_end<T, E>(
+        &self,
+        section: impl std::future::Future<Output = Result<T, E>> + Send + 'static,
+        internal: impl FnOnce(String) -> E,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        let Ok(place) = self.places.clone().acquire_owned().await else {
+            return Err(internal("the gateway is closing".into()));
+        };
+        let running = self.tracker.spawn(async move {
+            let done = section.await;
+            drop(place);
+            done
+        });
+        match running.await {
+            Ok(done) => done,
+            Err(e) => Err(internal(format!("a task that must run to its end: {e}"))),
+        }
+    }
+
+    /// Spawns a part of a running section (which holds the place): tracked, not
+    /// counted again, and not cancelled when the returned handle is dropped.
+    pub fn spawn_part<F>(&self, part: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tracker.spawn(part)
+    }
+
+    /// Waits up to `at_most` for every section to end; returns how many are still
+    /// running. Sections started later are not waited for.
+    pub async fn finish(&self, at_most: std::time::Duration) -> usize {
+        self.tracker.close();
+        let _ = tokio::time::timeout(at_most, self.tracker.wait()).await;
+        self.tracker.len()
     }
 }
 
@@ -186,3 +245,59 @@ named_enum!(
         Operator => "operator",
     }
 );
+
+#[cfg(test)]
+mod sections_tests {
+    use super::Sections;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A section runs to its end though its caller is dropped; beyond the places,
+    /// a section waits, and one dropped while waiting never starts.
+    #[tokio::test]
+    async fn sections_outlive_their_callers_and_wait_for_a_place() {
+        let sections = Sections::with_places(1);
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let first_done = Arc::new(AtomicBool::new(false));
+        let first = sections.to_the_end(
+            {
+                let done = first_done.clone();
+                async move {
+                    let _ = released.await;
+                    done.store(true, Ordering::SeqCst);
+                    Ok::<(), String>(())
+                }
+            },
+            |e| e,
+        );
+        // Started, then its caller is dropped.
+        assert!(tokio::time::timeout(Duration::from_millis(20), first)
+            .await
+            .is_err());
+        let second_started = Arc::new(AtomicBool::new(false));
+        let second = sections.to_the_end(
+            {
+                let started = second_started.clone();
+                async move {
+                    started.store(true, Ordering::SeqCst);
+                    Ok::<(), String>(())
+                }
+            },
+            |e| e,
+        );
+        assert!(tokio::time::timeout(Duration::from_millis(20), second)
+            .await
+            .is_err());
+        release.send(()).unwrap();
+        assert_eq!(sections.finish(Duration::from_secs(60)).await, 0);
+        assert!(
+            first_done.load(Ordering::SeqCst),
+            "the first ran to its end"
+        );
+        assert!(
+            !second_started.load(Ordering::SeqCst),
+            "the second, dropped while waiting for a place, never started"
+        );
+    }
+}

@@ -32,7 +32,7 @@
 //!   disclosure that relied on a consent has an audit seq below that of the
 //!   consent's withdrawal, and every request that starts after a withdrawal returns
 //!   sees it. Each of these holds is kept by a task that runs to its end
-//!   (`to_the_end`), not by the call's future: a call cancelled by its client or by
+//!   (`Sections::to_the_end`), not by the call's future: a call cancelled by its client or by
 //!   the server's request timeout cannot release the child while a write it began
 //!   (audit entry, store, consent cache) is unfinished.
 //! - **Who learns what.** FindRecords lists only the records some agreement lets the
@@ -136,7 +136,7 @@ pub struct Records {
     notifier: Arc<dyn OverrideNotifier>,
     rng: SystemRandom,
     /// The sections running to their end ([`Records::to_the_end`]).
-    sections: tokio_util::task::TaskTracker,
+    sections: crate::domain::Sections,
 }
 
 // === impl Records ===
@@ -181,13 +181,13 @@ impl Records {
             store,
             notifier: Arc::new(NoNotifier),
             rng: SystemRandom::new(),
-            sections: tokio_util::task::TaskTracker::new(),
+            sections: crate::domain::Sections::default(),
         }
     }
 
     /// Tracks the sections that run to their end in `sections` (the gateway's,
     /// which it waits on before closing the stores).
-    pub fn with_sections(mut self, sections: tokio_util::task::TaskTracker) -> Self {
+    pub fn with_sections(mut self, sections: crate::domain::Sections) -> Self {
         self.sections = sections;
         self
     }
@@ -231,14 +231,16 @@ impl Records {
         entry
     }
 
-    /// [`crate::domain::to_the_end`] for the records capability: the sections that
+    /// [`crate::domain::Sections::to_the_end`] for the records capability: the sections that
     /// hold a child while they audit and store, whose hold must outlast every write
     /// they start, and a share's audit entry and store write.
     async fn to_the_end<T: Send + 'static>(
         &self,
         section: impl std::future::Future<Output = Result<T, RecordError>> + Send + 'static,
     ) -> Result<T, RecordError> {
-        crate::domain::to_the_end(&self.sections, section, RecordError::Internal).await
+        self.sections
+            .to_the_end(section, RecordError::Internal)
+            .await
     }
 
     /// Refuses an answer about a child of about `bytes`, more than
