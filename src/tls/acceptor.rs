@@ -96,7 +96,10 @@ impl Acceptor {
         let slots = Arc::new(Semaphore::new(limits.max_connections));
         let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
         let by_address = Arc::new(Tally::new(limits.max_handshakes_per_ip));
-        let by_identity = Arc::new(Tally::new(limits.max_connections_per_identity));
+        let by_identity = Arc::new(Seats::new(
+            limits.max_connections_per_identity,
+            self.tls.revocations().clone(),
+        ));
         tokio::spawn(async move {
             loop {
                 let permit = tokio::select! {
@@ -248,18 +251,90 @@ async fn handshake(
     }
 }
 
+/// The open connections of each identity, against `limits.max_connections_per_identity`.
+/// A connection whose certificate (or an intermediate it presented) has since been
+/// revoked no longer counts: its calls are refused anyway, and a thief holding
+/// connections of a stolen certificate must not keep the agency's new certificate
+/// out.
+struct Seats {
+    by_identity: Mutex<HashMap<Arc<str>, HashMap<u64, Arc<PeerCert>>>>,
+    next: std::sync::atomic::AtomicU64,
+    max: usize,
+    revocations: Arc<super::Revocations>,
+}
+
+/// One open connection's place among its identity's; given back when dropped.
+struct Seat {
+    identity: Arc<str>,
+    id: u64,
+    of: Arc<Seats>,
+}
+
+// === impl Seats ===
+
+impl Seats {
+    fn new(max: usize, revocations: Arc<super::Revocations>) -> Self {
+        Seats {
+            by_identity: Default::default(),
+            next: Default::default(),
+            max,
+            revocations,
+        }
+    }
+
+    /// A seat for `peer`, unless `identity` has `max` connections open whose
+    /// certificates are not revoked.
+    fn take(self: &Arc<Self>, identity: Arc<str>, peer: &Arc<PeerCert>) -> Option<Seat> {
+        let mut by_identity = self.by_identity.lock().unwrap_or_else(|p| p.into_inner());
+        let seated = by_identity.entry(identity.clone()).or_default();
+        let live = seated
+            .values()
+            .filter(|p| self.revocations.revoked_in(p).is_none())
+            .count();
+        if live >= self.max {
+            return None;
+        }
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        seated.insert(id, peer.clone());
+        Some(Seat {
+            identity,
+            id,
+            of: self.clone(),
+        })
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let mut by_identity = self
+            .of
+            .by_identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let std::collections::hash_map::Entry::Occupied(mut seated) =
+            by_identity.entry(self.identity.clone())
+        {
+            seated.get_mut().remove(&self.id);
+            if seated.get().is_empty() {
+                seated.remove();
+            }
+        }
+    }
+}
+
 /// Admits a connection whose handshake is done: counts it against its identity,
 /// and waits for its HTTP/2 preface. `None` when it is closed instead.
 async fn establish(
     mut stream: TlsStream<TcpStream>,
     peer: PeerCert,
-    by_identity: &Arc<Tally<Arc<str>>>,
+    by_identity: &Arc<Seats>,
     limits: AcceptorLimits,
     permit: OwnedSemaphorePermit,
 ) -> Option<TlsConn> {
     let remote = peer.remote;
     let identity: Arc<str> = peer.identity().into();
-    let Some(seat) = by_identity.take(identity.clone()) else {
+    let peer = Arc::new(peer);
+    let Some(seat) = by_identity.take(identity.clone(), &peer) else {
         tracing::info!(%remote, identity = ?identity, "too many connections open for this identity; connection closed");
         return None;
     };
@@ -281,7 +356,7 @@ async fn establish(
     Some(TlsConn {
         inner: Coalesced::new(stream),
         preface,
-        peer: PeerInfo(Arc::new(peer)),
+        peer: PeerInfo(peer),
         _seat: seat,
         _permit: permit,
     })
@@ -333,7 +408,7 @@ pub struct TlsConn {
     preface: Bytes,
     peer: PeerInfo,
     /// Counts the connection against its identity while it is open.
-    _seat: Counted<Arc<str>>,
+    _seat: Seat,
     _permit: OwnedSemaphorePermit,
 }
 
