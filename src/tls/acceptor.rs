@@ -257,11 +257,15 @@ async fn handshake(
 /// connections of a stolen certificate must not keep the agency's new certificate
 /// out.
 struct Seats {
-    by_identity: Mutex<HashMap<Arc<str>, HashMap<u64, Arc<PeerCert>>>>,
+    /// Identity → its open connections' certificates, by seat number.
+    by_identity: Mutex<HashMap<Arc<str>, Seated>>,
     next: std::sync::atomic::AtomicU64,
     max: usize,
     revocations: Arc<super::Revocations>,
 }
+
+/// One identity's open connections: seat number → the connection's certificate.
+type Seated = HashMap<u64, Arc<PeerCert>>;
 
 /// One open connection's place among its identity's; given back when dropped.
 struct Seat {
