@@ -434,7 +434,8 @@ async fn every_branch_of_the_decision_answers_as_the_policy_says() {
 /// A malformed override is refused whatever the basis would have been (consent in
 /// force, an agreement that needs none, the owner, one that allows no override):
 /// a case system learns its overrides are malformed at once, not on the night
-/// consent has lapsed. Nothing is disclosed or audited.
+/// consent has lapsed. Nothing is disclosed; each attempt is audited DENIED by the
+/// record id as given, before the record is read.
 #[tokio::test]
 async fn a_malformed_override_is_invalid_argument_even_where_none_is_needed() {
     let env = Env::new();
@@ -499,9 +500,15 @@ async fn a_malformed_override_is_invalid_argument_even_where_none_is_needed() {
     assert!(audited(&gw, &env, AuditAction::RecordDisclosed)
         .await
         .is_empty());
-    assert!(audited(&gw, &env, AuditAction::DisclosureDenied)
-        .await
-        .is_empty());
+    // Each attempt is audited, by the record id as given, naming no child.
+    let denied = audited(&gw, &env, AuditAction::DisclosureDenied).await;
+    assert_eq!(denied.len(), 12, "{denied:?}");
+    assert!(denied.iter().all(|e| e.subject_ref.is_empty()
+        && e.outcome == AuditOutcome::Denied as i32
+        && e.reason
+            .ends_with(": malformed override (answered INVALID_ARGUMENT)")
+        && (e.reason.starts_with("JUSTIFICATION_TOO_SHORT")
+            || e.reason.starts_with("LAWFUL_BASIS_MISSING"))));
     // A well-formed one where none is needed is still not relied on.
     let read = school
         .get_record(get(

@@ -196,11 +196,26 @@ impl Records {
                 self.config.limits.max_note_chars,
             )?;
             // Malformed is refused even where no override is needed: see
-            // `policy::check_override`. Nothing is looked up or audited yet.
-            policy::check_override(o).map_err(RecordError::Refused)?;
+            // `policy::check_override`. An attempt to share without consent is
+            // audited all the same, before the record is looked up, so the entry
+            // tells nothing of whether it exists.
+            if let Err(denied) = policy::check_override(o) {
+                self.audit_attempt(
+                    caller,
+                    &req,
+                    &format!(
+                        "{}: malformed override (answered INVALID_ARGUMENT)",
+                        denied.reason.as_str()
+                    ),
+                    request_id,
+                )
+                .await?;
+                return Err(RecordError::Refused(denied));
+            }
         }
         let Some(record) = self.store.record(&req.record_id).await? else {
-            self.audit_unknown(caller, &req, request_id).await?;
+            self.audit_attempt(caller, &req, "NOT_FOUND: no such record", request_id)
+                .await?;
             return Err(not_found(&req.record_id));
         };
         let registry = self.config.registry();
@@ -343,11 +358,14 @@ impl Records {
         !matches!(self.store.record(&record.id).await, Ok(None))
     }
 
-    /// Audits a request for an id that names no record.
-    async fn audit_unknown(
+    /// Audits a refused GetRecord by the record id as given, before or without
+    /// reading the record (an id that names none, a malformed override): the
+    /// entry names no child and tells nothing of whether the record exists.
+    async fn audit_attempt(
         &self,
         caller: &Caller,
         req: &DiscloseRequest,
+        reason: &str,
         request_id: &str,
     ) -> Result<(), RecordError> {
         let mut entry = crate::audit::NewEntry::new(
@@ -358,7 +376,7 @@ impl Records {
         );
         entry.object_id = req.record_id.to_string();
         entry.purpose = Some(pb_purpose(req.purpose));
-        entry.reason = "NOT_FOUND: no such record".into();
+        entry.reason = reason.to_owned();
         self.auditor.append(entry).await?;
         Ok(())
     }
