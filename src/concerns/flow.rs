@@ -145,15 +145,7 @@ impl Concerns {
             front_door: Some(self.config.front_door.clone()),
         };
 
-        let mut entry = NewEntry::new(
-            Actor::from(caller),
-            AuditAction::ConcernRaised,
-            AuditOutcome::Allowed,
-            request_id,
-        );
-        entry.subject = Some(concern.subject_ref.clone());
-        entry.object_id = concern.id.to_string();
-        entry.reason = format!(
+        let reason = format!(
             "{} {} concern for {}; acknowledgement due {}",
             concern.urgency,
             concern.category,
@@ -165,7 +157,15 @@ impl Concerns {
                 .join(", "),
             rfc3339(concern.ack_due_at()),
         );
-        self.auditor.append(entry).await?;
+        self.audit_raise(
+            caller,
+            AuditOutcome::Allowed,
+            &concern.subject_ref,
+            &concern.id,
+            reason,
+            request_id,
+        )
+        .await?;
 
         match self.store.raise(&concern, key.as_ref()).await? {
             Raised::New => Ok(concern),
@@ -181,19 +181,19 @@ impl Concerns {
                     // The retry: answered with the first concern, and the ALLOWED
                     // entry just appended, for a concern never stored, is answered
                     // in the log.
-                    let mut entry = NewEntry::new(
-                        Actor::from(caller),
-                        AuditAction::ConcernRaised,
-                        AuditOutcome::Denied,
-                        request_id,
-                    );
-                    entry.subject = Some(first.subject_ref.clone());
-                    entry.object_id = concern.id.to_string();
-                    entry.reason = format!(
+                    let reason = format!(
                         "NOT_STORED: request_id raised {} first (a retry, answered with it)",
                         first.id
                     );
-                    self.auditor.append(entry).await?;
+                    self.audit_raise(
+                        caller,
+                        AuditOutcome::Denied,
+                        &first.subject_ref,
+                        &concern.id,
+                        reason,
+                        request_id,
+                    )
+                    .await?;
                     return Ok(first);
                 }
                 Err(self
@@ -227,31 +227,57 @@ impl Concerns {
         request_id: &str,
     ) -> Result<ConcernError, ConcernError> {
         let fields = differs.join(", ");
-        let mut entry = NewEntry::new(
-            Actor::from(caller),
-            AuditAction::ConcernRaised,
-            AuditOutcome::Denied,
-            request_id,
-        );
-        entry.subject = Some(self.keys.subject_ref(&asked.subject));
-        entry.reason = match not_stored {
-            None => {
-                entry.object_id = first.id.to_string();
-                format!("REQUEST_ID_REUSED: different {fields} (answered FAILED_PRECONDITION)")
-            }
-            Some(id) => {
-                entry.object_id = id.to_string();
+        let (object, reason) = match not_stored {
+            None => (
+                &first.id,
+                format!("REQUEST_ID_REUSED: different {fields} (answered FAILED_PRECONDITION)"),
+            ),
+            Some(id) => (
+                id,
                 format!(
                     "NOT_STORED: request_id raised {} first (REQUEST_ID_REUSED: different {fields}; answered FAILED_PRECONDITION)",
                     first.id
-                )
-            }
+                ),
+            ),
         };
-        self.auditor.append(entry).await?;
+        let subject = self.keys.subject_ref(&asked.subject);
+        self.audit_raise(
+            caller,
+            AuditOutcome::Denied,
+            &subject,
+            object,
+            reason,
+            request_id,
+        )
+        .await?;
         Ok(ConcernError::Precondition(format!(
             "request_id was already used for concern {}, raised with different content (different {fields}); nothing was raised, and a new concern needs a new request_id",
             first.id
         )))
+    }
+
+    /// Appends a CONCERN_RAISED entry about `subject`'s concern `object` and waits
+    /// until it is durable.
+    async fn audit_raise(
+        &self,
+        caller: &Caller,
+        outcome: AuditOutcome,
+        subject: &crate::store::keys::SubjectRef,
+        object: &ConcernId,
+        reason: String,
+        request_id: &str,
+    ) -> Result<(), ConcernError> {
+        let mut entry = NewEntry::new(
+            Actor::from(caller),
+            AuditAction::ConcernRaised,
+            outcome,
+            request_id,
+        );
+        entry.subject = Some(subject.clone());
+        entry.object_id = object.to_string();
+        entry.reason = reason;
+        self.auditor.append(entry).await?;
+        Ok(())
     }
 
     /// The concern an idempotency key raised before, as it stands now.
