@@ -442,6 +442,7 @@ impl Load {
                                     FindRecordsRequest {
                                         subject: subject(),
                                         purpose: Purpose::Safeguarding as i32,
+                                        ..Default::default()
                                     },
                                     &request_id,
                                 ))

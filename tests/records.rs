@@ -546,6 +546,7 @@ async fn find_records_or_list_consents_too_large_for_one_answer_is_resource_exha
         .find_records(FindRecordsRequest {
             subject: subject(NHS),
             purpose: Purpose::HealthCare as i32,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -563,6 +564,59 @@ async fn find_records_or_list_consents_too_large_for_one_answer_is_resource_exha
         found[0].reason.starts_with("TOO_LARGE: 50 found"),
         "{}",
         found[0].reason
+    );
+
+    // Paged, they all come, newest first, each once; a page of 1000 stops early
+    // to fit, and a token is good only for its own query.
+    let page = |size: u32, token: &str, purpose: Purpose| FindRecordsRequest {
+        subject: subject(NHS),
+        purpose: purpose as i32,
+        page_size: size,
+        page_token: token.into(),
+    };
+    let first = nhs
+        .find_records(page(1000, "", Purpose::HealthCare))
+        .await
+        .expect("a page that fits")
+        .into_inner();
+    assert!(first.records.len() < 50 && !first.next_page_token.is_empty());
+    for bad in [
+        page(20, &first.next_page_token, Purpose::Safeguarding),
+        page(20, "not-a-token", Purpose::HealthCare),
+        page(5000, "", Purpose::HealthCare),
+    ] {
+        let err = nhs.find_records(bad).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    }
+    let (mut listed, mut token, mut pages) = (Vec::new(), String::new(), 0);
+    loop {
+        let got = nhs
+            .find_records(page(20, &token, Purpose::HealthCare))
+            .await
+            .expect("page")
+            .into_inner();
+        pages += 1;
+        listed.extend(
+            got.records
+                .into_iter()
+                .map(|r| (r.shared_at.unwrap(), r.record_id)),
+        );
+        if got.next_page_token.is_empty() {
+            break;
+        }
+        token = got.next_page_token;
+    }
+    assert_eq!(pages, 3, "50 records in pages of 20");
+    assert_eq!(listed.len(), 50);
+    let mut ids: Vec<&String> = listed.iter().map(|(_, id)| id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 50, "each record once");
+    assert!(
+        listed
+            .windows(2)
+            .all(|w| (w[0].0.seconds, w[0].0.nanos) >= (w[1].0.seconds, w[1].0.nanos)),
+        "newest first"
     );
 
     // The same for ListConsents: 10 notes of 4000 four-byte characters.
@@ -613,6 +667,7 @@ async fn find_records_reveals_only_what_the_sector_may_receive_with_its_access()
     let find = |purpose: Purpose| FindRecordsRequest {
         subject: subject(NHS_DIGITS),
         purpose: purpose as i32,
+        ..Default::default()
     };
     let listed = |resp: FindRecordsResponse| -> Vec<(String, i32)> {
         let mut v: Vec<(String, i32)> = resp
@@ -951,6 +1006,7 @@ async fn invalid_input_gets_a_clear_status_and_changes_nothing() {
         nhs.find_records(FindRecordsRequest {
             subject: subject(NHS),
             purpose: Purpose::Unspecified as i32,
+            ..Default::default()
         })
         .await,
         Code::InvalidArgument,
@@ -960,6 +1016,7 @@ async fn invalid_input_gets_a_clear_status_and_changes_nothing() {
         nhs.find_records(FindRecordsRequest {
             subject: subject("1234567890"),
             purpose: Purpose::Safeguarding as i32,
+            ..Default::default()
         })
         .await,
         Code::InvalidArgument,
@@ -1143,6 +1200,7 @@ async fn records_past_retention_are_refused_then_purged_with_an_audit_entry() {
         .find_records(FindRecordsRequest {
             subject: subject(NHS),
             purpose: Purpose::HealthCare as i32,
+            ..Default::default()
         })
         .await
         .expect("find")

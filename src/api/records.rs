@@ -102,16 +102,22 @@ impl RecordService for RecordApi {
         let result = async {
             let subject = subject(req.subject.as_ref())?;
             let purpose = purpose(req.purpose, "purpose")?;
-            let found = self
+            let page = crate::records::FindPage {
+                size: req.page_size as usize,
+                token: &req.page_token,
+            };
+            let page = self
                 .app
                 .records
-                .find(&ctx.caller, &subject, purpose, &ctx.request_id)
+                .find(&ctx.caller, &subject, purpose, page, &ctx.request_id)
                 .await?;
             Ok(FindRecordsResponse {
-                records: found
+                records: page
+                    .found
                     .iter()
                     .map(|f| record_ref(&f.record, Some(f.access)))
                     .collect(),
+                next_page_token: page.next_page_token.unwrap_or_default(),
             })
         }
         .await;

@@ -97,6 +97,7 @@ async fn find_records(ch: &[Channel], seeded: &Seeded, w: usize, n: u64) -> Resu
         .find_records(FindRecordsRequest {
             subject: seed::subject(nhs),
             purpose: seed::PURPOSE as i32,
+            ..Default::default()
         })
         .await?
         .into_inner();

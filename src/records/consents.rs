@@ -180,7 +180,9 @@ impl Records {
         let bytes: usize = consents.iter().map(consent_answer_bytes).sum();
         if bytes > self.config.limits.max_message_bytes {
             let what = format!("{} consent statements", consents.len());
-            return Err(self.refuse_too_large(entry, &what, &what, bytes).await?);
+            return Err(self
+                .refuse_too_large(entry, &what, &what, bytes, "")
+                .await?);
         }
         entry.reason = match consents.len() {
             1 => "1 consent statement listed".to_owned(),

@@ -1,5 +1,6 @@
 //! ShareRecord, FindRecords, GetRecord.
 
+use base64::Engine;
 use time::Duration;
 
 use super::model::{
@@ -7,7 +8,7 @@ use super::model::{
     MAX_MEDIA_TYPE_BYTES,
 };
 use super::notice::OverrideNotice;
-use super::store::stored_time;
+use super::store::{micros, stored_time};
 use super::{agency_of, check_text, pb_basis, pb_purpose, rfc3339, RecordError, Records};
 use crate::config::MAX_RETENTION_DAYS;
 use crate::domain::consent::ConsentStatement;
@@ -19,6 +20,81 @@ use crate::proto::v1::{AuditAction, AuditOutcome};
 /// Most record ids named in a RECORDS_FOUND entry's reason; the count is always
 /// given.
 const MAX_IDS_IN_REASON: usize = 50;
+
+/// Room a FindRecords page leaves in a message for its token and framing.
+const PAGE_HEADROOM_BYTES: usize = 1024;
+
+/// Which page of FindRecords to answer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FindPage<'a> {
+    /// The most records to return; 0 for all of them in one answer.
+    pub size: usize,
+    /// Empty for the first page, else the previous page's `next_page_token`.
+    pub token: &'a str,
+}
+
+/// One answer of FindRecords.
+#[derive(Debug, Clone)]
+pub struct FoundPage {
+    /// The records, newest first.
+    pub found: Vec<Found>,
+    /// The token of the next page, when there are more.
+    pub next_page_token: Option<String>,
+}
+
+/// The order FindRecords lists records in, newest first: by this key, descending.
+fn found_key(record: &Record) -> (i64, &RecordId) {
+    (micros(record.shared_at), &record.id)
+}
+
+/// A FindRecords token: where the page ended (the last record's time and id),
+/// bound to the child and purpose of the query by a short hash.
+fn find_token(
+    subject_ref: &crate::store::keys::SubjectRef,
+    purpose: Purpose,
+    last: &Record,
+) -> String {
+    let (at, id) = found_key(last);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+        "found.{}.{at}.{id}",
+        query_mark(subject_ref, purpose)
+    ))
+}
+
+/// The position a FindRecords token names, or `None` for the first page;
+/// INVALID_ARGUMENT for a token of another query, or not a token at all.
+fn parse_find_token(
+    token: &str,
+    subject_ref: &crate::store::keys::SubjectRef,
+    purpose: Purpose,
+) -> Result<Option<(i64, RecordId)>, RecordError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || RecordError::Invalid("page_token is not valid for this query".into());
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let rest = text
+        .strip_prefix("found.")
+        .and_then(|r| r.strip_prefix(query_mark(subject_ref, purpose).as_str()))
+        .and_then(|r| r.strip_prefix('.'))
+        .ok_or_else(bad)?;
+    let (at, id) = rest.split_once('.').ok_or_else(bad)?;
+    let at: i64 = at.parse().map_err(|_| bad())?;
+    let id = RecordId::parse(id).map_err(|_| bad())?;
+    Ok(Some((at, id)))
+}
+
+/// 16 hex digits of SHA-256 over the child's keyed hash and the purpose.
+fn query_mark(subject_ref: &crate::store::keys::SubjectRef, purpose: Purpose) -> String {
+    let d = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("{}/{purpose}", subject_ref.as_str()).as_bytes(),
+    );
+    crate::tls::hex(&d.as_ref()[..8])
+}
 
 impl Records {
     /// ShareRecord: validates every field, audits (RECORD_SHARED), stores the record
@@ -114,16 +190,27 @@ impl Records {
     /// FindRecords: the records about `subject` that some agreement lets the caller's
     /// sector receive for `purpose`, and the caller's own, newest first, each with
     /// what the caller may do with it now. Audited (RECORDS_FOUND) before it answers,
-    /// even when nothing is found.
+    /// even when nothing is found. With `page.size` 0, all of them in one answer
+    /// (RESOURCE_EXHAUSTED if they do not fit); otherwise at most that many after
+    /// `page.token`, fewer if more would not fit, with a token for the rest.
     pub async fn find(
         &self,
         caller: &Caller,
         subject: &crate::domain::NhsNumber,
         purpose: Purpose,
+        page: FindPage<'_>,
         request_id: &str,
-    ) -> Result<Vec<Found>, RecordError> {
+    ) -> Result<FoundPage, RecordError> {
         let (agency, sector) = agency_of(caller)?;
+        let max_page = self.config.limits.max_page_size as usize;
+        if page.size > max_page {
+            return Err(RecordError::Invalid(format!(
+                "page_size {} is above the maximum of {max_page}",
+                page.size
+            )));
+        }
         let subject_ref = self.keys.subject_ref(subject);
+        let after = parse_find_token(page.token, &subject_ref, purpose)?;
         let records = self.store.records_about(&subject_ref).await?;
         let consents = self.store.consents_about(&subject_ref).await?;
         let statements: Vec<ConsentStatement> = consents.into_iter().map(|c| c.statement).collect();
@@ -142,9 +229,28 @@ impl Records {
                 .map(|access| Found { record, access })
             })
             .collect();
-        found.sort_by(|a, b| {
-            (b.record.shared_at, &b.record.id).cmp(&(a.record.shared_at, &a.record.id))
-        });
+        found.sort_by(|a, b| found_key(&b.record).cmp(&found_key(&a.record)));
+        if let Some(after) = &after {
+            found.retain(|f| found_key(&f.record) < (after.0, &after.1));
+        }
+        let max = self.config.limits.max_message_bytes;
+        let mut next_page_token = None;
+        if page.size > 0 {
+            // A page stops early to fit, and always holds at least one record.
+            let budget = max.saturating_sub(PAGE_HEADROOM_BYTES);
+            let (mut bytes, mut take) = (0, 0);
+            for f in found.iter().take(page.size) {
+                bytes += answer_bytes(&f.record);
+                if take > 0 && bytes > budget {
+                    break;
+                }
+                take += 1;
+            }
+            if take < found.len() {
+                next_page_token = Some(find_token(&subject_ref, purpose, &found[take - 1].record));
+            }
+            found.truncate(take);
+        }
 
         let mut entry = Self::entry(
             caller,
@@ -155,7 +261,7 @@ impl Records {
         );
         entry.purpose = Some(pb_purpose(purpose));
         let bytes: usize = found.iter().map(|f| answer_bytes(&f.record)).sum();
-        if bytes > self.config.limits.max_message_bytes {
+        if bytes > max {
             let n = found.len();
             return Err(self
                 .refuse_too_large(
@@ -163,12 +269,19 @@ impl Records {
                     &format!("{n} found"),
                     &format!("{n} records found"),
                     bytes,
+                    "; ask for them in pages (page_size)",
                 )
                 .await?);
         }
         entry.reason = found_reason(&found);
+        if next_page_token.is_some() {
+            entry.reason.push_str("; more on the next page");
+        }
         self.auditor.append(entry).await?;
-        Ok(found)
+        Ok(FoundPage {
+            found,
+            next_page_token,
+        })
     }
 
     /// GetRecord: decides at this moment, from the agreements and the consent in

@@ -69,6 +69,7 @@ use std::sync::Arc;
 
 use ring::rand::{SecureRandom, SystemRandom};
 
+pub use flow::{FindPage, FoundPage};
 pub use model::{
     Consent, ConsentId, DiscloseRequest, Disclosure, Found, NewConsent, NewRecord, Record, RecordId,
 };
@@ -247,20 +248,21 @@ impl Records {
     /// `limits.max_message_bytes`: before tonic would fail to send it. The refusal
     /// tells of records or consents about the child, so `entry` (the listing's own)
     /// is audited first, DENIED, reason `TOO_LARGE: <counted>`. Returns the
-    /// RESOURCE_EXHAUSTED to answer, naming `what` was found.
+    /// RESOURCE_EXHAUSTED to answer, naming `what` was found, then `hint`.
     async fn refuse_too_large(
         &self,
         mut entry: NewEntry,
         counted: &str,
         what: &str,
         bytes: usize,
+        hint: &str,
     ) -> Result<RecordError, RecordError> {
         entry.outcome = AuditOutcome::Denied;
         entry.reason =
             format!("TOO_LARGE: {counted}, about {bytes} bytes (answered RESOURCE_EXHAUSTED)");
         self.auditor.append(entry).await?;
         Ok(RecordError::TooLarge(format!(
-            "the {what} about this child do not fit in one answer of limits.max_message_bytes ({} bytes)",
+            "the {what} about this child do not fit in one answer of limits.max_message_bytes ({} bytes){hint}",
             self.config.limits.max_message_bytes
         )))
     }

@@ -295,11 +295,17 @@ async fn consent_is_read_at_each_disclosure() {
     );
     let found = f
         .records
-        .find(&school, &nhs_number(), Purpose::EducationSupport, "r4")
+        .find(
+            &school,
+            &nhs_number(),
+            Purpose::EducationSupport,
+            FindPage::default(),
+            "r4",
+        )
         .await
         .expect("find");
-    assert_eq!(found.len(), 1);
-    assert_eq!(found[0].access, RecordAccess::OverrideOnly);
+    assert_eq!(found.found.len(), 1);
+    assert_eq!(found.found[0].access, RecordAccess::OverrideOnly);
 }
 
 #[tokio::test]
