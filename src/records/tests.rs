@@ -417,6 +417,16 @@ async fn a_consent_change_binds_the_next_disclosure_after_cached_reads() {
     );
 }
 
+/// A fixture over the [`Hooked`] store, and the gate its writes wait at.
+fn gated_fixture() -> (Fixture, Arc<Gate>) {
+    let gate = Arc::new(Gate::default());
+    let f = fixture_over(Arc::new(NoNotifier), {
+        let gate = gate.clone();
+        move |store| Arc::new(Hooked::new(store, gate))
+    });
+    (f, gate)
+}
+
 /// The sled store with seams for tests: `put_record` and `put_consent` wait at `write_gate`
 /// before it writes (as a slow fdatasync would), and `content` can be preceded by a
 /// purge of the record (as by the sweeper between a disclosure's metadata read and
@@ -500,11 +510,7 @@ impl RecordRepo for Hooked {
 /// consent cache have the change.
 #[tokio::test]
 async fn a_withdrawal_cancelled_mid_write_still_binds_the_next_disclosure() {
-    let gate = Arc::new(Gate::default());
-    let f = fixture_over(Arc::new(NoNotifier), {
-        let gate = gate.clone();
-        move |store| Arc::new(Hooked::new(store, gate))
-    });
+    let (f, gate) = gated_fixture();
     let (nhs, school, record) = hospital_record(&f).await;
     let given = f
         .records
@@ -551,11 +557,7 @@ async fn a_withdrawal_cancelled_mid_write_still_binds_the_next_disclosure() {
 /// The same for a newer refusal whose call is dropped while the store writes it.
 #[tokio::test]
 async fn a_refusal_cancelled_mid_write_still_binds_the_next_disclosure() {
-    let gate = Arc::new(Gate::default());
-    let f = fixture_over(Arc::new(NoNotifier), {
-        let gate = gate.clone();
-        move |store| Arc::new(Hooked::new(store, gate))
-    });
+    let (f, gate) = gated_fixture();
     let (nhs, school, record) = hospital_record(&f).await;
     f.records
         .record_consent(&nhs, school_consent(ConsentState::Given, None), "c1")
@@ -594,11 +596,7 @@ async fn a_refusal_cancelled_mid_write_still_binds_the_next_disclosure() {
 /// stores it: the log never names a record that was not stored.
 #[tokio::test]
 async fn a_share_dropped_mid_write_is_still_stored() {
-    let gate = Arc::new(Gate::default());
-    let f = fixture_over(Arc::new(NoNotifier), {
-        let gate = gate.clone();
-        move |store| Arc::new(Hooked::new(store, gate))
-    });
+    let (f, gate) = gated_fixture();
     let nhs = agency("nhs-guys", Sector::Health);
     gate.arm();
     drop_at_the_gate(&gate, f.records.share(&nhs, new_record(None), "s1")).await;
