@@ -1,7 +1,8 @@
 //! Prometheus metrics on a separate plain-HTTP listener (`[metrics] listen`, off by
 //! default): calls by method and code, call latency histograms, audit group-commit
-//! sizes and fsync time, open streams. Text exposition format 0.0.4, hand-written:
-//! a handful of counters does not need a metrics framework.
+//! sizes and fsync time, open streams, and how far inbox subscriptions are behind.
+//! Text exposition format 0.0.4, hand-written: a handful of counters does not need
+//! a metrics framework.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -15,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::writer::{CommitStats, SYNC_BUCKETS_MICROS};
+use crate::concerns::{InboxLag, InboxLagReport};
 
 /// Latency bucket upper bounds, seconds.
 const BUCKETS: [f64; 12] = [
@@ -87,6 +89,7 @@ pub struct Metrics {
     calls: Mutex<BTreeMap<String, MethodStats>>,
     open_streams: AtomicI64,
     audit: Mutex<Option<Arc<CommitStats>>>,
+    inbox: Mutex<Option<InboxLag>>,
 }
 
 impl Metrics {
@@ -123,6 +126,13 @@ impl Metrics {
     pub fn watch_audit(&self, stats: Arc<CommitStats>) {
         if let Ok(mut a) = self.audit.lock() {
             *a = Some(stats);
+        }
+    }
+
+    /// Attaches the inbox subscriptions' lag.
+    pub fn watch_inbox(&self, lag: InboxLag) {
+        if let Ok(mut i) = self.inbox.lock() {
+            *i = Some(lag);
         }
     }
 
@@ -174,6 +184,9 @@ impl Metrics {
             "# HELP sgw_open_streams Response streams open now.\n# TYPE sgw_open_streams gauge\nsgw_open_streams {}",
             self.open_streams.load(Ordering::Relaxed)
         );
+        if let Some(lag) = self.inbox.lock().ok().and_then(|i| i.clone()) {
+            render_inbox(&mut out, lag.report());
+        }
         if let Ok(audit) = self.audit.lock() {
             if let Some(s) = audit.as_ref() {
                 let commits = s.commits.load(Ordering::Relaxed);
@@ -206,6 +219,14 @@ impl Metrics {
         }
         out
     }
+}
+
+/// The inbox subscriptions' gauges.
+fn render_inbox(out: &mut String, lag: InboxLagReport) {
+    let _ = writeln!(out, "# HELP sgw_inbox_subscriptions SubscribeInbox streams open on this gateway.\n# TYPE sgw_inbox_subscriptions gauge\nsgw_inbox_subscriptions {}", lag.subscriptions);
+    let _ = writeln!(out, "# HELP sgw_inbox_lag_events Events committed to its inbox that the most-behind open subscription has not yet queued to its stream.\n# TYPE sgw_inbox_lag_events gauge\nsgw_inbox_lag_events {}", lag.events_behind_max);
+    let _ = writeln!(out, "# HELP sgw_inbox_backlog_events Events all open subscriptions together have not yet queued to their streams.\n# TYPE sgw_inbox_backlog_events gauge\nsgw_inbox_backlog_events {}", lag.events_behind_total);
+    let _ = writeln!(out, "# HELP sgw_inbox_lag_seconds How long the oldest event not yet queued to an open subscription has been known to this gateway.\n# TYPE sgw_inbox_lag_seconds gauge\nsgw_inbox_lag_seconds {}", lag.oldest_wait.as_secs_f64());
 }
 
 /// Serves `GET /metrics` on `listener` until `stop`. Prints `sgw: metrics on ADDR`.

@@ -78,6 +78,7 @@ pub async fn bind(config: Config) -> Result<Bound, ServeError> {
     let stop = CancellationToken::new();
     let metrics = Arc::new(crate::metrics::Metrics::default());
     metrics.watch_audit(app.auditor.stats());
+    metrics.watch_inbox(app.concerns.inbox_lag());
     let metrics_listener = crate::metrics::bind(config.metrics.listen)
         .await
         .map_err(|source| ServeError::Bind {

@@ -427,8 +427,23 @@ async fn metrics_count_calls_and_audit_commits_on_their_own_listener() {
         .get_checkpoint(sgw::proto::v1::GetCheckpointRequest {})
         .await
         .unwrap();
+    // One inbox subscription, caught up with its empty inbox.
+    let _inbox = sgw::proto::v1::concern_service_client::ConcernServiceClient::new(
+        gw.connect_as(&env, Role::Agency, "school-oakfield").await,
+    )
+    .subscribe_inbox(sgw::proto::v1::SubscribeInboxRequest { after_cursor: 0 })
+    .await
+    .unwrap();
     let body = http_get(metrics, "/metrics").await;
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    for gauge in [
+        "sgw_inbox_subscriptions 1\n",
+        "sgw_inbox_lag_events 0\n",
+        "sgw_inbox_backlog_events 0\n",
+        "sgw_inbox_lag_seconds 0\n",
+    ] {
+        assert!(body.contains(gauge), "{gauge} in {body}");
+    }
     assert!(
         body.contains("sgw_calls_total{method=\"/grpc.health.v1.Health/Check\",code=\"Ok\"} 1"),
         "{body}"

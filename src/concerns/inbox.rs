@@ -19,11 +19,12 @@
 //! store before it is refused with OUT_OF_RANGE: the client may have read it from
 //! another replica that shares the store (PostgreSQL).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::Stream;
@@ -35,7 +36,7 @@ use crate::domain::AgencyId;
 use crate::identity::Caller;
 
 /// Events queued between a subscription's task and its client.
-const STREAM_BUFFER: usize = 32;
+pub(super) const STREAM_BUFFER: usize = 32;
 
 /// Events read, and delivered together, in one go.
 const READ_BATCH: usize = 32;
@@ -90,12 +91,11 @@ impl Concerns {
                 )));
             }
         }
-        let slot = self.subscribers.claim(&agency)?;
+        let slot = self.subscribers.claim(&agency, durable.clone())?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let (end_tx, end_rx) = oneshot::channel();
         let (this, caller, request_id) = (self.clone(), caller.clone(), request_id.to_owned());
         tokio::spawn(async move {
-            let _slot = slot;
             let ended = this
                 .pump(
                     &caller,
@@ -104,9 +104,11 @@ impl Concerns {
                     &request_id,
                     &tx,
                     durable,
+                    &slot.lag,
                     &stop,
                 )
                 .await;
+            drop(slot);
             drop(tx);
             if let Some(e) = ended {
                 let _ = end_tx.send(e);
@@ -129,10 +131,13 @@ impl Concerns {
         request_id: &str,
         tx: &mpsc::Sender<Result<(u64, InboxItem), ConcernError>>,
         mut durable: watch::Receiver<u64>,
+        lag: &Lag,
         stop: &CancellationToken,
     ) -> Option<ConcernError> {
+        lag.sent(last);
         loop {
             let newest = *durable.borrow_and_update();
+            lag.saw(newest, Instant::now());
             if last < newest {
                 let batch = match self.store.events(agency, last, newest, READ_BATCH).await {
                     Ok(batch) => batch,
@@ -145,13 +150,17 @@ impl Concerns {
                 for (cursor, item) in items {
                     let Some(item) = item else {
                         last = cursor;
+                        lag.sent(last);
                         continue;
                     };
                     tokio::select! {
                         biased;
                         _ = stop.cancelled() => return None,
                         sent = tokio::time::timeout(self.stall_after, tx.send(Ok((cursor, item)))) => match sent {
-                            Ok(Ok(())) => last = cursor,
+                            Ok(Ok(())) => {
+                                last = cursor;
+                                lag.sent(last);
+                            }
                             Ok(Err(_)) => return None,
                             Err(_) => return Some(ConcernError::Exhausted(format!(
                                 "this inbox stream took no event for {} s; resume with after_cursor={last}",
@@ -207,10 +216,13 @@ impl Concerns {
     }
 }
 
-/// Open subscriptions per agency, against `limits.max_subscribers_per_agency`.
+/// Open subscriptions per agency, against `limits.max_subscribers_per_agency`,
+/// and how far behind their inboxes each one is.
 pub(super) struct Subscribers {
     max: usize,
     open: Mutex<HashMap<AgencyId, usize>>,
+    /// Every open subscription's lag; dead ones are pruned at each claim.
+    lags: Mutex<Vec<Weak<Lag>>>,
 }
 
 impl Subscribers {
@@ -218,24 +230,50 @@ impl Subscribers {
         Subscribers {
             max,
             open: Mutex::new(HashMap::new()),
+            lags: Mutex::new(Vec::new()),
         }
     }
 
-    /// A slot for one more subscription of `agency`, or RESOURCE_EXHAUSTED.
-    fn claim(self: &Arc<Self>, agency: &AgencyId) -> Result<Slot, ConcernError> {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(agency.clone()).or_default();
-        if *n >= self.max {
-            return Err(ConcernError::Exhausted(format!(
-                "{agency} already has {} open inbox subscriptions, the most allowed; close one first",
-                self.max
-            )));
+    /// A slot for one more subscription of `agency`, whose inbox's newest durable
+    /// cursor `durable` tells; or RESOURCE_EXHAUSTED.
+    fn claim(
+        self: &Arc<Self>,
+        agency: &AgencyId,
+        durable: watch::Receiver<u64>,
+    ) -> Result<Slot, ConcernError> {
+        {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            let n = open.entry(agency.clone()).or_default();
+            if *n >= self.max {
+                return Err(ConcernError::Exhausted(format!(
+                    "{agency} already has {} open inbox subscriptions, the most allowed; close one first",
+                    self.max
+                )));
+            }
+            *n += 1;
         }
-        *n += 1;
+        let lag = Arc::new(Lag::new(durable));
+        let mut lags = self.lags.lock().unwrap_or_else(|p| p.into_inner());
+        lags.retain(|l| l.strong_count() > 0);
+        lags.push(Arc::downgrade(&lag));
         Ok(Slot {
             subscribers: self.clone(),
             agency: agency.clone(),
+            lag,
         })
+    }
+
+    fn report(&self, now: Instant) -> InboxLagReport {
+        let lags = self.lags.lock().unwrap_or_else(|p| p.into_inner());
+        let mut report = InboxLagReport::default();
+        for lag in lags.iter().filter_map(Weak::upgrade) {
+            let (behind, waited) = lag.read(now);
+            report.subscriptions += 1;
+            report.events_behind_max = report.events_behind_max.max(behind);
+            report.events_behind_total += behind;
+            report.oldest_wait = report.oldest_wait.max(waited);
+        }
+        report
     }
 }
 
@@ -243,6 +281,7 @@ impl Subscribers {
 struct Slot {
     subscribers: Arc<Subscribers>,
     agency: AgencyId,
+    lag: Arc<Lag>,
 }
 
 impl Drop for Slot {
@@ -255,6 +294,110 @@ impl Drop for Slot {
         if let Some(n) = open.get_mut(&self.agency) {
             *n = n.saturating_sub(1);
         }
+    }
+}
+
+/// The most marks one subscription keeps; past it, the newest mark is moved on
+/// instead, which can only overstate the wait of the events it then covers.
+const MAX_LAG_MARKS: usize = 256;
+
+/// How far one subscription is behind its inbox: the events committed to the
+/// inbox and not yet queued to the stream, and since when this gateway has known
+/// of the oldest of them.
+struct Lag {
+    durable: watch::Receiver<u64>,
+    marks: Mutex<LagMarks>,
+}
+
+#[derive(Default)]
+struct LagMarks {
+    /// The last cursor queued to the stream.
+    sent: u64,
+    /// `(cursor, when)`, oldest first: every event up to `cursor` was known by
+    /// `when`. Only cursors past `sent`.
+    known: VecDeque<(u64, Instant)>,
+}
+
+impl Lag {
+    fn new(durable: watch::Receiver<u64>) -> Self {
+        Lag {
+            durable,
+            marks: Mutex::new(LagMarks::default()),
+        }
+    }
+
+    /// The subscription has seen that its inbox's newest event is `newest`.
+    fn saw(&self, newest: u64, now: Instant) {
+        let mut m = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        let known = m.known.back().map_or(m.sent, |(cursor, _)| *cursor);
+        if newest <= known {
+            return;
+        }
+        if m.known.len() < MAX_LAG_MARKS {
+            m.known.push_back((newest, now));
+        } else if let Some(back) = m.known.back_mut() {
+            back.0 = newest;
+        }
+    }
+
+    /// The subscription has queued every event up to `cursor` to its stream.
+    fn sent(&self, cursor: u64) {
+        let mut m = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        m.sent = m.sent.max(cursor);
+        while m.known.front().is_some_and(|(c, _)| *c <= cursor) {
+            m.known.pop_front();
+        }
+    }
+
+    /// The events behind (against the inbox's newest durable cursor, which the
+    /// subscription may not have looked at yet), and how long the oldest of the
+    /// events it has seen and not sent has been known.
+    fn read(&self, now: Instant) -> (u64, Duration) {
+        let newest = *self.durable.borrow();
+        let m = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        let waited = m.known.front().map_or(Duration::ZERO, |(_, when)| {
+            now.saturating_duration_since(*when)
+        });
+        (newest.saturating_sub(m.sent), waited)
+    }
+}
+
+/// The inbox subscriptions open on this gateway and how far behind they are, for
+/// `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InboxLagReport {
+    /// Open subscriptions.
+    pub subscriptions: u64,
+    /// The events the most-behind subscription has yet to queue to its stream.
+    pub events_behind_max: u64,
+    /// The events all of them together have yet to queue.
+    pub events_behind_total: u64,
+    /// How long the oldest event not yet queued to an open subscription has been
+    /// known to this gateway (zero when none is waiting).
+    pub oldest_wait: Duration,
+}
+
+/// A handle on the subscriptions' lag, for `/metrics`.
+#[derive(Clone)]
+pub struct InboxLag(Arc<Subscribers>);
+
+impl InboxLag {
+    /// The subscriptions' lag now.
+    pub fn report(&self) -> InboxLagReport {
+        self.0.report(Instant::now())
+    }
+}
+
+impl std::fmt::Debug for InboxLag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("InboxLag").field(&self.report()).finish()
+    }
+}
+
+impl Concerns {
+    /// How far behind their inboxes the open subscriptions are.
+    pub fn inbox_lag(&self) -> InboxLag {
+        InboxLag(self.subscribers.clone())
     }
 }
 

@@ -72,7 +72,7 @@ use std::time::Duration;
 use ring::rand::{SecureRandom, SystemRandom};
 
 pub use flow::{InboxPage, RaiseRequest};
-pub use inbox::{InboxItem, InboxStream};
+pub use inbox::{InboxItem, InboxLag, InboxLagReport, InboxStream};
 pub use model::{
     overdue, Concern, ConcernId, ConcernStatus, Decision, DecisionRecord, Delivery, Escalation,
     InboxEvent, Overdue, OverrideNoticeEvent,

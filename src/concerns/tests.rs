@@ -283,6 +283,95 @@ async fn a_stalled_subscriber_is_ended_with_the_cursor_to_resume_from() {
     assert!(ended.is_ok(), "the stream ends at shutdown");
 }
 
+/// Waits up to 5 s for the subscriptions' lag to satisfy `done`; returns the last
+/// report either way.
+async fn lag_until(concerns: &Concerns, done: impl Fn(&InboxLagReport) -> bool) -> InboxLagReport {
+    let lag = concerns.inbox_lag();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let report = lag.report();
+        if done(&report) || tokio::time::Instant::now() > deadline {
+            return report;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_inbox_lag_counts_what_a_subscription_has_not_yet_queued_and_for_how_long() {
+    let f = fixture(Duration::from_secs(60)).await;
+    let stop = CancellationToken::new();
+    assert_eq!(f.concerns.inbox_lag().report(), InboxLagReport::default());
+    let mut stalled = f
+        .concerns
+        .subscribe(&school(), 0, "sub-1", stop.clone())
+        .await
+        .unwrap();
+    let mut reading = f
+        .concerns
+        .subscribe(&school(), 0, "sub-2", stop.clone())
+        .await
+        .unwrap();
+    let total = 40u64;
+    for i in 0..total {
+        let mut req = raise_request(ConcernCategory::Neglect, Urgency::Routine);
+        req.request_id = format!("k{i}");
+        f.concerns.raise(&police(), req, "r").await.unwrap();
+    }
+    for want in 1..=total {
+        let (cursor, _) = tokio::time::timeout(Duration::from_secs(5), reading.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(cursor, want);
+    }
+
+    // The stalled one has queued as many as its stream holds and waits to queue
+    // the rest; the reading one is not behind, so the total is the stalled one's.
+    let behind = total - inbox::STREAM_BUFFER as u64;
+    let report = lag_until(&f.concerns, |r| {
+        r.events_behind_max == behind && r.oldest_wait >= Duration::from_millis(50)
+    })
+    .await;
+    assert_eq!(report.subscriptions, 2, "{report:?}");
+    assert_eq!(report.events_behind_max, behind, "{report:?}");
+    assert_eq!(report.events_behind_total, behind, "{report:?}");
+    assert!(
+        report.oldest_wait >= Duration::from_millis(50),
+        "{report:?}"
+    );
+
+    // Once its client reads, it catches up and waits for nothing.
+    for want in 1..=total {
+        let (cursor, _) = tokio::time::timeout(Duration::from_secs(5), stalled.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(cursor, want);
+    }
+    let report = lag_until(&f.concerns, |r| r.events_behind_max == 0).await;
+    assert_eq!(
+        report,
+        InboxLagReport {
+            subscriptions: 2,
+            ..InboxLagReport::default()
+        }
+    );
+
+    // A subscription whose client has gone is no longer counted.
+    drop(stalled);
+    let mut req = raise_request(ConcernCategory::Neglect, Urgency::Routine);
+    req.request_id = "k-last".into();
+    f.concerns.raise(&police(), req, "r").await.unwrap();
+    let report = lag_until(&f.concerns, |r| r.subscriptions == 1).await;
+    assert_eq!(report.subscriptions, 1, "{report:?}");
+    drop(reading);
+    let report = lag_until(&f.concerns, |r| r.subscriptions == 0).await;
+    assert_eq!(report, InboxLagReport::default());
+}
+
 #[tokio::test]
 async fn subscriptions_per_agency_are_limited_and_cursors_checked() {
     let f = fixture(DEFAULT_STALL_AFTER).await;
