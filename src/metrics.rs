@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::writer::{CommitStats, SYNC_BUCKETS_MICROS};
+use crate::audit::writer::{CommitStats, GROUP_BUCKETS, SYNC_BUCKETS_MICROS};
 use crate::concerns::{InboxLag, InboxLagReport};
 
 /// Latency bucket upper bounds, seconds.
@@ -196,19 +196,25 @@ impl Metrics {
                 let _ = writeln!(out, "# HELP sgw_audit_entries_total Audit entries committed.\n# TYPE sgw_audit_entries_total counter\nsgw_audit_entries_total {entries}");
                 let _ = writeln!(out, "# HELP sgw_audit_sync_seconds_total Time in the durability point (the write-ahead record's write + fdatasync).\n# TYPE sgw_audit_sync_seconds_total counter\nsgw_audit_sync_seconds_total {sync}");
                 out.push_str("# HELP sgw_audit_sync_duration_seconds Time each commit spent in the durability point (sled: the write-ahead record's write and fdatasync; PostgreSQL: from taking a connection to COMMIT).\n# TYPE sgw_audit_sync_duration_seconds histogram\n");
-                let mut within = 0;
-                for (bound, n) in SYNC_BUCKETS_MICROS.iter().zip(&s.sync_buckets) {
-                    within += n.load(Ordering::Relaxed);
-                    let _ = writeln!(
-                        out,
-                        "sgw_audit_sync_duration_seconds_bucket{{le=\"{}\"}} {within}",
-                        *bound as f64 / 1e6
-                    );
-                }
-                // Read after the buckets (a commit is counted before its bucket),
-                // so that +Inf is never below the last of them.
-                let count = s.commits.load(Ordering::Relaxed).max(within);
-                let _ = writeln!(out, "sgw_audit_sync_duration_seconds_bucket{{le=\"+Inf\"}} {count}\nsgw_audit_sync_duration_seconds_sum {sync}\nsgw_audit_sync_duration_seconds_count {count}");
+                let bounds = SYNC_BUCKETS_MICROS.map(|b| b as f64 / 1e6);
+                render_buckets(
+                    &mut out,
+                    "sgw_audit_sync_duration_seconds",
+                    &bounds,
+                    &s.sync_buckets,
+                    &s.commits,
+                    sync,
+                );
+                out.push_str("# HELP sgw_audit_group_entries Entries in each audit group commit (one durability point shared by them all).\n# TYPE sgw_audit_group_entries histogram\n");
+                let bounds = GROUP_BUCKETS.map(|b| b as f64);
+                render_buckets(
+                    &mut out,
+                    "sgw_audit_group_entries",
+                    &bounds,
+                    &s.group_buckets,
+                    &s.commits,
+                    entries as f64,
+                );
                 let rounds = s.round_ends.load(Ordering::Relaxed);
                 let round_secs = s.round_end_micros.load(Ordering::Relaxed) as f64 / 1e6;
                 let round_max = s.round_end_max_micros.load(Ordering::Relaxed) as f64 / 1e6;
@@ -219,6 +225,30 @@ impl Metrics {
         }
         out
     }
+}
+
+/// A histogram of the audit writer's commits: `counts[i]` are the commits within
+/// `bounds[i]` and above the bound before it, `commits` all of them.
+fn render_buckets(
+    out: &mut String,
+    name: &str,
+    bounds: &[f64],
+    counts: &[AtomicU64],
+    commits: &AtomicU64,
+    sum: f64,
+) {
+    let mut within = 0;
+    for (bound, n) in bounds.iter().zip(counts) {
+        within += n.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {within}");
+    }
+    // Read after the buckets (a commit is counted before its bucket), so that
+    // +Inf is never below the last of them.
+    let count = commits.load(Ordering::Relaxed).max(within);
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
+    );
 }
 
 /// The inbox subscriptions' gauges.
@@ -377,5 +407,19 @@ mod tests {
         }
         assert!(text.contains("sgw_audit_sync_duration_seconds_count 4\n"));
         assert!(text.contains("sgw_audit_entries_total 35\n"));
+        // The same commits by their size: 1, 2, 16 and 16 entries.
+        for (le, n) in [
+            ("1", 1),
+            ("2", 2),
+            ("8", 2),
+            ("16", 4),
+            ("512", 4),
+            ("+Inf", 4),
+        ] {
+            let line = format!("sgw_audit_group_entries_bucket{{le=\"{le}\"}} {n}\n");
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert!(text.contains("sgw_audit_group_entries_sum 35\n"), "{text}");
+        assert!(text.contains("sgw_audit_group_entries_count 4\n"), "{text}");
     }
 }

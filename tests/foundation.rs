@@ -450,6 +450,7 @@ async fn metrics_count_calls_and_audit_commits_on_their_own_listener() {
     );
     assert!(body.contains("sgw_call_duration_seconds_count{method=\"/safeguard.v1.AuditService/GetCheckpoint\"} 1"), "{body}");
     assert!(body.contains("sgw_audit_entries_total 1"), "{body}");
+    assert!(body.contains("sgw_audit_group_entries_sum 1\n"), "{body}");
     assert!(body.contains("sgw_audit_commits_total"), "{body}");
     // No round of the write-ahead file has ended yet.
     assert!(body.contains("sgw_audit_round_ends_total 0\n"), "{body}");

@@ -90,6 +90,10 @@ pub struct CommitStats {
     /// those within [`SYNC_BUCKETS_MICROS`]`[i]` and above the bound before it; the
     /// slower ones are the rest of `commits`.
     pub sync_buckets: [std::sync::atomic::AtomicU64; SYNC_BUCKETS_MICROS.len()],
+    /// Commits by their number of entries: `group_buckets[i]` counts those of at
+    /// most [`GROUP_BUCKETS`]`[i]` entries and more than the bound before it; the
+    /// larger ones are the rest of `commits`.
+    pub group_buckets: [std::sync::atomic::AtomicU64; GROUP_BUCKETS.len()],
     /// Write-ahead round ends: the round's index lists into sled, the flat files
     /// and sled made durable, the file started over. Commits wait meanwhile.
     pub round_ends: std::sync::atomic::AtomicU64,
@@ -104,6 +108,9 @@ pub const SYNC_BUCKETS_MICROS: [u64; 10] = [
     100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
 ];
 
+/// Upper bounds, entries, of [`CommitStats::group_buckets`].
+pub const GROUP_BUCKETS: [u64; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
+
 impl CommitStats {
     /// Counts a commit of `entries` whose durability point took `took`.
     pub(crate) fn synced(&self, entries: usize, took: Duration) {
@@ -114,6 +121,9 @@ impl CommitStats {
         self.sync_micros.fetch_add(micros, Relaxed);
         if let Some(i) = SYNC_BUCKETS_MICROS.iter().position(|&b| micros <= b) {
             self.sync_buckets[i].fetch_add(1, Relaxed);
+        }
+        if let Some(i) = GROUP_BUCKETS.iter().position(|&b| entries as u64 <= b) {
+            self.group_buckets[i].fetch_add(1, Relaxed);
         }
     }
 
