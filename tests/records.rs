@@ -144,11 +144,73 @@ async fn list_consents(client: &mut ConsentServiceClient<Channel>) -> Vec<Consen
     client
         .list_consents(ListConsentsRequest {
             subject: subject(NHS),
+            ..Default::default()
         })
         .await
         .expect("list")
         .into_inner()
         .consents
+}
+
+/// A ListConsents request for one page about `nhs`.
+fn consents_page(nhs: &str, size: u32, token: &str) -> ListConsentsRequest {
+    ListConsentsRequest {
+        subject: subject(nhs),
+        page_size: size,
+        page_token: token.into(),
+    }
+}
+
+/// Every page of ListConsents about `nhs` in pages of `size`, from the first to
+/// the one whose `next_page_token` is empty: each page's consent ids, in order.
+async fn consent_pages(
+    client: &mut ConsentServiceClient<Channel>,
+    nhs: &str,
+    size: u32,
+) -> Vec<Vec<String>> {
+    let (mut pages, mut token) = (Vec::new(), String::new());
+    loop {
+        let page = client
+            .list_consents(consents_page(nhs, size, &token))
+            .await
+            .expect("a page of consents")
+            .into_inner();
+        pages.push(page.consents.into_iter().map(|c| c.consent_id).collect());
+        if page.next_page_token.is_empty() {
+            return pages;
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Records `n` statements about `nhs`, each with `note`; returns their ids,
+/// newest first (the order ListConsents lists them in).
+async fn record_consents(
+    client: &mut ConsentServiceClient<Channel>,
+    nhs: &str,
+    n: usize,
+    note: &str,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let req = RecordConsentRequest {
+            subject: subject(nhs),
+            note: note.into(),
+            ..school_consent(ConsentState::Given)
+        };
+        ids.push(record_consent(client, req).await.consent_id);
+    }
+    ids.reverse();
+    ids
+}
+
+/// The reasons of the CONSENTS_LISTED entries, oldest first, with their outcome.
+async fn consents_listed(gw: &Gateway, env: &Env) -> Vec<(bool, String)> {
+    audited(gw, env, AuditAction::ConsentsListed)
+        .await
+        .into_iter()
+        .map(|e| (e.outcome == AuditOutcome::Allowed as i32, e.reason))
+        .collect()
 }
 
 /// Every audit entry with this action, oldest first, as the auditor sees them.
@@ -629,6 +691,7 @@ async fn find_records_or_list_consents_too_large_for_one_answer_is_resource_exha
     let err = nhs_consents
         .list_consents(ListConsentsRequest {
             subject: subject(NHS),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -865,6 +928,222 @@ async fn consent_statements_are_listed_newest_first_and_withdrawn_only_by_their_
         recorded[0].justification,
         "verbal consent from mother at triage"
     );
+    gw.stop().await;
+}
+
+// === consent statements in pages ===
+
+#[tokio::test]
+async fn list_consents_in_pages_lists_each_statement_once_newest_first_and_audits_each_page() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut nhs = consents(&gw, &env, "nhs-guys").await;
+    let recorded = record_consents(&mut nhs, NHS, 7, "").await;
+    // A withdrawn statement keeps its place.
+    withdraw(&mut nhs, &recorded[4]).await;
+
+    let pages = consent_pages(&mut nhs, NHS, 3).await;
+    assert_eq!(
+        pages.iter().map(Vec::len).collect::<Vec<_>>(),
+        [3, 3, 1],
+        "7 statements in pages of 3"
+    );
+    assert_eq!(pages.concat(), recorded, "each once, newest first");
+    // A page that holds the rest ends the listing: no empty page follows.
+    assert_eq!(
+        consent_pages(&mut nhs, NHS, 7).await,
+        std::slice::from_ref(&recorded)
+    );
+    // Without page_size, all of them in one answer, as before paging.
+    let all = nhs
+        .list_consents(consents_page(NHS, 0, ""))
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(all.next_page_token.is_empty());
+    let times: Vec<_> = all
+        .consents
+        .iter()
+        .map(|c| c.recorded_at.expect("recorded_at"))
+        .collect();
+    assert!(times
+        .windows(2)
+        .all(|w| (w[0].seconds, w[0].nanos) > (w[1].seconds, w[1].nanos)));
+    assert_eq!(
+        all.consents
+            .into_iter()
+            .map(|c| c.consent_id)
+            .collect::<Vec<_>>(),
+        recorded
+    );
+
+    // Each page is a disclosure about the child, audited with what it lists.
+    let more = "3 consent statements listed; more on the next page";
+    assert_eq!(
+        consents_listed(&gw, &env).await,
+        [
+            (true, more.to_owned()),
+            (true, more.to_owned()),
+            (true, "1 consent statement listed".to_owned()),
+            (true, "7 consent statements listed".to_owned()),
+            (true, "7 consent statements listed".to_owned()),
+        ]
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_consent_recorded_between_pages_neither_repeats_nor_shifts_the_next_page() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut nhs = consents(&gw, &env, "nhs-guys").await;
+    let recorded = record_consents(&mut nhs, NHS, 5, "").await;
+
+    let first = nhs
+        .list_consents(consents_page(NHS, 2, ""))
+        .await
+        .expect("first page")
+        .into_inner();
+    let ids = |page: &ListConsentsResponse| -> Vec<String> {
+        page.consents.iter().map(|c| c.consent_id.clone()).collect()
+    };
+    assert_eq!(ids(&first), recorded[..2]);
+    // Recorded now, it is the newest: before the first page, not on the next.
+    let newest = record_consents(&mut nhs, NHS, 1, "").await;
+    let second = nhs
+        .list_consents(consents_page(NHS, 2, &first.next_page_token))
+        .await
+        .expect("second page")
+        .into_inner();
+    assert_eq!(ids(&second), recorded[2..4], "no repeat, no shift");
+    let last = nhs
+        .list_consents(consents_page(NHS, 2, &second.next_page_token))
+        .await
+        .expect("last page")
+        .into_inner();
+    assert_eq!(ids(&last), recorded[4..]);
+    assert!(last.next_page_token.is_empty());
+    // A new listing starts with it.
+    assert_eq!(consent_pages(&mut nhs, NHS, 2).await[0][0], newest[0]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn list_consents_refuses_another_listings_token_a_garbage_token_and_a_page_over_the_maximum_and_audits_none(
+) {
+    let env = Env::new();
+    let gw = env.start().await;
+    let mut nhs = consents(&gw, &env, "nhs-guys").await;
+    let mut nhs_records = records(&gw, &env, "nhs-guys").await;
+    let recorded = record_consents(&mut nhs, NHS, 3, "").await;
+    record_consents(&mut nhs, OTHER_NHS, 3, "").await;
+    let other_child = nhs
+        .list_consents(consents_page(OTHER_NHS, 2, ""))
+        .await
+        .expect("another child's first page")
+        .into_inner()
+        .next_page_token;
+    // FindRecords' token for the same child names a position in another listing.
+    for _ in 0..2 {
+        share(
+            &mut nhs_records,
+            RecordCategory::UnscheduledCareAttendance,
+            b"A&E",
+        )
+        .await;
+    }
+    let found = nhs_records
+        .find_records(FindRecordsRequest {
+            subject: subject(NHS),
+            purpose: Purpose::HealthCare as i32,
+            page_size: 1,
+            page_token: String::new(),
+        })
+        .await
+        .expect("a page of records")
+        .into_inner()
+        .next_page_token;
+    assert!(!other_child.is_empty() && !found.is_empty());
+    let listed_before = consents_listed(&gw, &env).await;
+
+    for token in [other_child.as_str(), found.as_str(), "not-a-token"] {
+        assert_status(
+            nhs.list_consents(consents_page(NHS, 2, token)).await,
+            Code::InvalidArgument,
+            "page_token is not valid for this query",
+        );
+    }
+    // The cap is limits.max_page_size (1000 by default), as for FindRecords.
+    assert_status(
+        nhs.list_consents(consents_page(NHS, 1001, "")).await,
+        Code::InvalidArgument,
+        "page_size 1001 is above the maximum of 1000",
+    );
+    assert_eq!(
+        consents_listed(&gw, &env).await,
+        listed_before,
+        "a refused page is not audited"
+    );
+    // The maximum itself is a page.
+    assert_eq!(consent_pages(&mut nhs, NHS, 1000).await, [recorded]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn list_consents_too_large_for_one_answer_is_refused_without_page_size_but_pages_to_fit() {
+    let env = Env::new();
+    env.append_config(
+        "[limits]\nmax_message_bytes = 90000\nmax_content_bytes = 1000\n\
+         max_narrative_chars = 5000\nmax_note_chars = 12000\n",
+    );
+    let gw = env.start().await;
+    let mut nhs = consents(&gw, &env, "nhs-guys").await;
+    // 10 notes of 4000 four-byte characters: about 160 KB of answer.
+    let recorded = record_consents(&mut nhs, NHS, 10, &"𝔸".repeat(4000)).await;
+
+    assert_status(
+        nhs.list_consents(consents_page(NHS, 0, "")).await,
+        Code::ResourceExhausted,
+        "the 10 consent statements about this child do not fit in one answer of \
+         limits.max_message_bytes (90000 bytes); ask for them in pages (page_size)",
+    );
+    // A page of 1000 stops early to fit.
+    let first = nhs
+        .list_consents(consents_page(NHS, 1000, ""))
+        .await
+        .expect("a page that fits")
+        .into_inner();
+    assert!(first.consents.len() < 10 && !first.next_page_token.is_empty());
+    let pages = consent_pages(&mut nhs, NHS, 3).await;
+    assert_eq!(pages.len(), 4, "10 statements in pages of 3");
+    assert_eq!(pages.concat(), recorded, "each once, newest first");
+
+    let listed = consents_listed(&gw, &env).await;
+    assert_eq!(listed.len(), 6, "{listed:?}");
+    assert!(!listed[0].0 && listed[0].1.starts_with("TOO_LARGE: 10 consent statements"));
+    assert!(
+        listed[1..].iter().all(|(allowed, _)| *allowed),
+        "{listed:?}"
+    );
+
+    // One statement too large for a message by itself (a note and a withdrawal
+    // note of 12000 four-byte characters) is refused even in a page of one.
+    let huge = record_consents(&mut nhs, OTHER_NHS, 1, &"𝔸".repeat(12000)).await;
+    nhs.withdraw_consent(WithdrawConsentRequest {
+        consent_id: huge[0].clone(),
+        note: "𝔸".repeat(12000),
+    })
+    .await
+    .expect("withdraw");
+    let err = nhs
+        .list_consents(consents_page(OTHER_NHS, 1, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(!err.message().contains("ask for them in pages"), "{err:?}");
+    let listed = consents_listed(&gw, &env).await;
+    assert_eq!(listed.len(), 7);
+    assert!(!listed[6].0 && listed[6].1.starts_with("TOO_LARGE: 1 consent statements"));
     gw.stop().await;
 }
 
@@ -1140,7 +1419,8 @@ async fn invalid_input_gets_a_clear_status_and_changes_nothing() {
         .is_empty());
     assert!(nhs_consents
         .list_consents(ListConsentsRequest {
-            subject: subject(NHS)
+            subject: subject(NHS),
+            ..Default::default()
         })
         .await
         .expect("list")

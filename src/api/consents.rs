@@ -99,13 +99,18 @@ impl ConsentService for ConsentApi {
         let req = req.into_inner();
         let result = async {
             let subject = subject(req.subject.as_ref())?;
-            let consents = self
+            let page = records::Page {
+                size: req.page_size as usize,
+                token: &req.page_token,
+            };
+            let page = self
                 .app
                 .records
-                .list_consents(&ctx.caller, &subject, &ctx.request_id)
+                .list_consents(&ctx.caller, &subject, page, &ctx.request_id)
                 .await?;
             Ok(ListConsentsResponse {
-                consents: consents.iter().map(consent_message).collect(),
+                consents: page.consents.iter().map(consent_message).collect(),
+                next_page_token: page.next_page_token.unwrap_or_default(),
             })
         }
         .await;

@@ -102,7 +102,7 @@ impl RecordService for RecordApi {
         let result = async {
             let subject = subject(req.subject.as_ref())?;
             let purpose = purpose(req.purpose, "purpose")?;
-            let page = crate::records::FindPage {
+            let page = crate::records::Page {
                 size: req.page_size as usize,
                 token: &req.page_token,
             };

@@ -1,14 +1,30 @@
 //! RecordConsent, WithdrawConsent, ListConsents.
 
 use super::model::{Consent, ConsentId, NewConsent};
+use super::page::{Page, Paging};
 use super::repo::SubjectHold;
-use super::store::stored_time;
+use super::store::{micros, stored_time};
 use super::{agency_of, check_text, RecordError, Records};
 use crate::audit::NewEntry;
 use crate::domain::consent::{recording_time, ConsentScope, ConsentState, ConsentStatement};
 use crate::domain::{AgencyId, NhsNumber};
 use crate::identity::Caller;
 use crate::proto::v1::{AuditAction, AuditOutcome};
+
+/// One answer of ListConsents.
+#[derive(Debug, Clone)]
+pub struct ListedPage {
+    /// The statements, newest first.
+    pub consents: Vec<Consent>,
+    /// The token of the next page, when there are more.
+    pub next_page_token: Option<String>,
+}
+
+/// The order ListConsents lists statements in, newest first: by this key,
+/// descending.
+fn listed_key(consent: &Consent) -> (i64, &str) {
+    (micros(consent.statement.recorded_at), consent.id())
+}
 
 impl Records {
     /// RecordConsent: validates the statement (scope rules in
@@ -158,16 +174,28 @@ impl Records {
 
     /// ListConsents: every statement about the child, newest first, withdrawn ones
     /// included, audited (CONSENTS_LISTED) before it is answered. Notes are returned
-    /// only to the agency that wrote them.
+    /// only to the agency that wrote them. With `page.size` 0, all of them in one
+    /// answer (RESOURCE_EXHAUSTED if they do not fit); otherwise at most that many
+    /// after `page.token`, fewer if more would not fit, with a token for the rest.
     pub async fn list_consents(
         &self,
         caller: &Caller,
         subject: &NhsNumber,
+        page: Page<'_>,
         request_id: &str,
-    ) -> Result<Vec<Consent>, RecordError> {
+    ) -> Result<ListedPage, RecordError> {
         let (agency, _) = agency_of(caller)?;
         let subject_ref = self.keys.subject_ref(subject);
+        let paging = Paging::start(
+            "consents",
+            subject_ref.as_str(),
+            page,
+            self.config.limits.max_page_size as usize,
+            |id| ConsentId::parse(id).is_ok(),
+        )?;
         let mut consents = self.store.consents_about(&subject_ref).await?;
+        let max = self.config.limits.max_message_bytes;
+        let next_page_token = paging.page_of(&mut consents, max, listed_key, consent_answer_bytes);
         // Which agencies hold consent about a child tells of their involvement:
         // audited (CONSENTS_LISTED) before it is answered, as RECORDS_FOUND is.
         let mut entry = Self::entry(
@@ -178,27 +206,37 @@ impl Records {
             request_id,
         );
         let bytes: usize = consents.iter().map(consent_answer_bytes).sum();
-        if bytes > self.config.limits.max_message_bytes {
+        if bytes > max {
             let what = format!("{} consent statements", consents.len());
+            // A page holds at least one statement, so a page too large is one
+            // statement too large: asking for pages would not help.
+            let hint = if paging.is_paged() {
+                ""
+            } else {
+                "; ask for them in pages (page_size)"
+            };
             return Err(self
-                .refuse_too_large(entry, &what, &what, bytes, "")
+                .refuse_too_large(entry, &what, &what, bytes, hint)
                 .await?);
         }
         entry.reason = match consents.len() {
             1 => "1 consent statement listed".to_owned(),
             n => format!("{n} consent statements listed"),
         };
+        if next_page_token.is_some() {
+            entry.reason.push_str("; more on the next page");
+        }
         self.auditor.append(entry).await?;
-        consents.sort_by(|a, b| {
-            (b.statement.recorded_at, b.id()).cmp(&(a.statement.recorded_at, a.id()))
-        });
         for c in &mut consents {
             if c.statement.recorded_by != agency {
                 c.note.clear();
                 c.withdrawal_note.clear();
             }
         }
-        Ok(consents)
+        Ok(ListedPage {
+            consents,
+            next_page_token,
+        })
     }
 
     /// The critical section of a consent change: audits it, then stores it (which

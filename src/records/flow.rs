@@ -1,6 +1,5 @@
 //! ShareRecord, FindRecords, GetRecord.
 
-use base64::Engine;
 use time::Duration;
 
 use super::model::{
@@ -8,6 +7,7 @@ use super::model::{
     MAX_MEDIA_TYPE_BYTES,
 };
 use super::notice::OverrideNotice;
+use super::page::{Page, Paging};
 use super::store::{micros, stored_time};
 use super::{agency_of, check_text, pb_basis, pb_purpose, rfc3339, RecordError, Records};
 use crate::config::MAX_RETENTION_DAYS;
@@ -21,18 +21,6 @@ use crate::proto::v1::{AuditAction, AuditOutcome};
 /// given.
 const MAX_IDS_IN_REASON: usize = 50;
 
-/// Room a FindRecords page leaves in a message for its token and framing.
-const PAGE_HEADROOM_BYTES: usize = 1024;
-
-/// Which page of FindRecords to answer.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct FindPage<'a> {
-    /// The most records to return; 0 for all of them in one answer.
-    pub size: usize,
-    /// Empty for the first page, else the previous page's `next_page_token`.
-    pub token: &'a str,
-}
-
 /// One answer of FindRecords.
 #[derive(Debug, Clone)]
 pub struct FoundPage {
@@ -43,57 +31,8 @@ pub struct FoundPage {
 }
 
 /// The order FindRecords lists records in, newest first: by this key, descending.
-fn found_key(record: &Record) -> (i64, &RecordId) {
-    (micros(record.shared_at), &record.id)
-}
-
-/// A FindRecords token: where the page ended (the last record's time and id),
-/// bound to the child and purpose of the query by a short hash.
-fn find_token(
-    subject_ref: &crate::store::keys::SubjectRef,
-    purpose: Purpose,
-    last: &Record,
-) -> String {
-    let (at, id) = found_key(last);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
-        "found.{}.{at}.{id}",
-        query_mark(subject_ref, purpose)
-    ))
-}
-
-/// The position a FindRecords token names, or `None` for the first page;
-/// INVALID_ARGUMENT for a token of another query, or not a token at all.
-fn parse_find_token(
-    token: &str,
-    subject_ref: &crate::store::keys::SubjectRef,
-    purpose: Purpose,
-) -> Result<Option<(i64, RecordId)>, RecordError> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let bad = || RecordError::Invalid("page_token is not valid for this query".into());
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| bad())?;
-    let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    let rest = text
-        .strip_prefix("found.")
-        .and_then(|r| r.strip_prefix(query_mark(subject_ref, purpose).as_str()))
-        .and_then(|r| r.strip_prefix('.'))
-        .ok_or_else(bad)?;
-    let (at, id) = rest.split_once('.').ok_or_else(bad)?;
-    let at: i64 = at.parse().map_err(|_| bad())?;
-    let id = RecordId::parse(id).map_err(|_| bad())?;
-    Ok(Some((at, id)))
-}
-
-/// 16 hex digits of SHA-256 over the child's keyed hash and the purpose.
-fn query_mark(subject_ref: &crate::store::keys::SubjectRef, purpose: Purpose) -> String {
-    let d = ring::digest::digest(
-        &ring::digest::SHA256,
-        format!("{}/{purpose}", subject_ref.as_str()).as_bytes(),
-    );
-    crate::tls::hex(&d.as_ref()[..8])
+fn found_key(record: &Record) -> (i64, &str) {
+    (micros(record.shared_at), record.id.as_str())
 }
 
 impl Records {
@@ -198,19 +137,18 @@ impl Records {
         caller: &Caller,
         subject: &crate::domain::NhsNumber,
         purpose: Purpose,
-        page: FindPage<'_>,
+        page: Page<'_>,
         request_id: &str,
     ) -> Result<FoundPage, RecordError> {
         let (agency, sector) = agency_of(caller)?;
-        let max_page = self.config.limits.max_page_size as usize;
-        if page.size > max_page {
-            return Err(RecordError::Invalid(format!(
-                "page_size {} is above the maximum of {max_page}",
-                page.size
-            )));
-        }
         let subject_ref = self.keys.subject_ref(subject);
-        let after = parse_find_token(page.token, &subject_ref, purpose)?;
+        let paging = Paging::start(
+            "found",
+            &format!("{}/{purpose}", subject_ref.as_str()),
+            page,
+            self.config.limits.max_page_size as usize,
+            |id| RecordId::parse(id).is_ok(),
+        )?;
         let records = self.store.records_about(&subject_ref).await?;
         let consents = self.store.consents_about(&subject_ref).await?;
         let statements: Vec<ConsentStatement> = consents.into_iter().map(|c| c.statement).collect();
@@ -229,28 +167,13 @@ impl Records {
                 .map(|access| Found { record, access })
             })
             .collect();
-        found.sort_by(|a, b| found_key(&b.record).cmp(&found_key(&a.record)));
-        if let Some(after) = &after {
-            found.retain(|f| found_key(&f.record) < (after.0, &after.1));
-        }
         let max = self.config.limits.max_message_bytes;
-        let mut next_page_token = None;
-        if page.size > 0 {
-            // A page stops early to fit, and always holds at least one record.
-            let budget = max.saturating_sub(PAGE_HEADROOM_BYTES);
-            let (mut bytes, mut take) = (0, 0);
-            for f in found.iter().take(page.size) {
-                bytes += answer_bytes(&f.record);
-                if take > 0 && bytes > budget {
-                    break;
-                }
-                take += 1;
-            }
-            if take < found.len() {
-                next_page_token = Some(find_token(&subject_ref, purpose, &found[take - 1].record));
-            }
-            found.truncate(take);
-        }
+        let next_page_token = paging.page_of(
+            &mut found,
+            max,
+            |f| found_key(&f.record),
+            |f| answer_bytes(&f.record),
+        );
 
         let mut entry = Self::entry(
             caller,

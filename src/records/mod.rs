@@ -7,6 +7,7 @@
 //!   indexes) and the sealed content files in `data_dir/record-content`.
 //! - `flow`: ShareRecord, FindRecords, GetRecord.
 //! - `consents`: RecordConsent, WithdrawConsent, ListConsents.
+//! - `page`: the pages of FindRecords and ListConsents, and their tokens.
 //! - [`notice`]: the [`OverrideNotifier`] that tells an owner of an override.
 //! - `purge`: the retention sweeper.
 //!
@@ -63,17 +64,20 @@ pub mod store;
 
 mod consents;
 mod flow;
+mod page;
 mod purge;
 
 use std::sync::Arc;
 
 use ring::rand::{SecureRandom, SystemRandom};
 
-pub use flow::{FindPage, FoundPage};
+pub use consents::ListedPage;
+pub use flow::FoundPage;
 pub use model::{
     Consent, ConsentId, DiscloseRequest, Disclosure, Found, NewConsent, NewRecord, Record, RecordId,
 };
 pub use notice::{NoNotifier, NoticeError, NoticeFuture, OverrideNotice, OverrideNotifier};
+pub use page::Page;
 pub use purge::{purge_periodically, PURGE_INTERVAL};
 pub use repo::{RecordRepo, SledRecords, SubjectHold};
 pub use store::{Due, RecordStore, StoreError};

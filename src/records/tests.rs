@@ -299,7 +299,7 @@ async fn consent_is_read_at_each_disclosure() {
             &school,
             &nhs_number(),
             Purpose::EducationSupport,
-            FindPage::default(),
+            Page::default(),
             "r4",
         )
         .await
