@@ -1140,10 +1140,21 @@ async fn list_consents_too_large_for_one_answer_is_refused_without_page_size_but
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert!(!err.message().contains("ask for them in pages"), "{err:?}");
+    assert_eq!(
+        err.message(),
+        "the consent statement about this child does not fit in one answer of \
+         limits.max_message_bytes (90000 bytes)",
+        "one statement, and no hint to ask for pages"
+    );
     let listed = consents_listed(&gw, &env).await;
     assert_eq!(listed.len(), 7);
-    assert!(!listed[6].0 && listed[6].1.starts_with("TOO_LARGE: 1 consent statements"));
+    assert!(
+        !listed[6].0
+            && listed[6]
+                .1
+                .starts_with("TOO_LARGE: 1 consent statement, about"),
+        "{listed:?}"
+    );
     gw.stop().await;
 }
 

@@ -207,16 +207,19 @@ impl Records {
         );
         let bytes: usize = consents.iter().map(consent_answer_bytes).sum();
         if bytes > max {
-            let what = format!("{} consent statements", consents.len());
-            // A page holds at least one statement, so a page too large is one
-            // statement too large: asking for pages would not help.
-            let hint = if paging.is_paged() {
-                ""
-            } else {
-                "; ask for them in pages (page_size)"
-            };
+            let n = consents.len();
             return Err(self
-                .refuse_too_large(entry, &what, &what, bytes, hint)
+                .refuse_too_large(
+                    entry,
+                    &match n {
+                        1 => "1 consent statement".to_owned(),
+                        n => format!("{n} consent statements"),
+                    },
+                    n,
+                    ("consent statement", "consent statements"),
+                    bytes,
+                    paging.is_paged(),
+                )
                 .await?);
         }
         entry.reason = match consents.len() {

@@ -190,9 +190,10 @@ impl Records {
                 .refuse_too_large(
                     entry,
                     &format!("{n} found"),
-                    &format!("{n} records found"),
+                    n,
+                    ("record found", "records found"),
                     bytes,
-                    "; ask for them in pages (page_size)",
+                    paging.is_paged(),
                 )
                 .await?);
         }

@@ -252,21 +252,33 @@ impl Records {
     /// `limits.max_message_bytes`: before tonic would fail to send it. The refusal
     /// tells of records or consents about the child, so `entry` (the listing's own)
     /// is audited first, DENIED, reason `TOO_LARGE: <counted>`. Returns the
-    /// RESOURCE_EXHAUSTED to answer, naming `what` was found, then `hint`.
+    /// RESOURCE_EXHAUSTED to answer, naming the `n` `noun`s (singular, plural)
+    /// listed; unless the caller asked for a page (`paged`: a page too large is one
+    /// entry too large), it says to ask for pages.
     async fn refuse_too_large(
         &self,
         mut entry: NewEntry,
         counted: &str,
-        what: &str,
+        n: usize,
+        noun: (&str, &str),
         bytes: usize,
-        hint: &str,
+        paged: bool,
     ) -> Result<RecordError, RecordError> {
         entry.outcome = AuditOutcome::Denied;
         entry.reason =
             format!("TOO_LARGE: {counted}, about {bytes} bytes (answered RESOURCE_EXHAUSTED)");
         self.auditor.append(entry).await?;
+        let (what, verb) = match n {
+            1 => (format!("the {}", noun.0), "does"),
+            n => (format!("the {n} {}", noun.1), "do"),
+        };
+        let hint = if paged {
+            ""
+        } else {
+            "; ask for them in pages (page_size)"
+        };
         Ok(RecordError::TooLarge(format!(
-            "the {what} about this child do not fit in one answer of limits.max_message_bytes ({} bytes){hint}",
+            "{what} about this child {verb} not fit in one answer of limits.max_message_bytes ({} bytes){hint}",
             self.config.limits.max_message_bytes
         )))
     }
