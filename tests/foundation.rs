@@ -835,6 +835,66 @@ async fn a_revoked_certificates_open_connections_do_not_keep_its_agency_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificates_connections_are_closed_after_its_streams_are_told() {
+    let env = Env::new();
+    // The stolen certificate's two connections and the operator's fill the gateway.
+    // (max_handshakes would default to 1, half of max_connections.)
+    env.append_config("[limits]\nmax_connections = 3\nmax_handshakes = 3\n");
+    let gw = env.start().await;
+    let stolen = env.issue(&client_spec(Role::Agency, "police-met"));
+    let held = [
+        gw.connect(&stolen.cert_pem, &stolen.key_pem)
+            .await
+            .expect("first"),
+        gw.connect(&stolen.cert_pem, &stolen.key_pem)
+            .await
+            .expect("second"),
+    ];
+    for channel in &held {
+        assert_eq!(health(channel.clone()).await.expect("health"), SERVING);
+    }
+    let mut inbox =
+        sgw::proto::v1::concern_service_client::ConcernServiceClient::new(held[0].clone())
+            .subscribe_inbox(sgw::proto::v1::SubscribeInboxRequest { after_cursor: 0 })
+            .await
+            .expect("subscribe")
+            .into_inner();
+    let mut ops = sgw::proto::v1::operations_service_client::OperationsServiceClient::new(
+        gw.connect_as(&env, Role::Operator, "ops").await,
+    );
+    let revoked_at = std::time::Instant::now();
+    ops.revoke_certificate(sgw::proto::v1::RevokeCertificateRequest {
+        serial_hex: stolen.serial_hex.clone(),
+        reason: "laptop stolen".into(),
+    })
+    .await
+    .expect("revoke");
+
+    // Its stream is told why before the connection goes.
+    let ended = common::stream_end_status(
+        &mut inbox,
+        Duration::from_secs(1),
+        "the inbox stream ends within a second",
+    )
+    .await;
+    assert_eq!(ended.code(), tonic::Code::Unauthenticated, "{ended:?}");
+    assert!(ended.message().contains("revoked"), "{ended:?}");
+
+    // Then both its connections are closed, which frees their slots for others.
+    let fresh = env.issue(&client_spec(Role::Agency, "school-oakfield"));
+    assert!(
+        common::served_soon(&gw, &fresh.cert_pem, &fresh.key_pem).await,
+        "a new client is served once the revoked certificate's connections are closed"
+    );
+    assert!(
+        revoked_at.elapsed() >= sgw::tls::REVOKED_GRACE,
+        "not before the grace"
+    );
+    drop(held);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_in_progress_are_capped_across_all_addresses() {
     let env = Env::new();
     env.append_config("[limits]\nmax_handshakes = 2\nhandshake_timeout = \"60s\"\n");

@@ -3,9 +3,11 @@
 //! preface, and hands finished connections to tonic with the peer's certificate
 //! attached. The limits ([`AcceptorLimits`]) bound what clients that send nothing,
 //! from one address, many addresses or one identity, can hold of the connection
-//! slots.
+//! slots. A connection whose certificate is revoked is closed, a moment after its
+//! streams have been told why ([`REVOKED_GRACE`]).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::Hash;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -360,10 +362,60 @@ async fn establish(
     Some(TlsConn {
         inner: Coalesced::new(stream),
         preface,
+        revocable: Revocable::new(by_identity.revocations.clone(), peer.clone()),
         peer: PeerInfo(peer),
         _seat: seat,
         _permit: permit,
     })
+}
+
+/// How long a connection stays open once its certificate is revoked: long enough
+/// for its open streams to end with UNAUTHENTICATED naming the revocation (the auth
+/// layer ends them at once) and for calls under way to be refused with it, rather
+/// than all of them failing as a dropped connection.
+pub const REVOKED_GRACE: Duration = Duration::from_secs(2);
+
+/// Watches the revocations for one connection's certificate.
+struct Revocable {
+    changes: tokio_stream::wrappers::WatchStream<u64>,
+    revocations: Arc<super::Revocations>,
+    peer: Arc<PeerCert>,
+    /// Set once the certificate is found revoked: the end of the grace.
+    closing: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Revocable {
+    fn new(revocations: Arc<super::Revocations>, peer: Arc<PeerCert>) -> Self {
+        Revocable {
+            changes: tokio_stream::wrappers::WatchStream::new(revocations.subscribe()),
+            revocations,
+            peer,
+            closing: None,
+        }
+    }
+
+    /// Ready with the error to fail the connection's reads and writes with once its
+    /// certificate has been revoked for [`REVOKED_GRACE`]; until then pending, with
+    /// the task woken by the next revocation or the end of the grace.
+    fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        use tokio_stream::Stream as _;
+        if self.closing.is_none() {
+            while let Poll::Ready(Some(_)) = Pin::new(&mut self.changes).poll_next(cx) {
+                if let Some(serial) = self.revocations.revoked_in(&self.peer) {
+                    tracing::info!(remote = %self.peer.remote, identity = %self.peer.identity(), serial, "certificate revoked; closing its connection");
+                    self.closing = Some(Box::pin(tokio::time::sleep(REVOKED_GRACE)));
+                    break;
+                }
+            }
+        }
+        match self.closing.as_mut().map(|end| end.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the peer's certificate has been revoked",
+            )),
+            _ => Poll::Pending,
+        }
+    }
 }
 
 /// Length of the HTTP/2 client connection preface (RFC 9113, section 3.4), the
@@ -410,6 +462,9 @@ pub struct TlsConn {
     inner: Coalesced<TlsStream<TcpStream>>,
     /// The preface bytes already read by `read_preface`, given back first.
     preface: Bytes,
+    /// Fails reads and writes once the certificate is revoked, so the HTTP/2
+    /// server drops the connection and its slots.
+    revocable: Revocable,
     peer: PeerInfo,
     /// Counts the connection against its identity while it is open.
     _seat: Seat,
@@ -430,6 +485,9 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Poll::Ready(e) = self.revocable.poll_closed(cx) {
+            return Poll::Ready(Err(e));
+        }
         if !self.preface.is_empty() {
             let n = self.preface.len().min(buf.remaining());
             let head = self.preface.split_to(n);
@@ -446,6 +504,9 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(e) = self.revocable.poll_closed(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -462,6 +523,9 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(e) = self.revocable.poll_closed(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 

@@ -11,7 +11,7 @@ mod coalesce;
 mod peer;
 mod verifier;
 
-pub use acceptor::{Acceptor, AcceptorLimits, TlsConn};
+pub use acceptor::{Acceptor, AcceptorLimits, TlsConn, REVOKED_GRACE};
 pub use peer::{serial_hex, PeerCert, PeerInfo};
 pub use verifier::ClientVerifier;
 
