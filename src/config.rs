@@ -1193,13 +1193,15 @@ impl Loader<'_> {
             ));
         }
         // A message carries one content or narrative plus other fields; a narrative of
-        // n chars may take 4n bytes of UTF-8.
+        // n chars may take 4n bytes of UTF-8. A consent statement in ListConsents
+        // carries two notes (given and withdrawn), so a page of one always fits.
         let needs = [
             ("limits.max_content_bytes", Some(l.max_content_bytes)),
             (
                 "4 × limits.max_narrative_chars",
                 l.max_narrative_chars.checked_mul(4),
             ),
+            ("8 × limits.max_note_chars", l.max_note_chars.checked_mul(8)),
         ];
         for (what, size) in needs {
             let fits = size
@@ -2412,6 +2414,10 @@ bank_holidays = []                    # ["2026-12-25", ...]
         assert!(with("max_message_bytes = 1114113").is_ok());
         let (_, msg) = problem(with("max_narrative_chars = 1040000"));
         assert!(msg.contains("4 × limits.max_narrative_chars"), "{msg}");
+        // A consent statement's two notes must fit in one ListConsents answer.
+        let (_, msg) = problem(with("max_note_chars = 520000"));
+        assert!(msg.contains("8 × limits.max_note_chars (4160000)"), "{msg}");
+        assert!(with("max_note_chars = 500000").is_ok());
         let msg = syntax(with("max_connections = -1"));
         assert!(msg.contains("-1"), "{msg}");
         // A default retention past the calendar's end would fail every ShareRecord.

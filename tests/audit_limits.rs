@@ -18,7 +18,7 @@ const NHS: &str = "943 476 5919";
 async fn small_messages() -> (Env, common::Gateway, AuditServiceClient<Channel>) {
     let env = Env::new();
     env.append_config(
-        "[limits]\nmax_message_bytes = 80000\nmax_content_bytes = 1024\nmax_narrative_chars = 1000\n",
+        "[limits]\nmax_message_bytes = 80000\nmax_content_bytes = 1024\nmax_narrative_chars = 1000\nmax_note_chars = 1000\n",
     );
     let gw = env.start().await;
     let auditor = AuditServiceClient::new(gw.connect_as(&env, Role::Auditor, "dpo").await);

@@ -594,7 +594,8 @@ async fn find_records_or_list_consents_too_large_for_one_answer_is_resource_exha
 ) {
     let env = Env::new();
     env.append_config(
-        "[limits]\nmax_message_bytes = 90000\nmax_content_bytes = 1000\nmax_narrative_chars = 5000\n",
+        "[limits]\nmax_message_bytes = 90000\nmax_content_bytes = 1000\nmax_narrative_chars = 5000\n\
+         max_note_chars = 1000\n",
     );
     let gw = env.start().await;
     let mut nhs = records(&gw, &env, "nhs-guys").await;
@@ -623,7 +624,7 @@ async fn find_records_or_list_consents_too_large_for_one_answer_is_resource_exha
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0].outcome, AuditOutcome::Denied as i32);
     assert!(
-        found[0].reason.starts_with("TOO_LARGE: 50 found"),
+        found[0].reason.starts_with("TOO_LARGE: 50 records found"),
         "{}",
         found[0].reason
     );
@@ -681,11 +682,11 @@ async fn find_records_or_list_consents_too_large_for_one_answer_is_resource_exha
         "newest first"
     );
 
-    // The same for ListConsents: 10 notes of 4000 four-byte characters.
+    // The same for ListConsents: 25 notes of 1000 four-byte characters.
     let mut nhs_consents = consents(&gw, &env, "nhs-guys").await;
-    for _ in 0..10 {
+    for _ in 0..25 {
         let mut req = school_consent(ConsentState::Given);
-        req.note = "𝔸".repeat(4000);
+        req.note = "𝔸".repeat(1000);
         record_consent(&mut nhs_consents, req).await;
     }
     let err = nhs_consents
@@ -698,7 +699,7 @@ async fn find_records_or_list_consents_too_large_for_one_answer_is_resource_exha
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(
         err.message().starts_with(
-            "the 10 consent statements about this child do not fit in one answer of limits.max_message_bytes (90000 bytes)"
+            "the 25 consent statements about this child do not fit in one answer of limits.max_message_bytes (90000 bytes)"
         ),
         "{err:?}"
     );
@@ -912,10 +913,16 @@ async fn consent_statements_are_listed_newest_first_and_withdrawn_only_by_their_
             .iter()
             .map(|e| (e.actor_id.as_str(), e.reason.as_str()))
             .collect::<Vec<_>>(),
-        [
-            ("nhs-guys", "2 consent statements listed"),
-            ("school-oakfield", "2 consent statements listed")
-        ]
+        {
+            let both = format!(
+                "2 consent statements listed: {} {}",
+                second.consent_id, first.consent_id
+            );
+            [("nhs-guys", both.clone()), ("school-oakfield", both)]
+        }
+        .iter()
+        .map(|(actor, reason)| (*actor, reason.as_str()))
+        .collect::<Vec<_>>()
     );
 
     let recorded = audited(&gw, &env, AuditAction::ConsentRecorded).await;
@@ -978,15 +985,27 @@ async fn list_consents_in_pages_lists_each_statement_once_newest_first_and_audit
     );
 
     // Each page is a disclosure about the child, audited with what it lists.
-    let more = "3 consent statements listed; more on the next page";
+    let all = recorded.join(" ");
     assert_eq!(
         consents_listed(&gw, &env).await,
         [
-            (true, more.to_owned()),
-            (true, more.to_owned()),
-            (true, "1 consent statement listed".to_owned()),
-            (true, "7 consent statements listed".to_owned()),
-            (true, "7 consent statements listed".to_owned()),
+            (
+                true,
+                format!(
+                    "3 consent statements listed: {}; more on the next page",
+                    recorded[..3].join(" ")
+                )
+            ),
+            (
+                true,
+                format!(
+                    "3 consent statements listed: {}; more on the next page",
+                    recorded[3..6].join(" ")
+                )
+            ),
+            (true, format!("1 consent statement listed: {}", recorded[6])),
+            (true, format!("7 consent statements listed: {all}")),
+            (true, format!("7 consent statements listed: {all}")),
         ]
     );
     gw.stop().await;
@@ -1093,8 +1112,8 @@ async fn list_consents_refuses_another_listings_token_a_garbage_token_and_a_page
 async fn list_consents_too_large_for_one_answer_is_refused_without_page_size_but_pages_to_fit() {
     let env = Env::new();
     env.append_config(
-        "[limits]\nmax_message_bytes = 90000\nmax_content_bytes = 1000\n\
-         max_narrative_chars = 5000\nmax_note_chars = 12000\n",
+        "[limits]\nmax_message_bytes = 100000\nmax_content_bytes = 1000\n\
+         max_narrative_chars = 5000\nmax_note_chars = 4000\n",
     );
     let gw = env.start().await;
     let mut nhs = consents(&gw, &env, "nhs-guys").await;
@@ -1105,7 +1124,7 @@ async fn list_consents_too_large_for_one_answer_is_refused_without_page_size_but
         nhs.list_consents(consents_page(NHS, 0, "")).await,
         Code::ResourceExhausted,
         "the 10 consent statements about this child do not fit in one answer of \
-         limits.max_message_bytes (90000 bytes); ask for them in pages (page_size)",
+         limits.max_message_bytes (100000 bytes); ask for them in pages (page_size)",
     );
     // A page of 1000 stops early to fit.
     let first = nhs
@@ -1126,36 +1145,64 @@ async fn list_consents_too_large_for_one_answer_is_refused_without_page_size_but
         "{listed:?}"
     );
 
-    // One statement too large for a message by itself (a note and a withdrawal
-    // note of 12000 four-byte characters) is refused even in a page of one.
-    let huge = record_consents(&mut nhs, OTHER_NHS, 1, &"𝔸".repeat(12000)).await;
-    nhs.withdraw_consent(WithdrawConsentRequest {
-        consent_id: huge[0].clone(),
-        note: "𝔸".repeat(12000),
-    })
-    .await
-    .expect("withdraw");
-    let err = nhs
-        .list_consents(consents_page(OTHER_NHS, 1, ""))
+    // The notes go only to the agency that wrote them, so another agency's answer
+    // is small: it gets all ten at once, each named in its entry.
+    let withdrawn = nhs
+        .withdraw_consent(WithdrawConsentRequest {
+            consent_id: recorded[4].clone(),
+            note: "the family withdrew it by phone".into(),
+        })
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert_eq!(
-        err.message(),
-        "the consent statement about this child does not fit in one answer of \
-         limits.max_message_bytes (90000 bytes)",
-        "one statement, and no hint to ask for pages"
-    );
+        .expect("withdraw")
+        .into_inner()
+        .consent
+        .expect("consent");
+    assert_eq!(withdrawn.withdrawal_note, "the family withdrew it by phone");
+    assert!(withdrawn.withdrawn_at.is_some());
+    let mut school = consents(&gw, &env, "school-oakfield").await;
+    let all = school
+        .list_consents(consents_page(NHS, 0, ""))
+        .await
+        .expect("another agency's answer fits")
+        .into_inner();
+    let ids: Vec<&str> = all.consents.iter().map(|c| c.consent_id.as_str()).collect();
+    assert_eq!(ids, recorded.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(all
+        .consents
+        .iter()
+        .all(|c| c.note.is_empty() && c.withdrawal_note.is_empty()));
+    assert!(all.consents[4].withdrawn_at.is_some());
     let listed = consents_listed(&gw, &env).await;
-    assert_eq!(listed.len(), 7);
-    assert!(
-        !listed[6].0
-            && listed[6]
-                .1
-                .starts_with("TOO_LARGE: 1 consent statement, about"),
-        "{listed:?}"
+    assert_eq!(listed.len(), 7, "{listed:?}");
+    assert_eq!(
+        listed[6],
+        (
+            true,
+            format!("10 consent statements listed: {}", recorded.join(" "))
+        )
+    );
+    // Its writer gets the withdrawal's note back.
+    let after_four = pages_token_after(&mut nhs, 4).await;
+    let page = nhs
+        .list_consents(consents_page(NHS, 1, &after_four))
+        .await
+        .expect("page")
+        .into_inner();
+    assert_eq!(page.consents[0].consent_id, recorded[4]);
+    assert_eq!(
+        page.consents[0].withdrawal_note,
+        "the family withdrew it by phone"
     );
     gw.stop().await;
+}
+
+/// The token of the page after the first `n` of NHS's statements, as nhs-guys.
+async fn pages_token_after(nhs: &mut ConsentServiceClient<Channel>, n: u32) -> String {
+    nhs.list_consents(consents_page(NHS, n, ""))
+        .await
+        .expect("page")
+        .into_inner()
+        .next_page_token
 }
 
 // === invalid input ===

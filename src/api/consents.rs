@@ -228,6 +228,8 @@ fn consent_message(c: &records::Consent) -> Consent {
         note: c.note.clone(),
         recorded_by: s.recorded_by.to_string(),
         recorded_at: Some(time_out(s.recorded_at)),
+        withdrawal_note: c.withdrawal_note.clone(),
+        withdrawn_at: s.withdrawn_at.map(time_out),
     }
 }
 

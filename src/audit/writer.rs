@@ -109,7 +109,7 @@ pub const SYNC_BUCKETS_MICROS: [u64; 10] = [
 ];
 
 /// Upper bounds, entries, of [`CommitStats::group_buckets`].
-pub const GROUP_BUCKETS: [u64; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
+pub const GROUP_BUCKETS: [u64; 11] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
 
 impl CommitStats {
     /// Counts a commit of `entries` whose durability point took `took`.

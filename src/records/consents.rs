@@ -4,7 +4,7 @@ use super::model::{Consent, ConsentId, NewConsent};
 use super::page::{Page, Paging};
 use super::repo::SubjectHold;
 use super::store::{micros, stored_time};
-use super::{agency_of, check_text, RecordError, Records};
+use super::{agency_of, check_text, counted, reason_with_ids, RecordError, Records};
 use crate::audit::NewEntry;
 use crate::domain::consent::{recording_time, ConsentScope, ConsentState, ConsentStatement};
 use crate::domain::{AgencyId, NhsNumber};
@@ -194,6 +194,14 @@ impl Records {
             |id| ConsentId::parse(id).is_ok(),
         )?;
         let mut consents = self.store.consents_about(&subject_ref).await?;
+        // Notes go only to the agency that wrote them; what others are not sent
+        // does not count against their answer's size.
+        for c in &mut consents {
+            if c.statement.recorded_by != agency {
+                c.note.clear();
+                c.withdrawal_note.clear();
+            }
+        }
         let max = self.config.limits.max_message_bytes;
         let next_page_token = paging.page_of(&mut consents, max, listed_key, consent_answer_bytes);
         // Which agencies hold consent about a child tells of their involvement:
@@ -207,35 +215,27 @@ impl Records {
         );
         let bytes: usize = consents.iter().map(consent_answer_bytes).sum();
         if bytes > max {
-            let n = consents.len();
             return Err(self
                 .refuse_too_large(
                     entry,
-                    &match n {
-                        1 => "1 consent statement".to_owned(),
-                        n => format!("{n} consent statements"),
-                    },
-                    n,
+                    consents.len(),
                     ("consent statement", "consent statements"),
                     bytes,
                     paging.is_paged(),
                 )
                 .await?);
         }
-        entry.reason = match consents.len() {
-            1 => "1 consent statement listed".to_owned(),
-            n => format!("{n} consent statements listed"),
-        };
+        entry.reason = reason_with_ids(
+            format!(
+                "{} listed",
+                counted(consents.len(), ("consent statement", "consent statements"))
+            ),
+            consents.iter().map(|c| c.id()),
+        );
         if next_page_token.is_some() {
             entry.reason.push_str("; more on the next page");
         }
         self.auditor.append(entry).await?;
-        for c in &mut consents {
-            if c.statement.recorded_by != agency {
-                c.note.clear();
-                c.withdrawal_note.clear();
-            }
-        }
         Ok(ListedPage {
             consents,
             next_page_token,
@@ -270,8 +270,8 @@ impl Records {
 }
 
 /// An upper bound on the bytes a consent statement takes in ListConsents' answer:
-/// its notes (counted even where they are withheld), its agencies, its lists of
-/// enums and at most 256 bytes of ids, times and framing.
+/// its notes (those sent: withheld ones are cleared first), its agencies, its
+/// lists of enums and at most 256 bytes of ids, times and framing.
 fn consent_answer_bytes(c: &Consent) -> usize {
     let scope = &c.statement.scope;
     c.note.len()

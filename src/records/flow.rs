@@ -9,17 +9,15 @@ use super::model::{
 use super::notice::OverrideNotice;
 use super::page::{Page, Paging};
 use super::store::{micros, stored_time};
-use super::{agency_of, check_text, pb_basis, pb_purpose, rfc3339, RecordError, Records};
+use super::{
+    agency_of, check_text, pb_basis, pb_purpose, reason_with_ids, rfc3339, RecordError, Records,
+};
 use crate::config::MAX_RETENTION_DAYS;
 use crate::domain::consent::ConsentStatement;
 use crate::domain::policy::{self, Basis, Decision, DenyReason, DisclosureRequest};
 use crate::domain::{AgencyId, Purpose, Sector};
 use crate::identity::Caller;
 use crate::proto::v1::{AuditAction, AuditOutcome};
-
-/// Most record ids named in a RECORDS_FOUND entry's reason; the count is always
-/// given.
-const MAX_IDS_IN_REASON: usize = 50;
 
 /// One answer of FindRecords.
 #[derive(Debug, Clone)]
@@ -189,7 +187,6 @@ impl Records {
             return Err(self
                 .refuse_too_large(
                     entry,
-                    &format!("{n} found"),
                     n,
                     ("record found", "records found"),
                     bytes,
@@ -483,21 +480,10 @@ pub(super) fn answer_bytes(record: &Record) -> usize {
 }
 
 fn found_reason(found: &[Found]) -> String {
-    let ids: Vec<&str> = found
-        .iter()
-        .take(MAX_IDS_IN_REASON)
-        .map(|f| f.record.id.as_str())
-        .collect();
-    let more = found.len().saturating_sub(MAX_IDS_IN_REASON);
-    let mut reason = format!("{} found", found.len());
-    if !ids.is_empty() {
-        reason.push_str(": ");
-        reason.push_str(&ids.join(" "));
-    }
-    if more > 0 {
-        reason.push_str(&format!(" and {more} more"));
-    }
-    reason
+    reason_with_ids(
+        format!("{} found", found.len()),
+        found.iter().map(|f| f.record.id.as_str()),
+    )
 }
 
 /// The reason of a RECORD_DISCLOSED entry: for an override, the agreement's lawful
@@ -604,5 +590,9 @@ mod tests {
     #[test]
     fn found_reason_names_count_and_ids() {
         assert_eq!(found_reason(&[]), "0 found");
+        let ids: Vec<String> = (0..52).map(|i| format!("r{i}")).collect();
+        let reason = reason_with_ids("52 found".into(), ids.iter().map(String::as_str));
+        let named = ids[..50].join(" ");
+        assert_eq!(reason, format!("52 found: {named} and 2 more"));
     }
 }

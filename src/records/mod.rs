@@ -251,26 +251,26 @@ impl Records {
     /// Refuses an answer about a child of about `bytes`, more than
     /// `limits.max_message_bytes`: before tonic would fail to send it. The refusal
     /// tells of records or consents about the child, so `entry` (the listing's own)
-    /// is audited first, DENIED, reason `TOO_LARGE: <counted>`. Returns the
+    /// is audited first, DENIED, reason `TOO_LARGE: <n noun>`. Returns the
     /// RESOURCE_EXHAUSTED to answer, naming the `n` `noun`s (singular, plural)
     /// listed; unless the caller asked for a page (`paged`: a page too large is one
     /// entry too large), it says to ask for pages.
     async fn refuse_too_large(
         &self,
         mut entry: NewEntry,
-        counted: &str,
         n: usize,
         noun: (&str, &str),
         bytes: usize,
         paged: bool,
     ) -> Result<RecordError, RecordError> {
+        let counted = counted(n, noun);
         entry.outcome = AuditOutcome::Denied;
         entry.reason =
             format!("TOO_LARGE: {counted}, about {bytes} bytes (answered RESOURCE_EXHAUSTED)");
         self.auditor.append(entry).await?;
         let (what, verb) = match n {
             1 => (format!("the {}", noun.0), "does"),
-            n => (format!("the {n} {}", noun.1), "do"),
+            _ => (format!("the {counted}"), "do"),
         };
         let hint = if paged {
             ""
@@ -282,6 +282,33 @@ impl Records {
             self.config.limits.max_message_bytes
         )))
     }
+}
+
+/// `n` of a `noun` (singular, plural): "1 record found", "3 records found".
+fn counted(n: usize, (one, many): (&str, &str)) -> String {
+    match n {
+        1 => format!("1 {one}"),
+        n => format!("{n} {many}"),
+    }
+}
+
+/// The most ids an audit reason names of what a listing disclosed.
+const MAX_IDS_IN_REASON: usize = 50;
+
+/// The reason of a listing's audit entry: `head`, then the ids of what it
+/// disclosed, at most [`MAX_IDS_IN_REASON`] of them and how many more.
+fn reason_with_ids<'a>(head: String, ids: impl ExactSizeIterator<Item = &'a str>) -> String {
+    let more = ids.len().saturating_sub(MAX_IDS_IN_REASON);
+    let named: Vec<&str> = ids.take(MAX_IDS_IN_REASON).collect();
+    let mut reason = head;
+    if !named.is_empty() {
+        reason.push_str(": ");
+        reason.push_str(&named.join(" "));
+    }
+    if more > 0 {
+        reason.push_str(&format!(" and {more} more"));
+    }
+    reason
 }
 
 /// The calling agency and its sector; other roles never reach these services (the

@@ -130,7 +130,11 @@ impl Paging {
             .and_then(|r| r.strip_prefix('.'))
             .ok_or_else(bad)?;
         let (at, id) = rest.split_once('.').ok_or_else(bad)?;
-        let at: i64 = at.parse().map_err(|_| bad())?;
+        let at = at
+            .parse::<i64>()
+            .ok()
+            .filter(|n| n.to_string() == at)
+            .ok_or_else(bad)?;
         if !id_ok(id) {
             return Err(bad());
         }
@@ -212,6 +216,16 @@ mod tests {
         let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(format!("found.{}.5.y-5", paging("found", "q", 2, "").mark));
         assert!(refused("found", "q", &forged));
+        // A position is a number in its one spelling: no sign, no leading zeros.
+        let mark = paging("found", "q", 2, "").mark;
+        for at in ["+5", "05", " 5"] {
+            let respelt = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(format!("found.{mark}.{at}.x-5"));
+            assert!(refused("found", "q", &respelt), "{at}");
+        }
+        let canonical =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("found.{mark}.5.x-5"));
+        assert!(!refused("found", "q", &canonical));
         assert!(!refused("found", "q", &token));
     }
 
