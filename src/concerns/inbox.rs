@@ -22,6 +22,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -91,7 +92,9 @@ impl Concerns {
                 )));
             }
         }
-        let slot = self.subscribers.claim(&agency, durable.clone())?;
+        let slot = self
+            .subscribers
+            .claim(&agency, after_cursor, durable.clone())?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let (end_tx, end_rx) = oneshot::channel();
         let (this, caller, request_id) = (self.clone(), caller.clone(), request_id.to_owned());
@@ -134,10 +137,8 @@ impl Concerns {
         lag: &Lag,
         stop: &CancellationToken,
     ) -> Option<ConcernError> {
-        lag.sent(last);
         loop {
             let newest = *durable.borrow_and_update();
-            lag.saw(newest, Instant::now());
             if last < newest {
                 let batch = match self.store.events(agency, last, newest, READ_BATCH).await {
                     Ok(batch) => batch,
@@ -223,6 +224,9 @@ pub(super) struct Subscribers {
     open: Mutex<HashMap<AgencyId, usize>>,
     /// Every open subscription's lag; dead ones are pruned at each claim.
     lags: Mutex<Vec<Weak<Lag>>>,
+    /// Per agency whose inbox has had a subscriber: when this gateway learned of
+    /// each rise of its durable cursor.
+    arrivals: Mutex<HashMap<AgencyId, Arc<Arrivals>>>,
 }
 
 impl Subscribers {
@@ -231,14 +235,16 @@ impl Subscribers {
             max,
             open: Mutex::new(HashMap::new()),
             lags: Mutex::new(Vec::new()),
+            arrivals: Mutex::new(HashMap::new()),
         }
     }
 
-    /// A slot for one more subscription of `agency`, whose inbox's newest durable
-    /// cursor `durable` tells; or RESOURCE_EXHAUSTED.
+    /// A slot for one more subscription of `agency`, starting after `after_cursor`,
+    /// whose inbox's newest durable cursor `durable` tells; or RESOURCE_EXHAUSTED.
     fn claim(
         self: &Arc<Self>,
         agency: &AgencyId,
+        after_cursor: u64,
         durable: watch::Receiver<u64>,
     ) -> Result<Slot, ConcernError> {
         {
@@ -252,7 +258,18 @@ impl Subscribers {
             }
             *n += 1;
         }
-        let lag = Arc::new(Lag::new(durable));
+        let arrivals = self
+            .arrivals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(agency.clone())
+            .or_insert_with(|| Arrivals::watch(durable.clone()))
+            .clone();
+        let lag = Arc::new(Lag {
+            durable,
+            sent: AtomicU64::new(after_cursor),
+            arrivals,
+        });
         let mut lags = self.lags.lock().unwrap_or_else(|p| p.into_inner());
         lags.retain(|l| l.strong_count() > 0);
         lags.push(Arc::downgrade(&lag));
@@ -264,14 +281,30 @@ impl Subscribers {
     }
 
     fn report(&self, now: Instant) -> InboxLagReport {
-        let lags = self.lags.lock().unwrap_or_else(|p| p.into_inner());
+        let lags: Vec<Arc<Lag>> = self
+            .lags
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
         let mut report = InboxLagReport::default();
-        for lag in lags.iter().filter_map(Weak::upgrade) {
+        for lag in &lags {
             let (behind, waited) = lag.read(now);
             report.subscriptions += 1;
             report.events_behind_max = report.events_behind_max.max(behind);
             report.events_behind_total += behind;
             report.oldest_wait = report.oldest_wait.max(waited);
+        }
+        // What every subscription of an inbox has sent, no one needs the time of.
+        let arrivals = self.arrivals.lock().unwrap_or_else(|p| p.into_inner());
+        for arrivals in arrivals.values() {
+            let sent = lags
+                .iter()
+                .filter(|l| Arc::ptr_eq(&l.arrivals, arrivals))
+                .map(|l| l.sent.load(Ordering::Relaxed))
+                .min();
+            arrivals.forget_through(sent.unwrap_or(u64::MAX));
         }
         report
     }
@@ -297,68 +330,98 @@ impl Drop for Slot {
     }
 }
 
-/// The most marks one subscription keeps; past it, the newest mark is moved on
-/// instead, which can only overstate the wait of the events it then covers.
-const MAX_LAG_MARKS: usize = 256;
+/// The most arrival marks kept for one inbox; past it every other mark is
+/// dropped, which can only make the wait of some events look shorter.
+const MAX_ARRIVALS: usize = 4096;
 
-/// How far one subscription is behind its inbox: the events committed to the
-/// inbox and not yet queued to the stream, and since when this gateway has known
-/// of the oldest of them.
-struct Lag {
-    durable: watch::Receiver<u64>,
-    marks: Mutex<LagMarks>,
+/// When this gateway learned of each rise of one inbox's durable cursor: marks
+/// `(cursor, when)`, oldest first, each saying every event up to `cursor` was
+/// known by `when`. One task per inbox keeps them, from its first subscription
+/// on, so that they are taken when events commit, not when a subscription gets to
+/// them.
+struct Arrivals {
+    marks: Mutex<VecDeque<(u64, Instant)>>,
 }
 
-#[derive(Default)]
-struct LagMarks {
+impl Arrivals {
+    /// Marks each rise of `durable` from now on, in a task that ends with the store.
+    fn watch(mut durable: watch::Receiver<u64>) -> Arc<Self> {
+        let arrivals = Arc::new(Arrivals {
+            marks: Mutex::new(VecDeque::new()),
+        });
+        let marking = arrivals.clone();
+        tokio::spawn(async move {
+            loop {
+                let newest = *durable.borrow_and_update();
+                marking.mark(newest, Instant::now());
+                if durable.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        arrivals
+    }
+
+    fn mark(&self, cursor: u64, when: Instant) {
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        if marks.back().is_some_and(|(c, _)| *c >= cursor) {
+            return;
+        }
+        marks.push_back((cursor, when));
+        if marks.len() > MAX_ARRIVALS {
+            let mut i = 0;
+            marks.retain(|_| {
+                i += 1;
+                i % 2 == 1
+            });
+        }
+    }
+
+    /// When the event at `cursor` was known by, as far as the marks tell.
+    fn known_by(&self, cursor: u64) -> Option<Instant> {
+        let marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        let i = marks.partition_point(|(c, _)| *c < cursor);
+        marks.get(i).map(|(_, when)| *when)
+    }
+
+    /// Drops the marks of events up to `cursor`, all sent.
+    fn forget_through(&self, cursor: u64) {
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        while marks.front().is_some_and(|(c, _)| *c <= cursor) {
+            marks.pop_front();
+        }
+    }
+}
+
+/// How far one subscription is behind its inbox: the events committed to the
+/// inbox and not yet queued to its stream, and since when this gateway has known
+/// of the oldest of them.
+struct Lag {
+    /// The inbox's newest durable cursor.
+    durable: watch::Receiver<u64>,
     /// The last cursor queued to the stream.
-    sent: u64,
-    /// `(cursor, when)`, oldest first: every event up to `cursor` was known by
-    /// `when`. Only cursors past `sent`.
-    known: VecDeque<(u64, Instant)>,
+    sent: AtomicU64,
+    arrivals: Arc<Arrivals>,
 }
 
 impl Lag {
-    fn new(durable: watch::Receiver<u64>) -> Self {
-        Lag {
-            durable,
-            marks: Mutex::new(LagMarks::default()),
-        }
-    }
-
-    /// The subscription has seen that its inbox's newest event is `newest`.
-    fn saw(&self, newest: u64, now: Instant) {
-        let mut m = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-        let known = m.known.back().map_or(m.sent, |(cursor, _)| *cursor);
-        if newest <= known {
-            return;
-        }
-        if m.known.len() < MAX_LAG_MARKS {
-            m.known.push_back((newest, now));
-        } else if let Some(back) = m.known.back_mut() {
-            back.0 = newest;
-        }
-    }
-
     /// The subscription has queued every event up to `cursor` to its stream.
     fn sent(&self, cursor: u64) {
-        let mut m = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-        m.sent = m.sent.max(cursor);
-        while m.known.front().is_some_and(|(c, _)| *c <= cursor) {
-            m.known.pop_front();
-        }
+        self.sent.fetch_max(cursor, Ordering::Relaxed);
     }
 
-    /// The events behind (against the inbox's newest durable cursor, which the
-    /// subscription may not have looked at yet), and how long the oldest of the
-    /// events it has seen and not sent has been known.
+    /// The events behind, and how long the oldest of them has been known.
     fn read(&self, now: Instant) -> (u64, Duration) {
         let newest = *self.durable.borrow();
-        let m = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-        let waited = m.known.front().map_or(Duration::ZERO, |(_, when)| {
-            now.saturating_duration_since(*when)
-        });
-        (newest.saturating_sub(m.sent), waited)
+        let sent = self.sent.load(Ordering::Relaxed);
+        if newest <= sent {
+            return (0, Duration::ZERO);
+        }
+        let waited = self
+            .arrivals
+            .known_by(sent + 1)
+            .map_or(Duration::ZERO, |when| now.saturating_duration_since(when));
+        (newest - sent, waited)
     }
 }
 

@@ -227,20 +227,9 @@ async fn a_stalled_subscriber_is_ended_with_the_cursor_to_resume_from() {
         .await
         .unwrap();
     let total = 40;
-    for i in 0..total {
-        let mut req = raise_request(ConcernCategory::Neglect, Urgency::Routine);
-        req.request_id = format!("k{i}");
-        f.concerns.raise(&police(), req, "r").await.unwrap();
-    }
+    raise_n(&f, total, "k").await;
     // The reading subscriber gets everything while the other takes nothing.
-    for want in 1..=total {
-        let (cursor, _) = tokio::time::timeout(Duration::from_secs(5), reading.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(cursor, want as u64);
-    }
+    read_cursors(&mut reading, 1..=total).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     let mut got = Vec::new();
     let end = loop {
@@ -297,6 +286,28 @@ async fn lag_until(concerns: &Concerns, done: impl Fn(&InboxLagReport) -> bool) 
     }
 }
 
+/// Raises `n` routine concerns from the police to the school, request ids
+/// `<prefix>0`, `<prefix>1`, ...
+async fn raise_n(f: &Fixture, n: u64, prefix: &str) {
+    for i in 0..n {
+        let mut req = raise_request(ConcernCategory::Neglect, Urgency::Routine);
+        req.request_id = format!("{prefix}{i}");
+        f.concerns.raise(&police(), req, "r").await.unwrap();
+    }
+}
+
+/// Reads the events at `cursors` from `stream`, in order.
+async fn read_cursors(stream: &mut InboxStream, cursors: std::ops::RangeInclusive<u64>) {
+    for want in cursors {
+        let (cursor, _) = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(cursor, want);
+    }
+}
+
 #[tokio::test]
 async fn the_inbox_lag_counts_what_a_subscription_has_not_yet_queued_and_for_how_long() {
     let f = fixture(Duration::from_secs(60)).await;
@@ -312,45 +323,42 @@ async fn the_inbox_lag_counts_what_a_subscription_has_not_yet_queued_and_for_how
         .subscribe(&school(), 0, "sub-2", stop.clone())
         .await
         .unwrap();
-    let total = 40u64;
-    for i in 0..total {
-        let mut req = raise_request(ConcernCategory::Neglect, Urgency::Routine);
-        req.request_id = format!("k{i}");
-        f.concerns.raise(&police(), req, "r").await.unwrap();
-    }
-    for want in 1..=total {
-        let (cursor, _) = tokio::time::timeout(Duration::from_secs(5), reading.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(cursor, want);
-    }
+    raise_n(&f, 40, "k").await;
+    read_cursors(&mut reading, 1..=40).await;
 
     // The stalled one has queued as many as its stream holds and waits to queue
     // the rest; the reading one is not behind, so the total is the stalled one's.
-    let behind = total - inbox::STREAM_BUFFER as u64;
+    let buffer = inbox::STREAM_BUFFER as u64;
     let report = lag_until(&f.concerns, |r| {
-        r.events_behind_max == behind && r.oldest_wait >= Duration::from_millis(50)
+        r.events_behind_max == 40 - buffer && r.oldest_wait >= Duration::from_millis(50)
     })
     .await;
     assert_eq!(report.subscriptions, 2, "{report:?}");
-    assert_eq!(report.events_behind_max, behind, "{report:?}");
-    assert_eq!(report.events_behind_total, behind, "{report:?}");
+    assert_eq!(report.events_behind_max, 40 - buffer, "{report:?}");
+    assert_eq!(report.events_behind_total, 40 - buffer, "{report:?}");
     assert!(
         report.oldest_wait >= Duration::from_millis(50),
         "{report:?}"
     );
 
+    // Events committed while it is stuck are timed from their commit, not from
+    // when it gets to them: 300 ms on, once it has queued the first forty, the
+    // oldest left (the 41st) has waited those 300 ms.
+    let committed = std::time::Instant::now();
+    raise_n(&f, 40, "m").await;
+    read_cursors(&mut reading, 41..=80).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    read_cursors(&mut stalled, 1..=8).await;
+    let report = lag_until(&f.concerns, |r| r.events_behind_max == 40).await;
+    assert_eq!(report.events_behind_max, 40, "{report:?}");
+    assert!(
+        report.oldest_wait >= Duration::from_millis(300)
+            && report.oldest_wait <= committed.elapsed(),
+        "{report:?}"
+    );
+
     // Once its client reads, it catches up and waits for nothing.
-    for want in 1..=total {
-        let (cursor, _) = tokio::time::timeout(Duration::from_secs(5), stalled.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(cursor, want);
-    }
+    read_cursors(&mut stalled, 9..=80).await;
     let report = lag_until(&f.concerns, |r| r.events_behind_max == 0).await;
     assert_eq!(
         report,
@@ -360,11 +368,23 @@ async fn the_inbox_lag_counts_what_a_subscription_has_not_yet_queued_and_for_how
         }
     );
 
+    // A subscription resumed at the newest cursor is not behind, from the start.
+    let resumed = f
+        .concerns
+        .subscribe(&school(), 80, "sub-3", stop.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        f.concerns.inbox_lag().report(),
+        InboxLagReport {
+            subscriptions: 3,
+            ..InboxLagReport::default()
+        }
+    );
+
     // A subscription whose client has gone is no longer counted.
-    drop(stalled);
-    let mut req = raise_request(ConcernCategory::Neglect, Urgency::Routine);
-    req.request_id = "k-last".into();
-    f.concerns.raise(&police(), req, "r").await.unwrap();
+    drop((stalled, resumed));
+    raise_n(&f, 1, "last").await;
     let report = lag_until(&f.concerns, |r| r.subscriptions == 1).await;
     assert_eq!(report.subscriptions, 1, "{report:?}");
     drop(reading);
