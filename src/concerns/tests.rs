@@ -244,7 +244,7 @@ async fn a_stalled_subscriber_is_ended_with_the_cursor_to_resume_from() {
     };
     let last = *got.last().unwrap();
     assert_eq!(got, (1..=last).collect::<Vec<_>>());
-    assert!(last < total as u64);
+    assert!(last < total);
     let ConcernError::Exhausted(message) = end else {
         panic!("{end:?}");
     };
