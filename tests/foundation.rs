@@ -796,6 +796,24 @@ async fn one_identity_cannot_hold_more_than_its_share_of_connections() {
     gw.stop().await;
 }
 
+/// `n` connections of `cert`, each served a health check.
+async fn served_connections(
+    gw: &common::Gateway,
+    cert: &pki::Issued,
+    n: usize,
+) -> Vec<tonic::transport::Channel> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let channel = gw
+            .connect(&cert.cert_pem, &cert.key_pem)
+            .await
+            .expect("connect");
+        assert_eq!(health(channel.clone()).await.expect("health"), SERVING);
+        held.push(channel);
+    }
+    held
+}
+
 /// After a theft: the stolen certificate's connections stay open (the thief
 /// keeps them), the operator revokes it, and the agency's new certificate is
 /// served. Revoked connections do not count against the identity.
@@ -805,17 +823,7 @@ async fn a_revoked_certificates_open_connections_do_not_keep_its_agency_out() {
     env.append_config("[limits]\nmax_connections = 8\nmax_connections_per_identity = 2\n");
     let gw = env.start().await;
     let stolen = env.issue(&client_spec(Role::Agency, "police-met"));
-    let held = [
-        gw.connect(&stolen.cert_pem, &stolen.key_pem)
-            .await
-            .expect("first"),
-        gw.connect(&stolen.cert_pem, &stolen.key_pem)
-            .await
-            .expect("second"),
-    ];
-    for channel in &held {
-        assert_eq!(health(channel.clone()).await.expect("health"), SERVING);
-    }
+    let held = served_connections(&gw, &stolen, 2).await;
     let mut ops = sgw::proto::v1::operations_service_client::OperationsServiceClient::new(
         gw.connect_as(&env, Role::Operator, "ops").await,
     );
@@ -842,17 +850,7 @@ async fn a_revoked_certificates_connections_are_closed_after_its_streams_are_tol
     env.append_config("[limits]\nmax_connections = 3\nmax_handshakes = 3\n");
     let gw = env.start().await;
     let stolen = env.issue(&client_spec(Role::Agency, "police-met"));
-    let held = [
-        gw.connect(&stolen.cert_pem, &stolen.key_pem)
-            .await
-            .expect("first"),
-        gw.connect(&stolen.cert_pem, &stolen.key_pem)
-            .await
-            .expect("second"),
-    ];
-    for channel in &held {
-        assert_eq!(health(channel.clone()).await.expect("health"), SERVING);
-    }
+    let held = served_connections(&gw, &stolen, 2).await;
     let mut inbox =
         sgw::proto::v1::concern_service_client::ConcernServiceClient::new(held[0].clone())
             .subscribe_inbox(sgw::proto::v1::SubscribeInboxRequest { after_cursor: 0 })

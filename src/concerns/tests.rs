@@ -216,16 +216,8 @@ async fn the_sweeper_escalates_each_late_recipient_once_to_sender_and_front_door
 async fn a_stalled_subscriber_is_ended_with_the_cursor_to_resume_from() {
     let f = fixture(Duration::from_millis(200)).await;
     let stop = CancellationToken::new();
-    let mut stalled = f
-        .concerns
-        .subscribe(&school(), 0, "sub-1", stop.clone())
-        .await
-        .unwrap();
-    let mut reading = f
-        .concerns
-        .subscribe(&school(), 0, "sub-2", stop.clone())
-        .await
-        .unwrap();
+    let mut stalled = subscribe_school(&f, 0, "sub-1", &stop).await;
+    let mut reading = subscribe_school(&f, 0, "sub-2", &stop).await;
     let total = 40;
     raise_n(&f, total, "k").await;
     // The reading subscriber gets everything while the other takes nothing.
@@ -296,6 +288,19 @@ async fn raise_n(f: &Fixture, n: u64, prefix: &str) {
     }
 }
 
+/// The school's inbox after `after_cursor`, until `stop`.
+async fn subscribe_school(
+    f: &Fixture,
+    after_cursor: u64,
+    request_id: &str,
+    stop: &CancellationToken,
+) -> InboxStream {
+    f.concerns
+        .subscribe(&school(), after_cursor, request_id, stop.clone())
+        .await
+        .unwrap()
+}
+
 /// Reads the events at `cursors` from `stream`, in order.
 async fn read_cursors(stream: &mut InboxStream, cursors: std::ops::RangeInclusive<u64>) {
     for want in cursors {
@@ -313,16 +318,8 @@ async fn the_inbox_lag_counts_what_a_subscription_has_not_yet_queued_and_for_how
     let f = fixture(Duration::from_secs(60)).await;
     let stop = CancellationToken::new();
     assert_eq!(f.concerns.inbox_lag().report(), InboxLagReport::default());
-    let mut stalled = f
-        .concerns
-        .subscribe(&school(), 0, "sub-1", stop.clone())
-        .await
-        .unwrap();
-    let mut reading = f
-        .concerns
-        .subscribe(&school(), 0, "sub-2", stop.clone())
-        .await
-        .unwrap();
+    let mut stalled = subscribe_school(&f, 0, "sub-1", &stop).await;
+    let mut reading = subscribe_school(&f, 0, "sub-2", &stop).await;
     raise_n(&f, 40, "k").await;
     read_cursors(&mut reading, 1..=40).await;
 
