@@ -160,8 +160,8 @@ pub struct Deadlines {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// `max_message_bytes`: largest gRPC message accepted or sent. Default 4 MiB
-    /// (4194304). Must exceed `max_content_bytes`, and 4 × `max_narrative_chars`, by
-    /// at least 64 KiB.
+    /// (4194304). Must exceed `max_content_bytes`, 4 × `max_narrative_chars` and
+    /// 8 × `max_note_chars` (a consent statement's two notes) by at least 64 KiB.
     pub max_message_bytes: usize,
     /// `max_content_bytes`: largest record content. Default 1 MiB (1048576).
     pub max_content_bytes: usize,

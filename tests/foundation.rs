@@ -836,7 +836,7 @@ async fn a_revoked_certificates_open_connections_do_not_keep_its_agency_out() {
     let fresh = env.issue(&client_spec(Role::Agency, "police-met"));
     assert!(
         common::served_soon(&gw, &fresh.cert_pem, &fresh.key_pem).await,
-        "the new certificate is served while the revoked one's connections stay open"
+        "the new certificate is served while the revoked one's connections are open"
     );
     drop(held);
     gw.stop().await;
@@ -878,18 +878,131 @@ async fn a_revoked_certificates_connections_are_closed_after_its_streams_are_tol
     assert_eq!(ended.code(), tonic::Code::Unauthenticated, "{ended:?}");
     assert!(ended.message().contains("revoked"), "{ended:?}");
 
-    // Then both its connections are closed, which frees their slots for others.
-    let fresh = env.issue(&client_spec(Role::Agency, "school-oakfield"));
-    assert!(
-        common::served_soon(&gw, &fresh.cert_pem, &fresh.key_pem).await,
-        "a new client is served once the revoked certificate's connections are closed"
-    );
+    // Then both its connections are closed, idle or not, which frees both slots
+    // for others at once.
+    let mut others = Vec::new();
+    for agency in ["school-oakfield", "nhs-guys"] {
+        let fresh = env.issue(&client_spec(Role::Agency, agency));
+        others.push(
+            common::served_channel(&gw, &fresh.cert_pem, &fresh.key_pem)
+                .await
+                .unwrap_or_else(|| panic!("{agency} is served once the slots are free")),
+        );
+    }
     assert!(
         revoked_at.elapsed() >= sgw::tls::REVOKED_GRACE,
         "not before the grace"
     );
+    drop((held, others));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificates_connections_are_closed_too() {
+    let env = Env::new();
+    env.append_config("[limits]\nmax_connections = 2\nmax_handshakes = 2\n");
+    let gw = env.start().await;
+    let mut spec = client_spec(Role::Agency, "school-oakfield");
+    spec.not_after =
+        sgw::domain::Clock::now(&sgw::domain::SystemClock) + time::Duration::seconds(2);
+    let short = env.issue(&spec);
+    let held = served_connections(&gw, &short, 2).await;
+    // Both slots are the short-lived certificate's until it expires and its
+    // connections are closed, a grace later.
+    let fresh = env.issue(&client_spec(Role::Agency, "police-met"));
+    assert!(
+        common::served_soon(&gw, &fresh.cert_pem, &fresh.key_pem).await,
+        "a new client is served once the expired certificate's connections are closed"
+    );
     drop(held);
     gw.stop().await;
+}
+
+/// A client that kept the TLS session of a certificate since revoked resumes it
+/// without presenting the certificate again; the gateway refuses the connection
+/// all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_cannot_come_back_by_resuming_its_tls_session() {
+    let env = Env::new();
+    let gw = env.start().await;
+    let stolen = env.issue(&client_spec(Role::Agency, "police-met"));
+    let config = resuming_client(&env, &stolen);
+    let (_, answer) = h2_hello(gw.addr, &config).await;
+    assert!(matches!(answer, Ok(n) if n > 0), "served: {answer:?}");
+    let mut ops = sgw::proto::v1::operations_service_client::OperationsServiceClient::new(
+        gw.connect_as(&env, Role::Operator, "ops").await,
+    );
+    ops.revoke_certificate(sgw::proto::v1::RevokeCertificateRequest {
+        serial_hex: stolen.serial_hex.clone(),
+        reason: "laptop stolen".into(),
+    })
+    .await
+    .expect("revoke");
+    let (kind, answer) = h2_hello(gw.addr, &config).await;
+    assert_eq!(
+        kind,
+        Some(rustls::HandshakeKind::Resumed),
+        "the client resumed its session"
+    );
+    assert!(
+        !matches!(answer, Ok(n) if n > 0),
+        "no HTTP/2 answer on a resumed session of a revoked certificate: {answer:?}"
+    );
+    gw.stop().await;
+}
+
+/// A rustls client of `cert` that keeps its TLS sessions to resume them, as
+/// rustls and tonic do by default.
+fn resuming_client(env: &Env, cert: &pki::Issued) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(env.ca_pem().as_bytes()) {
+        roots.add(ca.expect("CA")).expect("root");
+    }
+    let chain = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("chain");
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).expect("key");
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .expect("client config");
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    std::sync::Arc::new(config)
+}
+
+/// Connects with `config`, sends the HTTP/2 preface and an empty SETTINGS frame,
+/// and reads the server's first bytes. Returns how the handshake went (`None` if
+/// it failed) and what the read gave: `Ok(n > 0)` when the server answered.
+async fn h2_hello(
+    addr: std::net::SocketAddr,
+    config: &std::sync::Arc<rustls::ClientConfig>,
+) -> (Option<rustls::HandshakeKind>, std::io::Result<usize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connector = tokio_rustls::TlsConnector::from(config.clone());
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = match connector.connect(name, tcp).await {
+        Ok(tls) => tls,
+        Err(e) => return (None, Err(e)),
+    };
+    let kind = tls.get_ref().1.handshake_kind();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    if let Err(e) = tls.write_all(&hello).await {
+        return (kind, Err(e));
+    }
+    let _ = tls.flush().await;
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("no answer in 5 s")));
+    (kind, read)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

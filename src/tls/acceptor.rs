@@ -3,8 +3,9 @@
 //! preface, and hands finished connections to tonic with the peer's certificate
 //! attached. The limits ([`AcceptorLimits`]) bound what clients that send nothing,
 //! from one address, many addresses or one identity, can hold of the connection
-//! slots. A connection whose certificate is revoked is closed, a moment after its
-//! streams have been told why ([`REVOKED_GRACE`]).
+//! slots. A connection whose certificate is revoked or expires is closed, a moment
+//! after its streams have been told why ([`REVOKED_GRACE`]); one that resumes a TLS
+//! session of such a certificate is refused.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -288,15 +289,24 @@ impl Seats {
         }
     }
 
+    /// Why a connection of `peer` may not be served, if it may not: its
+    /// certificate, or an intermediate it presented, is revoked, or it has expired.
+    fn unfit(&self, peer: &PeerCert) -> Option<&'static str> {
+        if self.revocations.revoked_in(peer).is_some() {
+            Some("certificate revoked")
+        } else if expired(peer) {
+            Some("certificate expired")
+        } else {
+            None
+        }
+    }
+
     /// A seat for `peer`, unless `identity` has `max` connections open whose
-    /// certificates are not revoked.
+    /// certificates are neither revoked nor expired.
     fn take(self: &Arc<Self>, identity: Arc<str>, peer: &Arc<PeerCert>) -> Option<Seat> {
         let mut by_identity = self.by_identity.lock().unwrap_or_else(|p| p.into_inner());
         let seated = by_identity.entry(identity.clone()).or_default();
-        let live = seated
-            .values()
-            .filter(|p| self.revocations.revoked_in(p).is_none())
-            .count();
+        let live = seated.values().filter(|p| self.unfit(p).is_none()).count();
         if live >= self.max {
             return None;
         }
@@ -340,6 +350,12 @@ async fn establish(
     let remote = peer.remote;
     let identity: Arc<str> = peer.identity().into();
     let peer = Arc::new(peer);
+    // A resumed TLS session skips the certificate verifier, so a certificate
+    // revoked (or expired) since its first handshake is refused here.
+    if let Some(why) = by_identity.unfit(&peer) {
+        tracing::info!(%remote, identity = ?identity, serial = %peer.serial_hex, "{why}; connection closed");
+        return None;
+    }
     let Some(seat) = by_identity.take(identity.clone(), &peer) else {
         tracing::info!(%remote, identity = ?identity, "too many connections open for this identity; connection closed");
         return None;
@@ -369,18 +385,35 @@ async fn establish(
     })
 }
 
-/// How long a connection stays open once its certificate is revoked: long enough
-/// for its open streams to end with UNAUTHENTICATED naming the revocation (the auth
-/// layer ends them at once) and for calls under way to be refused with it, rather
-/// than all of them failing as a dropped connection.
+/// How long a connection stays open once its certificate is revoked or expires:
+/// long enough for its open streams to end with UNAUTHENTICATED saying why (the
+/// auth layer ends them at once) and for calls under way to be refused with it,
+/// rather than all of them failing as a dropped connection.
 pub const REVOKED_GRACE: Duration = Duration::from_secs(2);
 
-/// Watches the revocations for one connection's certificate.
+/// The longest a connection's expiry timer is set for at once; it is set again
+/// until the certificate's end.
+const EXPIRY_CHECK: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Whether `peer`'s certificate has expired, by the system clock.
+fn expired(peer: &PeerCert) -> bool {
+    unix_now() >= peer.not_after
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Watches one connection's certificate: the revocations, and its expiry.
 struct Revocable {
     changes: tokio_stream::wrappers::WatchStream<u64>,
     revocations: Arc<super::Revocations>,
     peer: Arc<PeerCert>,
-    /// Set once the certificate is found revoked: the end of the grace.
+    /// Wakes the connection at the certificate's end, or [`EXPIRY_CHECK`] on.
+    expiry: Pin<Box<tokio::time::Sleep>>,
+    /// Set once the certificate is found revoked or expired: the end of the grace.
     closing: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -389,29 +422,48 @@ impl Revocable {
         Revocable {
             changes: tokio_stream::wrappers::WatchStream::new(revocations.subscribe()),
             revocations,
+            expiry: Box::pin(tokio::time::sleep(Self::until_expiry(&peer))),
             peer,
             closing: None,
         }
     }
 
+    fn until_expiry(peer: &PeerCert) -> Duration {
+        let left = u64::try_from(peer.not_after.saturating_sub(unix_now())).unwrap_or(0);
+        Duration::from_secs(left).min(EXPIRY_CHECK)
+    }
+
     /// Ready with the error to fail the connection's reads and writes with once its
-    /// certificate has been revoked for [`REVOKED_GRACE`]; until then pending, with
-    /// the task woken by the next revocation or the end of the grace.
+    /// certificate has been revoked or expired for [`REVOKED_GRACE`]; until then
+    /// pending, with the task woken by the next revocation, the certificate's end
+    /// or the end of the grace.
     fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         use tokio_stream::Stream as _;
         if self.closing.is_none() {
+            let mut why = None;
             while let Poll::Ready(Some(_)) = Pin::new(&mut self.changes).poll_next(cx) {
-                if let Some(serial) = self.revocations.revoked_in(&self.peer) {
-                    tracing::info!(remote = %self.peer.remote, identity = %self.peer.identity(), serial, "certificate revoked; closing its connection");
-                    self.closing = Some(Box::pin(tokio::time::sleep(REVOKED_GRACE)));
+                if self.revocations.revoked_in(&self.peer).is_some() {
+                    why = Some("certificate revoked");
                     break;
                 }
+            }
+            while why.is_none() && self.expiry.as_mut().poll(cx).is_ready() {
+                if expired(&self.peer) {
+                    why = Some("certificate expired");
+                } else {
+                    let next = tokio::time::Instant::now() + Self::until_expiry(&self.peer);
+                    self.expiry.as_mut().reset(next);
+                }
+            }
+            if let Some(why) = why {
+                tracing::info!(remote = %self.peer.remote, identity = %self.peer.identity(), serial = %self.peer.serial_hex, "{why}; closing its connection");
+                self.closing = Some(Box::pin(tokio::time::sleep(REVOKED_GRACE)));
             }
         }
         match self.closing.as_mut().map(|end| end.as_mut().poll(cx)) {
             Some(Poll::Ready(())) => Poll::Ready(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
-                "the peer's certificate has been revoked",
+                "the peer's certificate has been revoked or has expired",
             )),
             _ => Poll::Pending,
         }

@@ -395,16 +395,27 @@ pub async fn closed_by_server(
     .is_ok()
 }
 
-/// Tries to be served a health check as `cert` until it is, or 50 tries have
-/// failed: for a slot that the gateway frees when it notices a closed connection.
+/// Tries to be served a health check as `cert` until it is, for ten seconds at
+/// most: for a slot that the gateway frees when it notices a closed connection.
 pub async fn served_soon(gw: &Gateway, cert_pem: &str, key_pem: &str) -> bool {
-    for _ in 0..50 {
-        if let Ok(channel) = gw.connect(cert_pem, key_pem).await {
-            if health(channel).await.is_ok() {
-                return true;
-            }
+    served_channel(gw, cert_pem, key_pem).await.is_some()
+}
+
+/// A channel of this identity that has been served a health check, trying for
+/// ten seconds at most (a connection the gateway has no slot for waits unserved).
+pub async fn served_channel(gw: &Gateway, cert_pem: &str, key_pem: &str) -> Option<Channel> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        let served = tokio::time::timeout_at(deadline, async {
+            let channel = gw.connect(cert_pem, key_pem).await.ok()?;
+            health(channel.clone()).await.ok().map(|_| channel)
+        })
+        .await;
+        match served {
+            Ok(Some(channel)) => return Some(channel),
+            Ok(None) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) => break,
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    false
+    None
 }
