@@ -74,7 +74,7 @@ pub async fn bind(config: Config) -> Result<Bound, ServeError> {
         source,
     })?;
     let limits = AcceptorLimits::from(&config.limits);
-    let acceptor = Acceptor::new(listener, tls.clone(), limits);
+    let acceptor = Acceptor::new(listener, tls.clone(), limits, app.clock.clone());
     let stop = CancellationToken::new();
     let metrics = Arc::new(crate::metrics::Metrics::default());
     metrics.watch_audit(app.auditor.stats());

@@ -49,7 +49,8 @@ pub async fn serve(
         listener.local_addr()?
     );
     let limits = AcceptorLimits::from(&config.limits);
-    let incoming = Acceptor::new(listener, tls, limits).incoming(stop.clone());
+    let clock = Arc::new(crate::domain::SystemClock);
+    let incoming = Acceptor::new(listener, tls, limits, clock).incoming(stop.clone());
     let max = config.limits.max_message_bytes;
     tonic::transport::Server::builder()
         .max_concurrent_streams(config.limits.max_concurrent_streams)

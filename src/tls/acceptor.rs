@@ -29,6 +29,7 @@ use tonic::transport::server::Connected;
 
 use super::coalesce::Coalesced;
 use super::{PeerCert, PeerInfo, TlsState};
+use crate::domain::Clock;
 
 /// Transport limits applied before any request is read.
 #[derive(Debug, Clone, Copy)]
@@ -75,15 +76,22 @@ pub struct Acceptor {
     listener: TcpListener,
     tls: Arc<TlsState>,
     limits: AcceptorLimits,
+    clock: Arc<dyn Clock>,
 }
 
 impl Acceptor {
-    /// Wraps a bound listener.
-    pub fn new(listener: TcpListener, tls: Arc<TlsState>, limits: AcceptorLimits) -> Self {
+    /// Wraps a bound listener; certificates expire by `clock`.
+    pub fn new(
+        listener: TcpListener,
+        tls: Arc<TlsState>,
+        limits: AcceptorLimits,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Acceptor {
             listener,
             tls,
             limits,
+            clock,
         }
     }
 
@@ -102,6 +110,7 @@ impl Acceptor {
         let by_identity = Arc::new(Seats::new(
             limits.max_connections_per_identity,
             self.tls.revocations().clone(),
+            self.clock.clone(),
         ));
         tokio::spawn(async move {
             loop {
@@ -265,6 +274,7 @@ struct Seats {
     next: std::sync::atomic::AtomicU64,
     max: usize,
     revocations: Arc<super::Revocations>,
+    clock: Arc<dyn Clock>,
 }
 
 /// One identity's open connections: seat number → the connection's certificate.
@@ -280,12 +290,13 @@ struct Seat {
 // === impl Seats ===
 
 impl Seats {
-    fn new(max: usize, revocations: Arc<super::Revocations>) -> Self {
+    fn new(max: usize, revocations: Arc<super::Revocations>, clock: Arc<dyn Clock>) -> Self {
         Seats {
             by_identity: Default::default(),
             next: Default::default(),
             max,
             revocations,
+            clock,
         }
     }
 
@@ -294,7 +305,7 @@ impl Seats {
     fn unfit(&self, peer: &PeerCert) -> Option<&'static str> {
         if self.revocations.revoked_in(peer).is_some() {
             Some("certificate revoked")
-        } else if expired(peer) {
+        } else if expired(peer, &*self.clock) {
             Some("certificate expired")
         } else {
             None
@@ -378,7 +389,11 @@ async fn establish(
     Some(TlsConn {
         inner: Coalesced::new(stream),
         preface,
-        revocable: Revocable::new(by_identity.revocations.clone(), peer.clone()),
+        revocable: Revocable::new(
+            by_identity.revocations.clone(),
+            by_identity.clock.clone(),
+            peer.clone(),
+        ),
         peer: PeerInfo(peer),
         _seat: seat,
         _permit: permit,
@@ -395,21 +410,22 @@ pub const REVOKED_GRACE: Duration = Duration::from_secs(2);
 /// until the certificate's end.
 const EXPIRY_CHECK: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// Whether `peer`'s certificate has expired, by the system clock.
-fn expired(peer: &PeerCert) -> bool {
-    unix_now() >= peer.not_after
+/// Whether `peer`'s certificate has expired by `clock`.
+fn expired(peer: &PeerCert, clock: &dyn Clock) -> bool {
+    clock.now().unix_timestamp() >= peer.not_after
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+/// How long until `peer`'s certificate expires by `clock`, at most [`EXPIRY_CHECK`].
+fn until_expiry(peer: &PeerCert, clock: &dyn Clock) -> Duration {
+    let left = peer.not_after.saturating_sub(clock.now().unix_timestamp());
+    Duration::from_secs(u64::try_from(left).unwrap_or(0)).min(EXPIRY_CHECK)
 }
 
 /// Watches one connection's certificate: the revocations, and its expiry.
 struct Revocable {
     changes: tokio_stream::wrappers::WatchStream<u64>,
     revocations: Arc<super::Revocations>,
+    clock: Arc<dyn Clock>,
     peer: Arc<PeerCert>,
     /// Wakes the connection at the certificate's end, or [`EXPIRY_CHECK`] on.
     expiry: Pin<Box<tokio::time::Sleep>>,
@@ -418,19 +434,19 @@ struct Revocable {
 }
 
 impl Revocable {
-    fn new(revocations: Arc<super::Revocations>, peer: Arc<PeerCert>) -> Self {
+    fn new(
+        revocations: Arc<super::Revocations>,
+        clock: Arc<dyn Clock>,
+        peer: Arc<PeerCert>,
+    ) -> Self {
         Revocable {
             changes: tokio_stream::wrappers::WatchStream::new(revocations.subscribe()),
             revocations,
-            expiry: Box::pin(tokio::time::sleep(Self::until_expiry(&peer))),
+            expiry: Box::pin(tokio::time::sleep(until_expiry(&peer, &*clock))),
+            clock,
             peer,
             closing: None,
         }
-    }
-
-    fn until_expiry(peer: &PeerCert) -> Duration {
-        let left = u64::try_from(peer.not_after.saturating_sub(unix_now())).unwrap_or(0);
-        Duration::from_secs(left).min(EXPIRY_CHECK)
     }
 
     /// Ready with the error to fail the connection's reads and writes with once its
@@ -448,10 +464,10 @@ impl Revocable {
                 }
             }
             while why.is_none() && self.expiry.as_mut().poll(cx).is_ready() {
-                if expired(&self.peer) {
+                if expired(&self.peer, &*self.clock) {
                     why = Some("certificate expired");
                 } else {
-                    let next = tokio::time::Instant::now() + Self::until_expiry(&self.peer);
+                    let next = tokio::time::Instant::now() + until_expiry(&self.peer, &*self.clock);
                     self.expiry.as_mut().reset(next);
                 }
             }
