@@ -258,21 +258,22 @@ impl Subscribers {
             }
             *n += 1;
         }
-        let arrivals = self
-            .arrivals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        // Both locks, in the order `report` takes them, so that it never forgets
+        // marks this subscription still needs.
+        let mut arrivals = self.arrivals.lock().unwrap_or_else(|p| p.into_inner());
+        let inbox = arrivals
             .entry(agency.clone())
             .or_insert_with(|| Arrivals::watch(durable.clone()))
             .clone();
         let lag = Arc::new(Lag {
             durable,
             sent: AtomicU64::new(after_cursor),
-            arrivals,
+            arrivals: inbox,
         });
         let mut lags = self.lags.lock().unwrap_or_else(|p| p.into_inner());
         lags.retain(|l| l.strong_count() > 0);
         lags.push(Arc::downgrade(&lag));
+        drop((lags, arrivals));
         Ok(Slot {
             subscribers: self.clone(),
             agency: agency.clone(),
@@ -281,6 +282,7 @@ impl Subscribers {
     }
 
     fn report(&self, now: Instant) -> InboxLagReport {
+        let arrivals = self.arrivals.lock().unwrap_or_else(|p| p.into_inner());
         let lags: Vec<Arc<Lag>> = self
             .lags
             .lock()
@@ -297,7 +299,6 @@ impl Subscribers {
             report.oldest_wait = report.oldest_wait.max(waited);
         }
         // What every subscription of an inbox has sent, no one needs the time of.
-        let arrivals = self.arrivals.lock().unwrap_or_else(|p| p.into_inner());
         for arrivals in arrivals.values() {
             let sent = lags
                 .iter()
@@ -340,14 +341,22 @@ const MAX_ARRIVALS: usize = 4096;
 /// on, so that they are taken when events commit, not when a subscription gets to
 /// them.
 struct Arrivals {
-    marks: Mutex<VecDeque<(u64, Instant)>>,
+    marks: Mutex<Marks>,
+}
+
+#[derive(Default)]
+struct Marks {
+    kept: VecDeque<(u64, Instant)>,
+    /// The newest mark forgotten: events up to its cursor were known by its time
+    /// at the latest, which is what a subscription resumed that far back is told.
+    floor: Option<(u64, Instant)>,
 }
 
 impl Arrivals {
     /// Marks each rise of `durable` from now on, in a task that ends with the store.
     fn watch(mut durable: watch::Receiver<u64>) -> Arc<Self> {
         let arrivals = Arc::new(Arrivals {
-            marks: Mutex::new(VecDeque::new()),
+            marks: Mutex::new(Marks::default()),
         });
         let marking = arrivals.clone();
         tokio::spawn(async move {
@@ -364,13 +373,16 @@ impl Arrivals {
 
     fn mark(&self, cursor: u64, when: Instant) {
         let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-        if marks.back().is_some_and(|(c, _)| *c >= cursor) {
+        let newest = marks.kept.back().or(marks.floor.as_ref()).map(|(c, _)| *c);
+        if newest.is_some_and(|c| c >= cursor) {
             return;
         }
-        marks.push_back((cursor, when));
-        if marks.len() > MAX_ARRIVALS {
+        marks.kept.push_back((cursor, when));
+        if marks.kept.len() > MAX_ARRIVALS {
+            // Every other mark goes, the oldest staying: an event then counts from
+            // a later mark, so its wait can only look shorter.
             let mut i = 0;
-            marks.retain(|_| {
+            marks.kept.retain(|_| {
                 i += 1;
                 i % 2 == 1
             });
@@ -380,15 +392,21 @@ impl Arrivals {
     /// When the event at `cursor` was known by, as far as the marks tell.
     fn known_by(&self, cursor: u64) -> Option<Instant> {
         let marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-        let i = marks.partition_point(|(c, _)| *c < cursor);
-        marks.get(i).map(|(_, when)| *when)
+        if let Some((floor, when)) = marks.floor {
+            if cursor <= floor {
+                return Some(when);
+            }
+        }
+        let i = marks.kept.partition_point(|(c, _)| *c < cursor);
+        marks.kept.get(i).map(|(_, when)| *when)
     }
 
-    /// Drops the marks of events up to `cursor`, all sent.
+    /// Forgets the marks of events up to `cursor`, all sent, keeping the newest of
+    /// them as the floor.
     fn forget_through(&self, cursor: u64) {
         let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-        while marks.front().is_some_and(|(c, _)| *c <= cursor) {
-            marks.pop_front();
+        while marks.kept.front().is_some_and(|(c, _)| *c <= cursor) {
+            marks.floor = marks.kept.pop_front();
         }
     }
 }
@@ -494,5 +512,69 @@ impl<T, E> Stream for Ending<T, E> {
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arrivals() -> Arrivals {
+        Arrivals {
+            marks: Mutex::new(Marks::default()),
+        }
+    }
+
+    #[test]
+    fn an_event_is_known_by_the_first_mark_that_covers_it() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let a = arrivals();
+        a.mark(3, at(0));
+        a.mark(3, at(5)); // not a rise: ignored
+        a.mark(7, at(10));
+        assert_eq!(a.known_by(1), Some(at(0)));
+        assert_eq!(a.known_by(3), Some(at(0)));
+        assert_eq!(a.known_by(4), Some(at(10)));
+        assert_eq!(a.known_by(8), None);
+    }
+
+    #[test]
+    fn forgotten_marks_leave_the_newest_of_them_as_a_floor() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let a = arrivals();
+        a.mark(3, at(0));
+        a.mark(7, at(10));
+        a.mark(9, at(20));
+        a.forget_through(7);
+        // A subscription resumed at 2 is behind events known by 10 ms at the latest.
+        assert_eq!(a.known_by(2), Some(at(10)));
+        assert_eq!(a.known_by(8), Some(at(20)));
+        // A mark below the floor is not a rise.
+        a.mark(5, at(30));
+        assert_eq!(a.known_by(8), Some(at(20)));
+    }
+
+    #[test]
+    fn past_the_most_marks_every_other_one_goes_and_the_oldest_stays() {
+        let t0 = Instant::now();
+        let a = arrivals();
+        for i in 1..=(MAX_ARRIVALS as u64 + 1) {
+            a.mark(i, t0 + Duration::from_millis(i));
+        }
+        let marks = a.marks.lock().unwrap();
+        assert!(
+            marks.kept.len() <= MAX_ARRIVALS / 2 + 1,
+            "{}",
+            marks.kept.len()
+        );
+        assert_eq!(
+            marks.kept.front(),
+            Some(&(1, t0 + Duration::from_millis(1)))
+        );
+        drop(marks);
+        // An event whose own mark went counts from a later one: younger, never older.
+        assert!(a.known_by(2).unwrap() >= t0 + Duration::from_millis(2));
     }
 }

@@ -390,6 +390,33 @@ async fn the_inbox_lag_counts_what_a_subscription_has_not_yet_queued_and_for_how
 }
 
 #[tokio::test]
+async fn a_subscription_resumed_behind_what_the_others_have_sent_still_reports_its_wait() {
+    let f = fixture(Duration::from_secs(60)).await;
+    let stop = CancellationToken::new();
+    let mut reading = subscribe_school(&f, 0, "sub-1", &stop).await;
+    raise_n(&f, 40, "k").await;
+    read_cursors(&mut reading, 1..=40).await;
+    // A scrape forgets the times of what every open subscription has sent.
+    let report = lag_until(&f.concerns, |r| r.events_behind_max == 0).await;
+    assert_eq!(report.events_behind_max, 0, "{report:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A client resuming from the start takes as many as its stream holds, and is
+    // behind by the rest, which have waited at least those 300 ms.
+    let _resumed = subscribe_school(&f, 0, "sub-2", &stop).await;
+    let behind = 40 - inbox::STREAM_BUFFER as u64;
+    let report = lag_until(&f.concerns, |r| {
+        r.events_behind_max == behind && r.oldest_wait >= Duration::from_millis(300)
+    })
+    .await;
+    assert_eq!(report.events_behind_max, behind, "{report:?}");
+    assert!(
+        report.oldest_wait >= Duration::from_millis(300),
+        "{report:?}"
+    );
+}
+
+#[tokio::test]
 async fn subscriptions_per_agency_are_limited_and_cursors_checked() {
     let f = fixture(DEFAULT_STALL_AFTER).await;
     let stop = CancellationToken::new();
