@@ -796,6 +796,25 @@ async fn one_identity_cannot_hold_more_than_its_share_of_connections() {
     gw.stop().await;
 }
 
+/// Revokes `cert` as the operator, "laptop stolen"; returns the operator's client,
+/// whose connection stays open while it is kept.
+async fn revoke_as_operator(
+    gw: &common::Gateway,
+    env: &Env,
+    cert: &pki::Issued,
+) -> sgw::proto::v1::operations_service_client::OperationsServiceClient<tonic::transport::Channel> {
+    let mut ops = sgw::proto::v1::operations_service_client::OperationsServiceClient::new(
+        gw.connect_as(env, Role::Operator, "ops").await,
+    );
+    ops.revoke_certificate(sgw::proto::v1::RevokeCertificateRequest {
+        serial_hex: cert.serial_hex.clone(),
+        reason: "laptop stolen".into(),
+    })
+    .await
+    .expect("revoke");
+    ops
+}
+
 /// `n` connections of `cert`, each served a health check.
 async fn served_connections(
     gw: &common::Gateway,
@@ -824,15 +843,7 @@ async fn a_revoked_certificates_open_connections_do_not_keep_its_agency_out() {
     let gw = env.start().await;
     let stolen = env.issue(&client_spec(Role::Agency, "police-met"));
     let held = served_connections(&gw, &stolen, 2).await;
-    let mut ops = sgw::proto::v1::operations_service_client::OperationsServiceClient::new(
-        gw.connect_as(&env, Role::Operator, "ops").await,
-    );
-    ops.revoke_certificate(sgw::proto::v1::RevokeCertificateRequest {
-        serial_hex: stolen.serial_hex.clone(),
-        reason: "laptop stolen".into(),
-    })
-    .await
-    .expect("revoke");
+    let _ops = revoke_as_operator(&gw, &env, &stolen).await;
     let fresh = env.issue(&client_spec(Role::Agency, "police-met"));
     assert!(
         common::served_soon(&gw, &fresh.cert_pem, &fresh.key_pem).await,
@@ -857,16 +868,8 @@ async fn a_revoked_certificates_connections_are_closed_after_its_streams_are_tol
             .await
             .expect("subscribe")
             .into_inner();
-    let mut ops = sgw::proto::v1::operations_service_client::OperationsServiceClient::new(
-        gw.connect_as(&env, Role::Operator, "ops").await,
-    );
     let revoked_at = std::time::Instant::now();
-    ops.revoke_certificate(sgw::proto::v1::RevokeCertificateRequest {
-        serial_hex: stolen.serial_hex.clone(),
-        reason: "laptop stolen".into(),
-    })
-    .await
-    .expect("revoke");
+    let _ops = revoke_as_operator(&gw, &env, &stolen).await;
 
     // Its stream is told why before the connection goes.
     let ended = common::stream_end_status(
@@ -929,15 +932,7 @@ async fn a_revoked_certificate_cannot_come_back_by_resuming_its_tls_session() {
     let config = resuming_client(&env, &stolen);
     let (_, answer) = h2_hello(gw.addr, &config).await;
     assert!(matches!(answer, Ok(n) if n > 0), "served: {answer:?}");
-    let mut ops = sgw::proto::v1::operations_service_client::OperationsServiceClient::new(
-        gw.connect_as(&env, Role::Operator, "ops").await,
-    );
-    ops.revoke_certificate(sgw::proto::v1::RevokeCertificateRequest {
-        serial_hex: stolen.serial_hex.clone(),
-        reason: "laptop stolen".into(),
-    })
-    .await
-    .expect("revoke");
+    let _ops = revoke_as_operator(&gw, &env, &stolen).await;
     let (kind, answer) = h2_hello(gw.addr, &config).await;
     assert_eq!(
         kind,
