@@ -389,11 +389,7 @@ async fn establish(
     Some(TlsConn {
         inner: Coalesced::new(stream),
         preface,
-        revocable: Revocable::new(
-            by_identity.revocations.clone(),
-            by_identity.clock.clone(),
-            peer.clone(),
-        ),
+        revocable: Revocable::new(by_identity.clone(), peer.clone()),
         peer: PeerInfo(peer),
         _seat: seat,
         _permit: permit,
@@ -424,8 +420,8 @@ fn until_expiry(peer: &PeerCert, clock: &dyn Clock) -> Duration {
 /// Watches one connection's certificate: the revocations, and its expiry.
 struct Revocable {
     changes: tokio_stream::wrappers::WatchStream<u64>,
-    revocations: Arc<super::Revocations>,
-    clock: Arc<dyn Clock>,
+    /// Whose [`Seats::unfit`] judges the certificate.
+    seats: Arc<Seats>,
     peer: Arc<PeerCert>,
     /// Wakes the connection at the certificate's end, or [`EXPIRY_CHECK`] on.
     expiry: Pin<Box<tokio::time::Sleep>>,
@@ -434,16 +430,11 @@ struct Revocable {
 }
 
 impl Revocable {
-    fn new(
-        revocations: Arc<super::Revocations>,
-        clock: Arc<dyn Clock>,
-        peer: Arc<PeerCert>,
-    ) -> Self {
+    fn new(seats: Arc<Seats>, peer: Arc<PeerCert>) -> Self {
         Revocable {
-            changes: tokio_stream::wrappers::WatchStream::new(revocations.subscribe()),
-            revocations,
-            expiry: Box::pin(tokio::time::sleep(until_expiry(&peer, &*clock))),
-            clock,
+            changes: tokio_stream::wrappers::WatchStream::new(seats.revocations.subscribe()),
+            expiry: Box::pin(tokio::time::sleep(until_expiry(&peer, &*seats.clock))),
+            seats,
             peer,
             closing: None,
         }
@@ -456,24 +447,29 @@ impl Revocable {
     fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         use tokio_stream::Stream as _;
         if self.closing.is_none() {
-            let mut why = None;
-            while let Poll::Ready(Some(_)) = Pin::new(&mut self.changes).poll_next(cx) {
-                if self.revocations.revoked_in(&self.peer).is_some() {
-                    why = Some("certificate revoked");
+            // Until both are pending (so both will wake the task), judge the
+            // certificate whenever either has fired.
+            loop {
+                let changed = matches!(
+                    Pin::new(&mut self.changes).poll_next(cx),
+                    Poll::Ready(Some(_))
+                );
+                let due = self.expiry.as_mut().poll(cx).is_ready();
+                if !changed && !due {
                     break;
                 }
-            }
-            while why.is_none() && self.expiry.as_mut().poll(cx).is_ready() {
-                if expired(&self.peer, &*self.clock) {
-                    why = Some("certificate expired");
-                } else {
-                    let next = tokio::time::Instant::now() + until_expiry(&self.peer, &*self.clock);
-                    self.expiry.as_mut().reset(next);
+                if let Some(why) = self.seats.unfit(&self.peer) {
+                    tracing::info!(remote = %self.peer.remote, identity = %self.peer.identity(), serial = %self.peer.serial_hex, "{why}; closing its connection");
+                    self.closing = Some(Box::pin(tokio::time::sleep(REVOKED_GRACE)));
+                    break;
                 }
-            }
-            if let Some(why) = why {
-                tracing::info!(remote = %self.peer.remote, identity = %self.peer.identity(), serial = %self.peer.serial_hex, "{why}; closing its connection");
-                self.closing = Some(Box::pin(tokio::time::sleep(REVOKED_GRACE)));
+                if due {
+                    // Not expired yet, so at least a second away.
+                    let left = until_expiry(&self.peer, &*self.seats.clock);
+                    self.expiry
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + left);
+                }
             }
         }
         match self.closing.as_mut().map(|end| end.as_mut().poll(cx)) {
@@ -530,8 +526,8 @@ pub struct TlsConn {
     inner: Coalesced<TlsStream<TcpStream>>,
     /// The preface bytes already read by `read_preface`, given back first.
     preface: Bytes,
-    /// Fails reads and writes once the certificate is revoked, so the HTTP/2
-    /// server drops the connection and its slots.
+    /// Fails reads and writes once the certificate is revoked or expired, so the
+    /// HTTP/2 server drops the connection and its slots.
     revocable: Revocable,
     peer: PeerInfo,
     /// Counts the connection against its identity while it is open.
