@@ -20,6 +20,9 @@ pub struct ListedPage {
     pub next_page_token: Option<String>,
 }
 
+/// What ListConsents counts, singular and plural.
+const STATEMENT: (&str, &str) = ("consent statement", "consent statements");
+
 /// The order ListConsents lists statements in, newest first: by this key,
 /// descending.
 fn listed_key(consent: &Consent) -> (i64, &str) {
@@ -216,20 +219,11 @@ impl Records {
         let bytes: usize = consents.iter().map(consent_answer_bytes).sum();
         if bytes > max {
             return Err(self
-                .refuse_too_large(
-                    entry,
-                    consents.len(),
-                    ("consent statement", "consent statements"),
-                    bytes,
-                    paging.is_paged(),
-                )
+                .refuse_too_large(entry, consents.len(), STATEMENT, bytes, paging.is_paged())
                 .await?);
         }
         entry.reason = reason_with_ids(
-            format!(
-                "{} listed",
-                counted(consents.len(), ("consent statement", "consent statements"))
-            ),
+            format!("{} listed", counted(consents.len(), STATEMENT)),
             consents.iter().map(|c| c.id()),
         );
         if next_page_token.is_some() {
