@@ -1105,6 +1105,18 @@ fn keyed(category: ConcernCategory, urgency: Urgency) -> RaiseRequest {
     }
 }
 
+/// The police raise [`keyed`] (neglect, urgent) as request `request_id`.
+async fn raise_keyed(concerns: &Arc<Concerns>, request_id: &str) -> Concern {
+    concerns
+        .raise(
+            &police(),
+            keyed(ConcernCategory::Neglect, Urgency::Urgent),
+            request_id,
+        )
+        .await
+        .unwrap()
+}
+
 /// The CONCERN_RAISED entries as (outcome, object id, subject ref, reason).
 fn raise_entries(auditor: &Auditor) -> Vec<(i32, String, String, String)> {
     actions(auditor, AuditAction::ConcernRaised)
@@ -1116,15 +1128,7 @@ fn raise_entries(auditor: &Auditor) -> Vec<(i32, String, String, String)> {
 #[tokio::test]
 async fn a_reused_request_id_is_a_retry_only_with_the_same_content() {
     let f = fixture(DEFAULT_STALL_AFTER).await;
-    let first = f
-        .concerns
-        .raise(
-            &police(),
-            keyed(ConcernCategory::Neglect, Urgency::Urgent),
-            "r1",
-        )
-        .await
-        .unwrap();
+    let first = raise_keyed(&f.concerns, "r1").await;
     let other_child = NhsNumber::parse("4010232137").unwrap();
 
     // Each field that differs is refused by name; nothing is raised.
@@ -1229,14 +1233,7 @@ async fn a_reused_request_id_is_a_retry_only_with_the_same_content() {
         f.clock.clone(),
         f.concerns.store().clone(),
     ));
-    let retry = restarted
-        .raise(
-            &police(),
-            keyed(ConcernCategory::Neglect, Urgency::Urgent),
-            "r4",
-        )
-        .await
-        .unwrap();
+    let retry = raise_keyed(&restarted, "r4").await;
     assert_eq!(retry.id, first.id);
     assert_eq!(
         raise_entries(&f.auditor).len(),
@@ -1252,15 +1249,7 @@ async fn a_reused_request_id_is_a_retry_only_with_the_same_content() {
 #[tokio::test]
 async fn a_reused_request_id_raised_first_by_another_replica_with_different_content_is_refused() {
     let (f, interposed) = interposed_fixture().await;
-    let first = f
-        .concerns
-        .raise(
-            &police(),
-            keyed(ConcernCategory::Neglect, Urgency::Urgent),
-            "r1",
-        )
-        .await
-        .unwrap();
+    let first = raise_keyed(&f.concerns, "r1").await;
     interposed
         .keys_unseen
         .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1299,15 +1288,7 @@ async fn a_reused_request_id_raised_first_by_another_replica_with_different_cont
 
     // The same content through the same race is the retry; its ALLOWED entry,
     // for a concern never stored, is answered too.
-    let retry = f
-        .concerns
-        .raise(
-            &police(),
-            keyed(ConcernCategory::Neglect, Urgency::Urgent),
-            "r3",
-        )
-        .await
-        .unwrap();
+    let retry = raise_keyed(&f.concerns, "r3").await;
     assert_eq!(retry.id, first.id);
     let entries = raise_entries(&f.auditor);
     assert_eq!(entries.len(), 5, "{entries:?}");
